@@ -1,0 +1,83 @@
+"""Broker connections: transport URLs and the reconnect policy.
+
+Transport URLs are written the OpenStack way (``rabbit://user:pass@host:5672/vhost``,
+several hosts separated by commas) or as kombu URLs; ``memory://`` selects
+kombu's in-process transport.
+"""
+
+import logging
+import ssl
+import urllib.parse
+
+import kombu
+import tenacity
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_URL = "rabbit://guest:guest@127.0.0.1:5672/"
+
+
+def kombu_url(transport_url):
+    """An OpenStack transport URL as a kombu URL (';' separates failover hosts)."""
+    parsed = urllib.parse.urlsplit(transport_url)
+    scheme = parsed.scheme
+    if scheme in ("memory", "amqp", "pyamqp", "amqps"):
+        return transport_url
+    if scheme != "rabbit":
+        raise ValueError(f"unsupported transport URL scheme {scheme!r} "
+                         f"(use rabbit://, amqp:// or memory://)")
+    path = parsed.path or "/"
+    query = f"?{parsed.query}" if parsed.query else ""
+    hosts = [h for h in parsed.netloc.split(",") if h]
+    if not hosts:
+        raise ValueError(f"transport URL {transport_url!r} names no host")
+    return ";".join(f"amqp://{h}{path}{query}" for h in hosts)
+
+
+def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
+    """kombu's ssl argument from the [bus] TLS options."""
+    if not enabled:
+        return False
+    options = {"cert_reqs": ssl.CERT_REQUIRED}
+    if ca_file:
+        options["ca_certs"] = ca_file
+    if cert_file:
+        options["certfile"] = cert_file
+    if key_file:
+        options["keyfile"] = key_file
+    return options
+
+
+def connection(transport_url, *, heartbeat=30, ssl_opts=False):
+    return kombu.Connection(kombu_url(transport_url), heartbeat=heartbeat,
+                            ssl=ssl_opts, transport_options={
+                                "confirm_publish": False})
+
+
+def is_memory(conn):
+    return conn.transport.driver_type == "memory"
+
+
+def user_of(conn):
+    """The broker user this connection logs in as (its validated user_id)."""
+    return None if is_memory(conn) else conn.userid
+
+
+def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
+    """A tenacity loop: retry `what` with jittered backoff until stopped.
+
+    Sleeping waits on `stop_event`, so a SIGTERM during backoff ends the
+    wait at once.
+    """
+    def log_retry(state):
+        LOG.warning("%s: broker unavailable (%s), retrying in %.1fs", what,
+                    state.outcome.exception(), state.next_action.sleep)
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(errors),
+        wait=tenacity.wait_exponential_jitter(initial=0.2, max=max_wait),
+        stop=lambda state: stop_event.is_set(),
+        sleep=stop_event.wait,
+        before_sleep=log_retry,
+        reraise=True,
+    )

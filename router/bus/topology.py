@@ -1,0 +1,177 @@
+"""Every exchange, queue and routing key of the bus, declared in one place.
+
+Pure: this builds kombu entity descriptions and plain dicts; nothing here
+talks to a broker until ``declare`` is handed a channel.
+
+Routing keys have a fixed number of words and bindings use ``*`` only, so they
+mean the same on RabbitMQ and on kombu's memory transport (which differ on
+``#`` matching zero words).
+"""
+
+from dataclasses import dataclass, field
+
+from kombu import Exchange, Queue
+
+QUEUE_TYPES = ("classic", "quorum")
+INSTANCE_BINDING = "instance.*"
+RETRY_ROUTING_KEY = "instance.retry"
+
+
+def instance_routing_key(name):
+    """Routing key of an instance event, on ingress and host exchanges."""
+    return "instance." + name
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and arguments of the bus, under one prefix.
+
+    Tests give each run its own prefix so they can run in parallel.
+    """
+
+    prefix: str = "evrouter"
+    queue_type: str = "classic"
+    # RabbitMQ 3.10 quorum queues have no delivery limit by default, so a
+    # poison message would be redelivered forever.
+    delivery_limit: int = 5
+    host_message_ttl_ms: int = 600_000
+    retry_delays_ms: tuple = field(default=(500, 1000, 2000, 4000, 8000, 16000))
+
+    def __post_init__(self):
+        if self.queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, "
+                             f"not {self.queue_type!r}")
+        if self.delivery_limit < 1:
+            raise ValueError("delivery_limit must be at least 1")
+
+    # --- names --------------------------------------------------------------
+    @property
+    def ingress_exchange_name(self):
+        return f"{self.prefix}.ingress"
+
+    @property
+    def router_queue_name(self):
+        return f"{self.prefix}.router"
+
+    @property
+    def lifecycle_exchange_name(self):
+        return f"{self.prefix}.lifecycle"
+
+    @property
+    def dead_letter_exchange_name(self):
+        return f"{self.prefix}.dead-letter"
+
+    @property
+    def dead_letter_queue_name(self):
+        return f"{self.prefix}.dead-letter"
+
+    def host_exchange_name(self, host):
+        return f"{self.prefix}.host.{host}"
+
+    def host_queue_name(self, host):
+        return f"{self.prefix}.host.{host}.events"
+
+    def retry_queue_name(self, delay_ms):
+        return f"{self.prefix}.retry.{delay_ms}ms"
+
+    def retry_delay_ms(self, attempt):
+        """Backoff for the n-th retry (1-based): the tiers, then the last."""
+        delays = self.retry_delays_ms
+        return delays[min(attempt, len(delays)) - 1]
+
+    # --- entities -----------------------------------------------------------
+    def _queue_arguments(self, **extra):
+        args = {"x-queue-type": self.queue_type,
+                "x-dead-letter-exchange": self.dead_letter_exchange_name}
+        if self.queue_type == "quorum":
+            args["x-delivery-limit"] = self.delivery_limit
+        args.update(extra)
+        return args
+
+    def ingress_exchange(self):
+        return Exchange(self.ingress_exchange_name, "topic", durable=True)
+
+    def lifecycle_exchange(self):
+        return Exchange(self.lifecycle_exchange_name, "fanout", durable=True)
+
+    def dead_letter_exchange(self):
+        return Exchange(self.dead_letter_exchange_name, "fanout", durable=True)
+
+    def host_exchange(self, host):
+        return Exchange(self.host_exchange_name(host), "topic", durable=True)
+
+    def router_queue(self):
+        return Queue(self.router_queue_name, self.ingress_exchange(),
+                     routing_key=INSTANCE_BINDING, durable=True,
+                     queue_arguments=self._queue_arguments())
+
+    def dead_letter_queue(self):
+        return Queue(self.dead_letter_queue_name, self.dead_letter_exchange(),
+                     routing_key="", durable=True,
+                     queue_arguments={"x-queue-type": self.queue_type})
+
+    def host_queue(self, host):
+        # Stale events expire into the dead-letter exchange instead of piling
+        # up while a host is away.
+        return Queue(self.host_queue_name(host), self.host_exchange(host),
+                     routing_key=INSTANCE_BINDING, durable=True,
+                     queue_arguments=self._queue_arguments(
+                         **{"x-message-ttl": self.host_message_ttl_ms}))
+
+    def retry_queue(self, delay_ms):
+        # Parking queue: nobody consumes it; on expiry the broker moves the
+        # message back to ingress. One queue per delay, so a short delay never
+        # waits behind a long one at the head of the queue.
+        args = {"x-queue-type": self.queue_type,
+                "x-message-ttl": delay_ms,
+                "x-dead-letter-exchange": self.ingress_exchange_name,
+                "x-dead-letter-routing-key": RETRY_ROUTING_KEY}
+        if self.queue_type == "quorum":
+            # Quorum queues dead-letter at-most-once unless told otherwise,
+            # and here dead-lettering is the delivery path.
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+        return Queue(self.retry_queue_name(delay_ms), exchange=None,
+                     durable=True, queue_arguments=args)
+
+    def placement_queue(self, consumer_id):
+        """A router's private view of the lifecycle fanout (volatile)."""
+        return Queue(f"{self.prefix}.placement.{consumer_id}",
+                     self.lifecycle_exchange(), durable=False,
+                     exclusive=True, auto_delete=True)
+
+    def central(self):
+        """Everything the router needs, in declaration order."""
+        return ([self.ingress_exchange(), self.lifecycle_exchange(),
+                 self.dead_letter_exchange()],
+                [self.dead_letter_queue(), self.router_queue()]
+                + [self.retry_queue(d) for d in sorted(set(self.retry_delays_ms))])
+
+    def for_host(self, host):
+        return [self.host_exchange(host)], [self.host_queue(host)]
+
+    def describe(self, hosts=()):
+        """Plain rows for `evrouter topology`: (what, name, type, details)."""
+        exchanges, queues = self.central()
+        for host in hosts:
+            e, q = self.for_host(host)
+            exchanges += e
+            queues += q
+        rows = [("exchange", e.name, e.type, "durable") for e in exchanges]
+        for q in queues:
+            bound = (f"bound to {q.exchange.name} key {q.routing_key!r}"
+                     if q.exchange is not None and q.exchange.name else
+                     "default exchange")
+            args = ", ".join(f"{k}={v}" for k, v in
+                             sorted((q.queue_arguments or {}).items()))
+            rows.append(("queue", q.name, q.queue_arguments.get(
+                "x-queue-type", "classic"), f"{bound}; {args}"))
+        return rows
+
+
+def declare(channel, exchanges, queues):
+    """Declare entities idempotently (same arguments: no-op on the broker)."""
+    for exchange in exchanges:
+        exchange(channel).declare()
+    for queue in queues:
+        queue(channel).declare()

@@ -1,0 +1,56 @@
+"""`evrouter router`: the router service's entry point."""
+
+import uuid
+
+from oslo_config import cfg
+
+from router import options, routing, service
+from router.service_entry import parse, stop_on_signals
+
+router_opts = [
+    cfg.IntOpt("prefetch", default=512, min=1,
+               help="Ingress messages in flight per router process (the "
+                    "bounded window of pipelined confirms)."),
+    cfg.FloatOpt("no_host_timeout", default=120.0, min=0,
+                 help="Seconds an event whose instance has no known host is "
+                      "retried (with backoff) before it is dead-lettered "
+                      "with reason no-host."),
+    cfg.ListOpt("allowed_publishers", default=[],
+                help="Broker users allowed to publish instance events; others "
+                     "are dead-lettered with reason forbidden. Empty: any."),
+    cfg.FloatOpt("drain_timeout", default=10.0, min=0,
+                 help="On SIGTERM, seconds to wait for in-flight messages "
+                      "to be confirmed before closing."),
+    cfg.StrOpt("name", help="This router process's name in logs and "
+                            "dead-letter headers (default: random)."),
+]
+
+
+def list_opts():
+    return [("DEFAULT", [options.transport_opt]), ("bus", options.bus_opts),
+            ("router", router_opts)]
+
+
+def settings_from(conf):
+    return service.RouterSettings(
+        transport_url=options.transport_url(conf),
+        topology=options.topology_from(conf),
+        policy=routing.Policy(
+            no_host_timeout=conf.router.no_host_timeout,
+            allowed_publishers=frozenset(conf.router.allowed_publishers)),
+        prefetch=conf.router.prefetch,
+        max_body_bytes=conf.bus.max_body_bytes,
+        drain_timeout=conf.router.drain_timeout,
+        heartbeat=conf.bus.heartbeat,
+        ssl=options.ssl_from(conf),
+        name=conf.router.name or uuid.uuid4().hex[:12])
+
+
+def main(argv):
+    conf = parse(argv, "evrouter router",
+                 "Route instance events from the ingress queue to each "
+                 "compute host's exchange.", [("router", router_opts)])
+    svc = service.RouterService(settings_from(conf))
+    stop_on_signals(svc.stop)
+    svc.run()
+    return 0

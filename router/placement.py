@@ -1,0 +1,60 @@
+"""Where each instance lives, learned from the lifecycle fanout. Pure.
+
+An instance maps to the hosts an event for it must reach:
+- every host where it is live (running, paused, suspended, migrating);
+- while a migration is in flight that is both source and destination, as
+  the compute API sends external events to both;
+- when it is live nowhere (stopped, crashed), the host that reported last,
+  because a stopped instance still lives there and still gets events.
+UNDEFINED removes a host, and so does STOPPED with libvirt's MIGRATED
+detail (the source side of a finished migration).
+"""
+
+import collections
+
+# Values of libvirt's VIR_DOMAIN_EVENT_STOPPED_MIGRATED; kept here so the
+# router does not need libvirt installed.
+STOPPED_MIGRATED = 3
+
+_NOT_LIVE = frozenset({"STOPPED", "SHUTDOWN", "CRASHED", "DEFINED"})
+
+
+class PlacementTable:
+    def __init__(self, max_instances=1_000_000):
+        # instance uuid -> {host: last transition}, most recently used last
+        self._hosts = collections.OrderedDict()
+        self._max = max_instances
+
+    def __len__(self):
+        return len(self._hosts)
+
+    def observe(self, event):
+        """Apply one LifecycleEvent."""
+        uuid, host, transition = event.instance_uuid, event.host, event.transition
+        hosts = self._hosts.get(uuid)
+        leaving = transition == "UNDEFINED" or (
+            transition == "STOPPED" and event.detail == STOPPED_MIGRATED)
+        if leaving:
+            if hosts is not None:
+                hosts.pop(host, None)
+                if not hosts:
+                    del self._hosts[uuid]
+            return
+        if hosts is None:
+            hosts = self._hosts[uuid] = {}
+            if len(self._hosts) > self._max:
+                self._hosts.popitem(last=False)
+        else:
+            self._hosts.move_to_end(uuid)
+            hosts.pop(host, None)   # keep dict order = order of last report
+        hosts[host] = transition
+
+    def hosts_for(self, instance_uuid):
+        """The hosts an event for this instance goes to (may be empty)."""
+        hosts = self._hosts.get(instance_uuid)
+        if not hosts:
+            return ()
+        live = tuple(h for h, t in hosts.items() if t not in _NOT_LIVE)
+        if live:
+            return live
+        return (next(reversed(hosts)),)

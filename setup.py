@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="evrouter",
+    version="0.1.0",
+    description="Message-bus event router for OpenStack compute: port-status "
+                "and hypervisor lifecycle events over RabbitMQ.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["router", "router.*", "compute",
+                                    "compute.*", "network", "network.*"]),
+    package_data={"router.bus": ["schema/*.json"]},
+    install_requires=[
+        "kombu>=5.3",
+        "amqp>=5.2",
+        "oslo.messaging>=14.0",
+        "oslo.config>=9.0",
+        "oslo.log>=5.0",
+        "libvirt-python>=9.0",
+        "eventlet>=0.33",
+        "tenacity>=8.2",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80",
+                 "jsonschema>=4.17"],
+    },
+    entry_points={
+        "console_scripts": ["evrouter = router.cli:main"],
+        "oslo.config.opts": ["evrouter.router = router.main:list_opts"],
+    },
+)

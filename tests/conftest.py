@@ -1,0 +1,96 @@
+"""Shared test fixtures: a unique slice of the real broker per test."""
+
+import os
+import socket
+import uuid
+
+import kombu
+import pytest
+
+from router.bus import topology
+
+BROKER_URL = os.environ.get("EVROUTER_TEST_URL",
+                            "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def broker_reachable(url=BROKER_URL):
+    host_port = url.split("@", 1)[-1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    try:
+        socket.create_connection((host, int(port or 5672)), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Bus:
+    """A Topology under a unique prefix, declared on the real broker.
+
+    Everything it declares, and every name passed to `own`, is deleted at
+    teardown, so tests can run in parallel and again.
+    """
+
+    def __init__(self, url, queue_type="classic", **topology_args):
+        self.url = url
+        self.topology = topology.Topology(
+            prefix=f"evt-{uuid.uuid4().hex[:10]}", queue_type=queue_type,
+            **topology_args)
+        self.conn = kombu.Connection(url)
+        self.conn.connect()
+        self._exchanges = set()
+        self._queues = set()
+
+    @property
+    def prefix(self):
+        return self.topology.prefix
+
+    def channel(self):
+        return self.conn.channel()
+
+    def declare_central(self):
+        exchanges, queues = self.topology.central()
+        self._declare(exchanges, queues)
+
+    def declare_host(self, host):
+        self._declare(*self.topology.for_host(host))
+
+    def _declare(self, exchanges, queues):
+        ch = self.conn.default_channel
+        topology.declare(ch, exchanges, queues)
+        self._exchanges.update(e.name for e in exchanges)
+        self._queues.update(q.name for q in queues)
+
+    def own(self, *, exchanges=(), queues=()):
+        self._exchanges.update(exchanges)
+        self._queues.update(queues)
+
+    def cleanup(self):
+        exchanges, queues = self.topology.central()
+        self._exchanges.update(e.name for e in exchanges)
+        self._queues.update(q.name for q in queues)
+        with kombu.Connection(self.url) as conn:
+            for name in self._queues:
+                ch = conn.channel()
+                try:
+                    ch.queue_delete(name)
+                except conn.channel_errors:
+                    pass
+            for name in self._exchanges:
+                ch = conn.channel()
+                try:
+                    ch.exchange_delete(name)
+                except conn.channel_errors:
+                    pass
+        self.conn.release()
+
+
+@pytest.fixture
+def bus():
+    if not broker_reachable():
+        pytest.fail(f"RabbitMQ is not reachable at {BROKER_URL}; "
+                    f"start it with `rabbitmq-server -detached`")
+    b = Bus(BROKER_URL)
+    try:
+        yield b
+    finally:
+        b.cleanup()
