@@ -167,20 +167,15 @@ class _Session:
                 next_heartbeat = now + 1.0
 
     def _pump(self):
+        # The callbacks hold these very lists: take their contents, keep them.
         while self._lifecycle or self._deliveries or self._outcomes:
-            if self._lifecycle:
-                batch, self._lifecycle = self._lifecycle, []
-                for message in batch:
-                    self._observe(message)
-            if self._deliveries:
-                batch, self._deliveries = self._deliveries, []
-                for message in batch:
-                    self._route(message)
+            for message in _take(self._lifecycle):
+                self._observe(message)
+            for message in _take(self._deliveries):
+                self._route(message)
             self.publisher.pump()
-            if self._outcomes:
-                batch, self._outcomes = self._outcomes, []
-                for token, outcome in batch:
-                    self._settle(token, outcome)
+            for token, outcome in _take(self._outcomes):
+                self._settle(token, outcome)
         for frame in self.window.flush():
             if frame[0] == "ack":
                 self.consume_ch.basic_ack(frame[1], multiple=frame[2])
@@ -329,3 +324,9 @@ class _Session:
         if entry.remaining == 0:
             del self._inflight[tag]
             self.window.settle(tag, entry.ok)
+
+
+def _take(items):
+    batch = items[:]
+    items.clear()
+    return batch

@@ -94,3 +94,35 @@ def bus():
         yield b
     finally:
         b.cleanup()
+
+
+class RunningRouter:
+    """A RouterService on its own thread, against a Bus's topology."""
+
+    def __init__(self, bus, **settings):
+        import threading
+
+        from router.service import RouterService, RouterSettings
+        self.service = RouterService(RouterSettings(
+            transport_url=bus.url, topology=bus.topology, **settings))
+        self.thread = threading.Thread(target=self.service.run, daemon=True,
+                                       name="router")
+        self.thread.start()
+        if not self.service.ready.wait(15):
+            raise RuntimeError("router did not start consuming within 15s")
+
+    def stop(self, timeout=20):
+        self.service.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "router did not stop"
+
+
+@pytest.fixture
+def router(bus):
+    """The router service running in-process on the test's bus."""
+    bus.declare_central()
+    r = RunningRouter(bus)
+    try:
+        yield r
+    finally:
+        r.stop()
