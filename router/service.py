@@ -50,9 +50,10 @@ class RouterSettings:
 
 
 class _Inflight:
-    __slots__ = ("message", "env_id", "remaining", "ok")
+    __slots__ = ("tag", "message", "env_id", "remaining", "ok")
 
-    def __init__(self, message, env_id):
+    def __init__(self, tag, message, env_id):
+        self.tag = tag
         self.message = message
         self.env_id = env_id
         self.remaining = 0
@@ -102,6 +103,7 @@ class _Session:
         self._known = {}            # host -> (known, checked at)
         self._tokens = itertools.count()
         self._parked = []           # memory transport only: (due, n, ...)
+        self._broker_errors = conn.connection_errors + conn.channel_errors
 
     # --- set-up -------------------------------------------------------------
     def run(self):
@@ -172,7 +174,7 @@ class _Session:
             for message in _take(self._lifecycle):
                 self._observe(message)
             for message in _take(self._deliveries):
-                self._route(message)
+                self._route_safely(message)
             self.publisher.pump()
             for token, outcome in _take(self._outcomes):
                 self._settle(token, outcome)
@@ -214,13 +216,34 @@ class _Session:
         return known
 
     # --- routing ------------------------------------------------------------
+    def _route_safely(self, message):
+        try:
+            self._route(message)
+        except self._broker_errors:
+            raise
+        except Exception as exc:
+            # A bug must not stop the service or lose the message: park it
+            # in the dead-letter queue, where an operator can replay it.
+            tag = message.delivery_tag
+            LOG.exception("event %s: unexpected error while routing",
+                          message.properties.get("message_id"))
+            # Copies already published report to the dropped entry, harmlessly.
+            self._inflight.pop(tag, None)
+            self._dead_letter(tag, message, message.properties.get(
+                "message_id") or "-", contract.REASON_INTERNAL,
+                f"{type(exc).__name__}: {exc}")
+
     def _route(self, message):
         tag = message.delivery_tag
         self.window.open(tag)
         props = message.properties
         self.stats["in"] += 1
+        body = message.body
+        if type(body) is str:
+            # py-amqp decodes bodies that declare a content_encoding.
+            message.body = body = body.encode(message.content_encoding or "utf-8")
         try:
-            env = contract.decode(message.body, self.s.max_body_bytes)
+            env = contract.decode(body, self.s.max_body_bytes)
         except contract.ContractError as exc:
             msg_id = props.get("message_id") or "-"
             return self._dead_letter(tag, message, msg_id, exc.reason, str(exc))
@@ -247,23 +270,23 @@ class _Session:
                               decision.detail)
 
     def _track(self, tag, message, env_id, copies):
-        entry = self._inflight[tag] = _Inflight(message, env_id)
+        entry = self._inflight[tag] = _Inflight(tag, message, env_id)
         entry.remaining = copies
         return entry
 
     def _deliver(self, tag, message, env, hosts, publisher):
-        self._track(tag, message, env.id, len(hosts))
+        entry = self._track(tag, message, env.id, len(hosts))
         key = topology.instance_routing_key(env.payload.name)
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
         for host in hosts:
             self.publisher.publish(self.topo.host_exchange_name(host), key,
-                                   message.body, (tag, _HOST_COPY, host),
+                                   message.body, (entry, _HOST_COPY, host),
                                    message_id=env.id, headers=headers)
         LOG.debug("event %s %s for %s routed to %s", env.id,
                   env.payload.name, env.payload.server_uuid, ",".join(hosts))
 
     def _retry(self, tag, message, env, decision, publisher, first_seen):
-        self._track(tag, message, env.id, 1)
+        entry = self._track(tag, message, env.id, 1)
         delay = self.topo.retry_delay_ms(decision.attempt)
         headers = {contract.HEADER_ATTEMPT: decision.attempt,
                    contract.HEADER_FIRST_SEEN: first_seen,
@@ -274,10 +297,10 @@ class _Session:
             heapq.heappush(self._parked, (time.monotonic() + delay / 1000,
                                           next(self._tokens), message.body,
                                           env, headers))
-            self._outcomes.append(((tag, _RETRY, None), publishing.ACK))
+            self._outcomes.append(((entry, _RETRY, None), publishing.ACK))
         else:
             self.publisher.publish("", self.topo.retry_queue_name(delay),
-                                   message.body, (tag, _RETRY, None),
+                                   message.body, (entry, _RETRY, None),
                                    message_id=env.id, headers=headers,
                                    user_id=self.user)
         self.stats["retried"] += 1
@@ -287,15 +310,16 @@ class _Session:
     def _dead_letter(self, tag, message, msg_id, reason, detail, *,
                      track=True):
         if track:
-            self._track(tag, message, msg_id, 1)
+            entry = self._track(tag, message, msg_id, 1)
         else:
-            self._inflight[tag].remaining += 1
+            entry = self._inflight[tag]
+            entry.remaining += 1
         headers = dict(message.headers or {})
         headers[contract.HEADER_REASON] = reason
         headers[contract.HEADER_DETAIL] = detail[:1000]
         headers["x-evrouter-router"] = self.s.name
         self.publisher.publish(self.topo.dead_letter_exchange_name, reason,
-                               message.body, (tag, _DEAD, None),
+                               message.body, (entry, _DEAD, None),
                                message_id=msg_id if msg_id != "-" else None,
                                headers=headers,
                                content_type=message.content_type)
@@ -305,8 +329,10 @@ class _Session:
     def _settle(self, token, outcome):
         if token is None:       # a parked retry put back on ingress
             return
-        tag, kind, host = token
-        entry = self._inflight[tag]
+        entry, kind, host = token
+        tag = entry.tag
+        if self._inflight.get(tag) is not entry:
+            return
         if outcome == publishing.RETURNED and kind == _HOST_COPY:
             # The host exchange exists but nothing is bound to it.
             self._known.pop(host, None)

@@ -126,3 +126,56 @@ def router(bus):
         yield r
     finally:
         r.stop()
+
+
+def collect(url, queue_name, count, timeout=15.0, *, ack=True):
+    """Consume up to `count` messages from a queue, waiting at most `timeout`.
+
+    Returns kombu Messages, each acked as it arrives unless ack=False (then
+    they go back to the queue when this returns); fewer than `count` means
+    the deadline passed first.
+    """
+    import time
+
+    got = []
+
+    def take(message):
+        got.append(message)
+        if ack:
+            message.ack()
+
+    with kombu.Connection(url) as conn:
+        ch = conn.channel()
+        queue = kombu.Queue(queue_name, no_declare=True)
+        consumer = kombu.Consumer(ch, [queue], on_message=take, accept=None)
+        consumer.qos(prefetch_count=200 if ack else max(1, min(count, 65535)))
+        with consumer:
+            deadline = time.monotonic() + timeout
+            while len(got) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    conn.drain_events(timeout=min(remaining, 0.5))
+                except socket.timeout:
+                    pass
+    return got
+
+
+def queue_depth(url, queue_name):
+    with kombu.Connection(url) as conn:
+        return conn.channel().queue_declare(queue_name, passive=True).message_count
+
+
+def wait_for(predicate, timeout=15.0, interval=0.02, what="condition"):
+    """Poll a condition until true; fail with `what` after `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -75,7 +75,8 @@ def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(errors),
-        wait=tenacity.wait_exponential_jitter(initial=0.2, max=max_wait),
+        wait=(tenacity.wait_exponential(multiplier=0.2, max=max_wait)
+              + tenacity.wait_random(0, 0.2)),
         stop=lambda state: stop_event.is_set(),
         sleep=stop_event.wait,
         before_sleep=log_retry,

@@ -68,6 +68,7 @@ REASON_UNKNOWN_HOST = "unknown-host"
 REASON_UNROUTABLE = "unroutable"
 REASON_FORBIDDEN = "forbidden"
 REASON_EXPIRED = "expired"
+REASON_INTERNAL = "internal-error"
 
 HEADER_REASON = "x-evrouter-reason"
 HEADER_DETAIL = "x-evrouter-detail"

@@ -1,0 +1,143 @@
+"""The router as operators run it: a process, killed or stopped mid-stream."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import kombu
+
+from router.bus import contract, topology
+from router.bus.publishing import ConfirmedPublisher
+from tests.conftest import collect, wait_for
+
+N = 3000
+
+
+def start_router(bus, name):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "router",
+         "--transport_url", bus.url.replace("amqp://", "rabbit://"),
+         "--bus-prefix", bus.prefix, "--router-name", name,
+         "--router-prefetch", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc
+
+
+def consumers(bus):
+    with kombu.Connection(bus.url) as conn:
+        return conn.channel().queue_declare(
+            bus.topology.router_queue_name, passive=True).consumer_count
+
+
+def publish_stream(bus, host, n):
+    """Publish n events with pipelined confirms; return their ids in order."""
+    ids, outcomes = [], []
+    with kombu.Connection(bus.url) as conn:
+        pub = ConfirmedPublisher(conn.channel(),
+                                 lambda token, outcome: outcomes.append(outcome))
+        for i in range(n):
+            env = contract.envelope(contract.InstanceEvent(
+                "network-vif-plugged", "0f5d3c1e-2b1a-4c9e-8f00-%012d" % i,
+                f"port-{i}", host=host), "stream")
+            pub.publish(bus.topology.ingress_exchange_name,
+                        topology.instance_routing_key("network-vif-plugged"),
+                        contract.encode(env), i, message_id=env.id)
+            ids.append(env.id)
+            if i % 500 == 0:
+                conn.drain_events(timeout=5)
+        deadline = time.monotonic() + 30
+        while len(outcomes) < n and time.monotonic() < deadline:
+            conn.drain_events(timeout=5)
+    assert outcomes.count("ack") == n, "the broker did not confirm every publish"
+    return ids
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=30):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_kill_9_of_one_router_mid_stream_loses_nothing(bus):
+    bus.declare_central()
+    bus.declare_host("cmp-k")
+    routers = [start_router(bus, "r1"), start_router(bus, "r2")]
+    try:
+        wait_for(lambda: consumers(bus) == 2, what="two routers consuming")
+        host_q = bus.topology.host_queue_name("cmp-k")
+        ids = publish_stream(bus, "cmp-k", N // 2)
+        # kill one while messages are in flight through it
+        wait_for(lambda: collect_depth(bus, host_q) > N // 8, what="stream flowing")
+        routers[0].send_signal(signal.SIGKILL)
+        ids += publish_stream(bus, "cmp-k", N // 2)
+        got = collect(bus.url, host_q, N, timeout=60)
+        # redeliveries may duplicate; the waiter deduplicates by message id
+        received = [contract.decode(m.body).id for m in got]
+        extra = collect(bus.url, host_q, N, timeout=2.0)
+        received += [contract.decode(m.body).id for m in extra]
+        lost = set(ids) - set(received)
+        print(f"\nkill -9: sent={len(ids)} delivered={len(set(received))} "
+              f"copies={len(received)} duplicates={len(received) - len(set(received))} "
+              f"lost={len(lost)}")
+        assert not lost
+        # and the killed one, restarted, takes its share again
+        routers[0] = start_router(bus, "r1-again")
+        wait_for(lambda: consumers(bus) == 2, what="restarted router consuming")
+    finally:
+        for p in routers:
+            stop(p, signal.SIGKILL)
+
+
+def collect_depth(bus, queue):
+    with kombu.Connection(bus.url) as conn:
+        return conn.channel().queue_declare(queue, passive=True).message_count
+
+
+def test_sigterm_finishes_in_flight_messages_and_exits_cleanly(bus):
+    bus.declare_central()
+    bus.declare_host("cmp-t")
+    proc = start_router(bus, "r-term")
+    try:
+        wait_for(lambda: consumers(bus) == 1, what="router consuming")
+        ids = publish_stream(bus, "cmp-t", 1000)
+        wait_for(lambda: collect_depth(bus, bus.topology.host_queue_name("cmp-t")) > 100,
+                 what="stream flowing")
+        code, out = stop(proc, signal.SIGTERM)
+        assert code == 0, out
+        assert "stopped" in out
+        # whatever it did not take stays in ingress, unacked ones went back
+        with kombu.Connection(bus.url) as conn:
+            left = conn.channel().queue_declare(
+                bus.topology.router_queue_name, passive=True).message_count
+        routed = collect(bus.url, bus.topology.host_queue_name("cmp-t"), 1000,
+                         timeout=10)
+        routed_ids = [contract.decode(m.body).id for m in routed]
+        assert len(routed_ids) == len(set(routed_ids)), \
+            "a clean stop must not duplicate: every routed message was acked"
+        assert len(routed_ids) + left == len(ids)
+    finally:
+        if proc.poll() is None:
+            stop(proc, signal.SIGKILL)
+
+
+def test_cli_help_and_bad_options():
+    out = subprocess.run([sys.executable, "-m", "router.cli", "router", "--help"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert "--router-no_host_timeout" in out.stdout and "--bus-queue_type" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "router.cli", "nonsense"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "unknown command" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "router.cli", "router",
+                          "--bus-queue_type", "stream"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "queue_type" in out.stderr
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "router.cli", "topology",
+                          "--bus-prefix", "shown", "--host", "cmp-9"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert out.returncode == 0
+    assert "shown.host.cmp-9.events" in out.stdout

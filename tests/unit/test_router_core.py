@@ -1,0 +1,141 @@
+"""Pure parts of the router: placement, routing decision, ack window, names."""
+
+import pytest
+
+from router import routing
+from router.acks import AckWindow
+from router.bus import connection, contract
+from router.bus.topology import Topology, instance_routing_key
+from router.placement import STOPPED_MIGRATED, PlacementTable
+
+UUID = "0f5d3c1e-2b1a-4c9e-8f00-123456789abc"
+
+
+def lc(host, transition, detail=0, uuid=UUID):
+    return contract.LifecycleEvent(uuid, host, transition, 0, detail, 0)
+
+
+# --- placement ---------------------------------------------------------------
+
+def test_placement_follows_a_domain_from_one_host_to_another():
+    t = PlacementTable()
+    t.observe(lc("a", "STARTED"))
+    assert t.hosts_for(UUID) == ("a",)
+    t.observe(lc("a", "STOPPED"))
+    assert t.hosts_for(UUID) == ("a",), "a stopped instance still lives there"
+    t.observe(lc("b", "STARTED"))
+    assert t.hosts_for(UUID) == ("b",)
+
+
+def test_live_migration_targets_both_hosts_until_the_source_lets_go():
+    t = PlacementTable()
+    t.observe(lc("src", "STARTED"))
+    t.observe(lc("dst", "STARTED", detail=1))          # incoming migration
+    assert set(t.hosts_for(UUID)) == {"src", "dst"}
+    t.observe(lc("src", "MIGRATION_COMPLETED"))
+    assert set(t.hosts_for(UUID)) == {"src", "dst"}
+    t.observe(lc("src", "STOPPED", detail=STOPPED_MIGRATED))
+    assert t.hosts_for(UUID) == ("dst",)
+
+
+def test_undefined_forgets_and_table_is_bounded():
+    t = PlacementTable(max_instances=2)
+    t.observe(lc("a", "STARTED"))
+    t.observe(lc("a", "UNDEFINED"))
+    assert t.hosts_for(UUID) == () and len(t) == 0
+    for i in range(3):
+        t.observe(lc("a", "STARTED", uuid=f"u{i}"))
+    assert len(t) == 2 and t.hosts_for("u0") == ()
+
+
+# --- routing decision --------------------------------------------------------
+
+def decide(event, *, known=("a", "b"), placed=(), attempt=0, waited=0.0,
+           policy=routing.Policy(no_host_timeout=60), publisher="neutron"):
+    env = contract.envelope(event, "test")
+    return routing.decide(env, publisher=publisher,
+                          hosts_for=lambda uuid: placed,
+                          is_known_host=lambda h: h in known,
+                          attempt=attempt, first_seen=100.0,
+                          now=100.0 + waited, policy=policy)
+
+
+def ev(host=None):
+    return contract.InstanceEvent("network-vif-plugged", UUID, "p", host=host)
+
+
+def test_hint_and_placement_are_merged_without_duplicates():
+    assert decide(ev("a"), placed=("a", "b")) == routing.Deliver(("a", "b"))
+    assert decide(ev(), placed=("b",)) == routing.Deliver(("b",))
+
+
+def test_unknown_hosts_are_retried_then_dead_lettered():
+    d = decide(ev(), attempt=2, waited=10)
+    assert d == routing.Retry(3, f"no known host for instance {UUID}")
+    d = decide(ev(), waited=61)
+    assert d.reason == contract.REASON_NO_HOST
+    d = decide(ev("zzz"), waited=61)
+    assert d.reason == contract.REASON_UNKNOWN_HOST and "zzz" in d.detail
+    # an unknown hint does not block a known placement
+    assert decide(ev("zzz"), placed=("a",)) == routing.Deliver(("a",))
+
+
+def test_forbidden_publisher_and_wrong_kind():
+    policy = routing.Policy(allowed_publishers=frozenset({"neutron"}))
+    assert decide(ev("a"), policy=policy, publisher="mallory").reason == \
+        contract.REASON_FORBIDDEN
+    assert decide(ev("a"), policy=policy) == routing.Deliver(("a",))
+    env = contract.envelope(contract.HostAnnounce("a"), "x")
+    d = routing.decide(env, publisher=None, hosts_for=lambda u: (),
+                       is_known_host=lambda h: True, attempt=0, first_seen=0,
+                       now=0, policy=routing.Policy())
+    assert d.reason == contract.REASON_INVALID
+
+
+# --- ack window --------------------------------------------------------------
+
+def test_ack_window_coalesces_and_keeps_order():
+    w = AckWindow()
+    for tag in range(1, 6):
+        w.open(tag)
+    w.settle(2, True)
+    assert w.flush() == [], "2 must wait for 1"
+    w.settle(1, True)
+    w.settle(3, False)
+    w.settle(5, True)
+    assert w.flush() == [("ack", 2, True), ("reject", 3)]
+    w.settle(4, True)
+    assert w.flush() == [("ack", 5, True)]
+    assert len(w) == 0
+
+
+def test_ack_window_single_acks_where_multiple_is_unsupported():
+    w = AckWindow(multiple=False)
+    w.open(1)
+    w.open(2)
+    w.settle(1, True)
+    w.settle(2, True)
+    assert w.flush() == [("ack", 1, False), ("ack", 2, False)]
+
+
+# --- names and URLs ----------------------------------------------------------
+
+def test_topology_names_and_backoff():
+    t = Topology(prefix="p", retry_delays_ms=(100, 200))
+    assert t.host_exchange_name("cmp-1") == "p.host.cmp-1"
+    assert t.host_queue_name("cmp-1") == "p.host.cmp-1.events"
+    assert [t.retry_delay_ms(n) for n in (1, 2, 3, 9)] == [100, 200, 200, 200]
+    assert instance_routing_key("network-vif-plugged") == \
+        "instance.network-vif-plugged"
+    q = Topology(queue_type="quorum", delivery_limit=3).router_queue()
+    assert q.queue_arguments["x-delivery-limit"] == 3
+    with pytest.raises(ValueError):
+        Topology(queue_type="stream")
+
+
+def test_transport_urls():
+    assert connection.kombu_url("rabbit://u:p@h1:5672,u:p@h2:5673/vh") == \
+        "amqp://u:p@h1:5672/vh;amqp://u:p@h2:5673/vh"
+    assert connection.kombu_url("memory://") == "memory://"
+    with pytest.raises(ValueError, match="scheme"):
+        connection.kombu_url("kafka://x")
