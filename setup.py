@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80",
-                 "jsonschema>=4.17"],
+                 "jsonschema>=4.17", "ruff>=0.4"],
     },
     entry_points={
         "console_scripts": ["evrouter = router.cli:main"],

@@ -179,3 +179,9 @@ def wait_for(predicate, timeout=15.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that restart RabbitMQ or libvirtd go last, so they cannot break
+    # tests that share the broker.
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

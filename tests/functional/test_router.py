@@ -8,7 +8,7 @@ import pytest
 
 from router.bus import contract, topology
 from router.bus.publishing import BlockingPublisher
-from tests.conftest import Bus, BROKER_URL, RunningRouter, collect, queue_depth
+from tests.conftest import BROKER_URL, Bus, RunningRouter, collect, queue_depth
 
 UUID = "0f5d3c1e-2b1a-4c9e-8f00-123456789abc"
 
