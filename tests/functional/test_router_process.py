@@ -141,3 +141,23 @@ def test_cli_help_and_bad_options():
                          capture_output=True, text=True, timeout=30, env=env)
     assert out.returncode == 0
     assert "shown.host.cmp-9.events" in out.stdout
+
+
+def test_topology_declare_is_idempotent(bus):
+    cmd = [sys.executable, "-m", "router.cli", "topology", "--declare",
+           "--transport_url", bus.url.replace("amqp://", "rabbit://"),
+           "--bus-prefix", bus.prefix, "--host", "cmp-d"]
+    for _ in range(2):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    bus.own(exchanges=[bus.topology.host_exchange_name("cmp-d")],
+            queues=[bus.topology.host_queue_name("cmp-d")])
+    with kombu.Connection(bus.url) as conn:
+        ch = conn.channel()
+        for q in (bus.topology.router_queue_name, bus.topology.host_queue_name("cmp-d"),
+                  bus.topology.dead_letter_queue_name):
+            ch.queue_declare(q, passive=True)
+    out = subprocess.run(cmd[:4] + ["--declare", "--transport_url",
+                                    "rabbit://guest:guest@127.0.0.1:1/"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "cannot reach the broker" in out.stderr
