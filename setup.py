@@ -20,6 +20,7 @@ setup(
         "libvirt-python>=9.0",
         "eventlet>=0.33",
         "tenacity>=8.2",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80",

@@ -3,9 +3,12 @@
 import uuid
 
 from oslo_config import cfg
+from prometheus_client import CollectorRegistry
 
 from router import options, routing, service
-from router.service_entry import parse, stop_on_signals
+from router.bus import ops
+from router.metrics import RouterCollector
+from router.service_entry import fail, parse, stop_on_signals
 
 router_opts = [
     cfg.IntOpt("prefetch", default=512, min=1,
@@ -23,6 +26,9 @@ router_opts = [
                       "to be confirmed before closing."),
     cfg.StrOpt("name", help="This router process's name in logs and "
                             "dead-letter headers (default: random)."),
+    cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
+               help="host:port of the operations endpoint (/metrics, "
+                    "/healthz); empty disables it."),
 ]
 
 
@@ -51,6 +57,19 @@ def main(argv):
                  "Route instance events from the ingress queue to each "
                  "compute host's exchange.", [("router", router_opts)])
     svc = service.RouterService(settings_from(conf))
+    ops_server = None
+    try:
+        listen = ops.parse_listen(conf.router.ops_listen)
+        if listen:
+            registry = CollectorRegistry()
+            registry.register(RouterCollector(svc))
+            ops_server = ops.OpsServer(listen, registry, svc.health).start()
+    except (OSError, ValueError) as exc:
+        return fail(f"ops endpoint {conf.router.ops_listen!r}: {exc}", 1)
     stop_on_signals(svc.stop)
-    svc.run()
+    try:
+        svc.run()
+    finally:
+        if ops_server is not None:
+            ops_server.stop()
     return 0

@@ -28,6 +28,7 @@ from router.acks import AckWindow
 from router.bus import connection as bus_connection
 from router.bus import contract, publishing, topology
 from router.bus.topology import Topology
+from router.metrics import LatencyHistogram
 from router.placement import PlacementTable
 
 LOG = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ class RouterSettings:
 
 
 class _Inflight:
-    __slots__ = ("tag", "message", "env_id", "remaining", "ok")
+    __slots__ = ("tag", "message", "env_id", "remaining", "ok", "started")
 
     def __init__(self, tag, message, env_id):
+        self.started = time.monotonic()
         self.tag = tag
         self.message = message
         self.env_id = env_id
@@ -65,12 +67,18 @@ class RouterService:
         self.settings = settings
         self.placement = placement if placement is not None else PlacementTable()
         self.stats = collections.Counter()
+        self.latency = LatencyHistogram()
         self._stop = threading.Event()
         self.ready = threading.Event()   # set while consuming
 
     def stop(self):
         """Finish in-flight messages and return from run(). Signal-safe."""
         self._stop.set()
+
+    def health(self):
+        if self.ready.is_set():
+            return True, "consuming"
+        return False, "not connected to the broker"
 
     def run(self):
         s = self.settings
@@ -109,7 +117,7 @@ class _Session:
     def run(self):
         conn = self.conn
         try:
-            conn.connect()
+            bus_connection.connect_once(conn)
             self.memory = bus_connection.is_memory(conn)
             self.user = bus_connection.user_of(conn)
             ch = conn.channel()
@@ -350,6 +358,7 @@ class _Session:
         if entry.remaining == 0:
             del self._inflight[tag]
             self.window.settle(tag, entry.ok)
+            self.service.latency.observe(time.monotonic() - entry.started)
 
 
 def _take(items):

@@ -27,7 +27,7 @@ def main(argv):
     url = options.transport_url(conf)
     with connection.connection(url, ssl_opts=options.ssl_from(conf)) as conn:
         try:
-            conn.connect()
+            connection.connect_once(conn)
         except conn.connection_errors as exc:
             return fail(f"cannot reach the broker at {connection.kombu_url(url)}: {exc}", 1)
         ch = conn.channel()

@@ -54,6 +54,16 @@ def connection(transport_url, *, heartbeat=30, ssl_opts=False):
                                 "confirm_publish": False})
 
 
+def connect_once(conn):
+    """Connect now or raise the broker's error now.
+
+    kombu's connect() retries once after a hidden 2 s wait; the caller's
+    tenacity loop owns backoff, so one quick attempt is what it wants.
+    """
+    conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+    return conn
+
+
 def is_memory(conn):
     return conn.transport.driver_type == "memory"
 
@@ -67,7 +77,8 @@ def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
     """A tenacity loop: retry `what` with jittered backoff until stopped.
 
     Sleeping waits on `stop_event`, so a SIGTERM during backoff ends the
-    wait at once.
+    wait at once, and the loop then ends quietly: a requested stop is not
+    an error, whatever the broker was doing.
     """
     def log_retry(state):
         LOG.warning("%s: broker unavailable (%s), retrying in %.1fs", what,
@@ -80,5 +91,5 @@ def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
         stop=lambda state: stop_event.is_set(),
         sleep=stop_event.wait,
         before_sleep=log_retry,
-        reraise=True,
+        retry_error_callback=lambda state: None,
     )
