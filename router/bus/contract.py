@@ -87,7 +87,7 @@ UUID_PATTERN = (
 # prefix), so they are plain ASCII without spaces.
 HOST_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(?![\s\S])"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}(?![\s\S])"
-VERSION_PATTERN = r"^[0-9]{1,4}\.[0-9]{1,4}(?![\s\S])"
+VERSION_PATTERN = r"^(0|[1-9][0-9]{0,3})\.[0-9]{1,4}(?![\s\S])"
 
 _uuid_re = re.compile(UUID_PATTERN)
 _host_re = re.compile(HOST_PATTERN)

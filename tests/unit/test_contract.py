@@ -240,3 +240,10 @@ def test_every_event_the_module_builds_passes_the_schema(event):
     doc = json.loads(contract.encode(env))
     assert VALIDATOR.is_valid(doc)
     assert contract.from_document(doc) == env
+
+
+def test_version_with_a_leading_zero_is_refused_like_the_schema_does():
+    # found by test_module_and_schema_agree: int("01") is 1, the schema says no
+    doc = instance_doc()
+    doc["version"] = "01.2"
+    refuse(doc)
