@@ -21,6 +21,10 @@ router_opts = [
     cfg.ListOpt("allowed_publishers", default=[],
                 help="Broker users allowed to publish instance events; others "
                      "are dead-lettered with reason forbidden. Empty: any."),
+    cfg.StrOpt("compute_user_prefix", default="evrouter-compute-",
+               help="Compute host H's broker user is <prefix>H; lifecycle "
+                    "events such a user sends for another host are ignored. "
+                    "Empty disables the check."),
     cfg.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to wait for in-flight messages "
                       "to be confirmed before closing."),
@@ -43,7 +47,8 @@ def settings_from(conf):
         topology=options.topology_from(conf),
         policy=routing.Policy(
             no_host_timeout=conf.router.no_host_timeout,
-            allowed_publishers=frozenset(conf.router.allowed_publishers)),
+            allowed_publishers=frozenset(conf.router.allowed_publishers),
+            compute_user_prefix=conf.router.compute_user_prefix),
         prefetch=conf.router.prefetch,
         max_body_bytes=conf.bus.max_body_bytes,
         drain_timeout=conf.router.drain_timeout,

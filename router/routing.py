@@ -32,6 +32,16 @@ class Policy:
     no_host_timeout: float = 120.0
     # Broker user names allowed to publish instance events; empty: anyone.
     allowed_publishers: frozenset = frozenset()
+    # Compute host H publishes lifecycle events as <prefix>H, for H only.
+    compute_user_prefix: str = "evrouter-compute-"
+
+
+def lifecycle_sender_ok(user_id, host, policy):
+    """False when a compute host's user speaks for another host."""
+    prefix = policy.compute_user_prefix
+    if not (prefix and user_id and user_id.startswith(prefix)):
+        return True
+    return user_id[len(prefix):] == host
 
 
 def decide(env, *, publisher, hosts_for, is_known_host, attempt, first_seen,

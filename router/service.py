@@ -202,6 +202,12 @@ class _Session:
                         message.properties.get("message_id"), exc)
             return
         p = env.payload
+        user_id = message.properties.get("user_id")
+        if not routing.lifecycle_sender_ok(user_id, p.host, self.s.policy):
+            self.stats["lifecycle_forged"] += 1
+            LOG.warning("lifecycle message %s ignored: user %s may not speak "
+                        "for host %s", env.id, user_id, p.host)
+            return
         self._known[p.host] = (True, 0.0)
         if env.kind == contract.LIFECYCLE_EVENT:
             self.service.placement.observe(p)

@@ -81,7 +81,7 @@ def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
     an error, whatever the broker was doing.
     """
     def log_retry(state):
-        LOG.warning("%s: broker unavailable (%s), retrying in %.1fs", what,
+        LOG.warning("%s: broker connection failed (%s), retrying in %.1fs", what,
                     state.outcome.exception(), state.next_action.sleep)
 
     return tenacity.Retrying(

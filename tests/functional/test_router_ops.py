@@ -86,4 +86,4 @@ def test_health_is_unhealthy_without_a_broker():
     finally:
         code, out = stop(proc, signal.SIGTERM)
     assert code == 0, out
-    assert "broker unavailable" in out, "the retries are logged"
+    assert "broker connection failed" in out, "the retries are logged"

@@ -139,3 +139,29 @@ def test_transport_urls():
     assert connection.kombu_url("memory://") == "memory://"
     with pytest.raises(ValueError, match="scheme"):
         connection.kombu_url("kafka://x")
+
+
+# --- permissions -------------------------------------------------------------
+
+def test_compute_permissions_cover_only_the_hosts_own_names():
+    import re
+
+    from router.permissions import Deployment, grants, plan
+    from router.routing import lifecycle_sender_ok
+    d = Deployment(prefix="p", hosts=("cmp.1",))
+    by_user = {g[0]: g for g in grants(d)}
+    _, configure, write, read, _ = by_user["evrouter-compute-cmp.1"]
+    assert re.fullmatch(read[1:-1], "p.host.cmp.1.events")
+    assert not re.search(read, "p.host.cmpX1.events"), "dots are escaped"
+    assert not re.search(read, "p.host.cmp.2.events")
+    assert not re.search(write, "p.ingress")
+    assert re.search(write, "p.lifecycle")
+    network = by_user["evrouter-network"]
+    assert re.search(network[2], "p.ingress") and not re.search(network[2], "p.lifecycle")
+    commands = plan(d, password="pw")
+    assert ["add_user", "evrouter-network", "pw"] in commands
+    assert all(c[0] != "add_vhost" for c in commands), "/ exists already"
+    policy = routing.Policy(compute_user_prefix="evrouter-compute-")
+    assert lifecycle_sender_ok("evrouter-compute-a", "a", policy)
+    assert not lifecycle_sender_ok("evrouter-compute-a", "b", policy)
+    assert lifecycle_sender_ok("guest", "b", policy)

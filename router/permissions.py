@@ -1,0 +1,76 @@
+"""Broker users and permissions of a deployment. Pure: it plans, never runs.
+
+Least privilege per role, as regular expressions on resource names
+(RabbitMQ checks configure/write/read per exchange and queue):
+- network user: write the ingress exchange only, and there only routing
+  keys `instance.*` (topic permission);
+- router: declare the central topology and its private placement queue,
+  read ingress and lifecycle, write host exchanges, dead-letter, and the
+  default exchange (retry parking);
+- compute host H: declare, bind and read only its own exchange and queue;
+  write only the lifecycle fanout and the dead-letter exchange.
+Who published an instance event is the broker-validated user_id; the
+router trusts lifecycle events of compute user <prefix><host> only for
+<host>.
+"""
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Deployment:
+    prefix: str = "evrouter"
+    vhost: str = "/"
+    network_user: str = "evrouter-network"
+    router_user: str = "evrouter-router"
+    compute_user_prefix: str = "evrouter-compute-"
+    hosts: tuple = ()
+
+    def compute_user(self, host):
+        return self.compute_user_prefix + host
+
+
+def _names(prefix, *alternatives):
+    return "^" + re.escape(prefix) + r"\.(" + "|".join(alternatives) + ")$"
+
+
+def grants(d):
+    """(user, configure, write, read, topic grants [(exchange, write, read)])."""
+    p = d.prefix
+    yield (d.network_user, "^$", _names(p, "ingress"), "^$",
+           [(f"{p}.ingress", r"^instance\.", "^$")])
+    yield (d.router_user,
+           _names(p, "ingress", "lifecycle", "dead-letter", "router",
+                  r"retry\..*", r"placement\..*"),
+           # ingress: retry queues dead-letter into it, and declaring a queue
+           # with a dead-letter exchange needs write on that exchange.
+           "^(amq\\.default|" + _names(p, "ingress", r"host\..*", "dead-letter",
+                                       "router", r"retry\..*",
+                                       r"placement\..*")[1:-1] + ")$",
+           _names(p, "ingress", "router", "lifecycle", "dead-letter",
+                  r"retry\..*", r"placement\..*"),
+           [])
+    for host in d.hosts:
+        own = re.escape(f"host.{host}")
+        yield (d.compute_user(host),
+               _names(p, own, own + r"\.events"),
+               _names(p, own + r"\.events", "lifecycle", "dead-letter"),
+               _names(p, own, own + r"\.events"),
+               [])
+
+
+def plan(d, password=None):
+    """rabbitmqctl argument lists that make the broker match the deployment."""
+    commands = []
+    if d.vhost != "/":
+        commands.append(["add_vhost", d.vhost])
+    for user, configure, write, read, topics in grants(d):
+        if password is not None:
+            commands.append(["add_user", user, password])
+        commands.append(["set_permissions", "-p", d.vhost, user,
+                         configure, write, read])
+        for exchange, t_write, t_read in topics:
+            commands.append(["set_topic_permissions", "-p", d.vhost, user,
+                             exchange, t_write, t_read])
+    return commands

@@ -1,0 +1,64 @@
+"""`evrouter permissions`: print, or apply, the deployment's broker security."""
+
+import shlex
+import subprocess
+
+from oslo_config import cfg
+
+from router.permissions import Deployment, plan
+from router.service_entry import fail, parse
+
+cli_opts = [
+    cfg.StrOpt("vhost", default="/", help="RabbitMQ virtual host."),
+    cfg.StrOpt("network-user", default="evrouter-network",
+               help="Broker user of the network side (publishes events)."),
+    cfg.StrOpt("router-user", default="evrouter-router",
+               help="Broker user of the router service."),
+    cfg.StrOpt("compute-user-prefix", default="evrouter-compute-",
+               help="Compute host H logs in as <prefix>H."),
+    cfg.MultiStrOpt("host", default=[], help="A compute host (repeatable)."),
+    cfg.StrOpt("password", secret=True,
+               help="Also create the users with this password (development "
+                    "and tests; in production create users your own way)."),
+    cfg.BoolOpt("apply", default=False,
+                help="Run the commands with rabbitmqctl instead of printing."),
+]
+
+
+def main(argv):
+    conf = parse(argv, "evrouter permissions",
+                 "Print (or --apply) the RabbitMQ users, vhost permissions and "
+                 "topic permissions of an evrouter deployment.", cli_opts=cli_opts)
+    deployment = Deployment(prefix=conf.bus.prefix, vhost=conf.vhost,
+                            network_user=conf.network_user,
+                            router_user=conf.router_user,
+                            compute_user_prefix=conf.compute_user_prefix,
+                            hosts=tuple(conf.host))
+    commands = plan(deployment, conf.password)
+    if not conf.apply:
+        for args in commands:
+            shown = ["<password>" if a == conf.password and conf.password else a
+                     for a in args]
+            print("rabbitmqctl " + shlex.join(shown))
+        return 0
+    existing = {"add_user": _listed("list_users"), "add_vhost": _listed("list_vhosts")}
+    if None in existing.values():
+        return fail("rabbitmqctl cannot list users and vhosts: is this the broker "
+                    "host, and are you allowed to run rabbitmqctl?", 1)
+    for args in commands:
+        if args[0] in existing and args[1] in existing[args[0]]:
+            continue        # users and vhosts are created once, never reset
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            return fail(f"rabbitmqctl {args[0]} failed: "
+                        f"{done.stderr.strip() or done.stdout.strip()}", 1)
+        print(f"applied: rabbitmqctl {args[0]} {' '.join(args[1:5 if args[0] != 'add_user' else 2])}")
+    return 0
+
+
+def _listed(what):
+    done = subprocess.run(["rabbitmqctl", what, "-q", "--no-table-headers"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return {line.split("\t")[0] for line in done.stdout.splitlines() if line}
