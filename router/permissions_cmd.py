@@ -52,7 +52,8 @@ def main(argv):
         if done.returncode != 0:
             return fail(f"rabbitmqctl {args[0]} failed: "
                         f"{done.stderr.strip() or done.stdout.strip()}", 1)
-        print(f"applied: rabbitmqctl {args[0]} {' '.join(args[1:5 if args[0] != 'add_user' else 2])}")
+        shown = args[1:2] if args[0] == "add_user" else args[1:5]    # no password
+        print(f"applied: rabbitmqctl {args[0]} {' '.join(shown)}")
     return 0
 
 
