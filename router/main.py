@@ -5,7 +5,7 @@ import uuid
 from oslo_config import cfg
 from prometheus_client import CollectorRegistry
 
-from router import options, routing, service
+from router import options, rest, routing, service
 from router.bus import ops
 from router.metrics import RouterCollector
 from router.service_entry import fail, parse, stop_on_signals
@@ -33,6 +33,13 @@ router_opts = [
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
                help="host:port of the operations endpoint (/metrics, "
                     "/healthz); empty disables it."),
+    cfg.BoolOpt("rest_api", default=False,
+                help="Also accept the compute API's POST "
+                     "/v2.1/os-server-external-events on the operations "
+                     "endpoint and feed accepted events into the bus. No "
+                     "authentication: bind ops_listen to a trusted network. "
+                     "With allowed_publishers set, list "
+                     "os-server-external-events there."),
 ]
 
 
@@ -61,14 +68,23 @@ def main(argv):
     conf = parse(argv, "evrouter router",
                  "Route instance events from the ingress queue to each "
                  "compute host's exchange.", [("router", router_opts)])
-    svc = service.RouterService(settings_from(conf))
-    ops_server = None
+    settings = settings_from(conf)
+    svc = service.RouterService(settings)
+    ops_server = rest_ingress = None
     try:
         listen = ops.parse_listen(conf.router.ops_listen)
+        if conf.router.rest_api and not listen:
+            return fail("rest_api needs ops_listen: the REST endpoint is served there")
         if listen:
             registry = CollectorRegistry()
             registry.register(RouterCollector(svc))
-            ops_server = ops.OpsServer(listen, registry, svc.health).start()
+            routes = {}
+            if conf.router.rest_api:
+                rest_ingress = rest.RestIngress(
+                    settings.transport_url, settings.topology, svc.placement,
+                    ssl_opts=settings.ssl).start()
+                routes = rest_ingress.routes()
+            ops_server = ops.OpsServer(listen, registry, svc.health, routes).start()
     except (OSError, ValueError) as exc:
         return fail(f"ops endpoint {conf.router.ops_listen!r}: {exc}", 1)
     stop_on_signals(svc.stop)
@@ -77,4 +93,6 @@ def main(argv):
     finally:
         if ops_server is not None:
             ops_server.stop()
+        if rest_ingress is not None:
+            rest_ingress.stop()
     return 0

@@ -23,6 +23,8 @@ class PlacementTable:
     def __init__(self, max_instances=1_000_000):
         # instance uuid -> {host: last transition}, most recently used last
         self._hosts = collections.OrderedDict()
+        # instances whose last host let go: known, but on no host (bounded)
+        self._hostless = collections.OrderedDict()
         self._max = max_instances
 
     def __len__(self):
@@ -39,7 +41,11 @@ class PlacementTable:
                 hosts.pop(host, None)
                 if not hosts:
                     del self._hosts[uuid]
+                    self._hostless[uuid] = None
+                    if len(self._hostless) > self._max:
+                        self._hostless.popitem(last=False)
             return
+        self._hostless.pop(uuid, None)
         if hosts is None:
             hosts = self._hosts[uuid] = {}
             if len(self._hosts) > self._max:
@@ -50,11 +56,20 @@ class PlacementTable:
         hosts[host] = transition
 
     def hosts_for(self, instance_uuid):
-        """The hosts an event for this instance goes to (may be empty)."""
+        """The hosts an event for this instance goes to (may be empty).
+
+        Safe to call from another thread than the one observing: the items
+        are copied in one step under the GIL before they are looked at.
+        """
         hosts = self._hosts.get(instance_uuid)
         if not hosts:
             return ()
-        live = tuple(h for h, t in hosts.items() if t not in _NOT_LIVE)
+        items = list(hosts.items())
+        live = tuple(h for h, t in items if t not in _NOT_LIVE)
         if live:
             return live
-        return (next(reversed(hosts)),)
+        return (items[-1][0],) if items else ()
+
+    def is_hostless(self, instance_uuid):
+        """Known, but every host it was on has let it go."""
+        return instance_uuid in self._hostless

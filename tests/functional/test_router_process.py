@@ -15,12 +15,12 @@ from tests.conftest import collect, wait_for
 N = 3000
 
 
-def start_router(bus, name, ops_listen=""):
+def start_router(bus, name, ops_listen="", extra=()):
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "router",
          "--transport_url", bus.url.replace("amqp://", "rabbit://"),
          "--bus-prefix", bus.prefix, "--router-name", name,
-         "--router-prefetch", "200", "--router-ops_listen", ops_listen],
+         "--router-prefetch", "200", "--router-ops_listen", ops_listen, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc
 
