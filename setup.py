@@ -28,6 +28,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["evrouter = router.cli:main"],
-        "oslo.config.opts": ["evrouter.router = router.main:list_opts"],
+        "oslo.config.opts": ["evrouter.router = router.main:list_opts",
+                             "evrouter.agent = compute.agent_main:list_opts"],
     },
 )

@@ -8,6 +8,12 @@ import sys
 COMMANDS = {
     "router": ("router.main", "run the router service"),
     "topology": ("router.topology_cmd", "show or declare the bus topology"),
+    "permissions": ("router.permissions_cmd",
+                    "print or apply the broker users and permissions"),
+    "agent": ("compute.agent_main", "run the libvirt lifecycle agent of a compute host"),
+    "publish": ("network.publish_cmd", "publish one instance event"),
+    "network-adapter": ("network.adapter_cmd",
+                        "turn network service notifications into events"),
 }
 
 

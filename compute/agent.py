@@ -1,0 +1,264 @@
+"""The lifecycle agent: libvirt lifecycle events onto the lifecycle fanout.
+
+One agent per compute host. Who does what, top to bottom:
+
+    libvirt-events  (native thread)  lifecycle callbacks ─┐
+    libvirt-watcher (native thread)  up, down, snapshots ─┤
+                                        Handoff (deque + self-pipe)
+                                                          │
+    dispatcher (the caller of run())  maps, debounces, numbers, logs
+                                                          │
+                                                Outbox (bounded)
+                                                          │
+    lifecycle-publisher (thread)  owns the broker connection, confirms
+
+The native threads only hand values over (see compute.handoff). The
+dispatcher and the publisher are plain threads, or green threads in a
+process that eventlet monkey-patched before importing this module.
+
+Health: ``healthy`` is False until libvirt and the broker are both
+connected, and whenever either is lost. On stop, STOPPED events still
+held back are published rather than cancelled: the domain did stop, and
+nobody is left to see the STARTED that would have cancelled them.
+"""
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from compute import libvirt_watch
+from compute.handoff import Handoff, blocking_call
+from compute.lifecycle import LifecycleTranslator
+from compute.lifecycle_publisher import LifecyclePublisher, Outbox, Outgoing
+from router.bus import connection as bus_connection
+from router.bus import contract
+from router.bus.topology import Topology
+
+LOG = logging.getLogger(__name__)
+
+_WATCHER_STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class AgentSettings:
+    host: str
+    libvirt_uri: str = "qemu:///system"
+    transport_url: str = bus_connection.DEFAULT_URL
+    topology: Topology = field(default_factory=Topology)
+    stopped_delay: float = 15.0
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
+    probe_interval: float = 5.0
+    reconnect_max: float = 30.0
+    outbox_limit: int = 10_000
+    drain_timeout: float = 10.0
+    confirm_timeout: float = 10.0
+    heartbeat: int = 30
+    ssl: object = False
+    health_file: Optional[str] = None
+
+
+class LifecycleAgent:
+    def __init__(self, settings, *, opener=None):
+        s = self.settings = settings
+        self.stats = collections.Counter()
+        self.failure = None
+        self._handoff = Handoff()
+        self._translator = LifecycleTranslator(s.host, s.stopped_delay)
+        self._producer = f"evrouter-agent/{s.host}"
+        self._libvirt = "connecting"
+        self._broker = "connecting"
+        self._healthy = False
+        self._dropping = False
+        watcher_args = {"opener": opener} if opener is not None else {}
+        self._watcher = libvirt_watch.LibvirtWatcher(
+            s.libvirt_uri, self._handoff,
+            keepalive_interval=s.keepalive_interval,
+            keepalive_count=s.keepalive_count,
+            probe_interval=s.probe_interval, reconnect_max=s.reconnect_max,
+            **watcher_args)
+        self.outbox = Outbox(s.outbox_limit)
+        self._publisher = LifecyclePublisher(
+            self.outbox, s.topology,
+            lambda up, detail: self._handoff.put(("broker", up, detail)),
+            transport_url=s.transport_url, heartbeat=s.heartbeat, ssl=s.ssl,
+            confirm_timeout=s.confirm_timeout, reconnect_max=s.reconnect_max)
+
+    @property
+    def healthy(self):
+        return self._libvirt == "up" and self._broker == "up"
+
+    @property
+    def health(self):
+        return f"libvirt {self._libvirt}, broker {self._broker}"
+
+    @property
+    def published(self):
+        """Messages the broker confirmed so far."""
+        return self._publisher.published
+
+    @property
+    def held(self):
+        """How many STOPPED events are held back right now."""
+        return len(self._translator.debounce)
+
+    def stop(self):
+        """Ask run() to stop cleanly. Safe from a signal handler."""
+        self._handoff.put(("stop",))
+
+    def run(self):
+        """Watch libvirt and publish until stop(); returns when all is done."""
+        s = self.settings
+        libvirt_watch.start_event_loop()    # before the connection opens
+        self._publisher.start()
+        self._watcher.start()
+        LOG.info("lifecycle agent for host %s watching %s, publishing to %s",
+                 s.host, s.libvirt_uri, s.topology.lifecycle_exchange_name)
+        self._write_health()
+        watcher_stopped = self._dispatch()
+        held = self._translator.release_all()
+        if held:
+            LOG.info("stopping: publishing %d held STOPPED event(s)",
+                     len(held))
+            self._queue(held)
+        if not self._publisher.finish(s.drain_timeout):
+            LOG.error("stopping: %d lifecycle message(s) left unpublished "
+                      "(broker %s)", len(self.outbox), self._broker)
+        if watcher_stopped:
+            self._handoff.close()
+        self._libvirt = self._broker = "stopped"
+        self._write_health()
+        LOG.info("lifecycle agent for host %s stopped (%d published)",
+                 s.host, self._publisher.published)
+
+    # --- the dispatcher -----------------------------------------------------
+    def _dispatch(self):
+        """Hand-overs in, outbox out, until the watcher stopped."""
+        stop_by = None
+        while True:
+            wait = self._translator.seconds_until_due()
+            wait = 1.0 if wait is None else min(wait, 1.0)
+            for item in self._handoff.take(wait):
+                kind = item[0]
+                if kind == "stop":
+                    if stop_by is None:
+                        LOG.info("stopping: closing the libvirt connection")
+                        self._watcher.stop()
+                        stop_by = time.monotonic() + _WATCHER_STOP_TIMEOUT
+                elif kind == "watcher-stopped":
+                    if stop_by is None:
+                        self.failure = "libvirt watcher ended unexpectedly"
+                        LOG.error("%s; stopping", self.failure)
+                    return True
+                else:
+                    getattr(self, "_on_" + kind.replace("-", "_"))(*item[1:])
+            self._queue(self._translator.due())
+            if stop_by is not None and time.monotonic() > stop_by:
+                LOG.warning("stopping: libvirt watcher did not stop within "
+                            "%.0fs", _WATCHER_STOP_TIMEOUT)
+                return False
+
+    def _on_event(self, position, domain, event, detail, handle):
+        self.stats["events"] += 1
+        payloads, transition, cancelled = self._translator.event(
+            domain, event, detail, position=position,
+            migration_completed=lambda: blocking_call(
+                libvirt_watch.migration_completed, handle))
+        if transition is None:
+            self.stats["unknown"] += 1
+            LOG.warning("libvirt event %d (detail %d) of %s has no "
+                        "transition; ignored", event, detail, domain)
+            return
+        if cancelled is not None:
+            self.stats["stopped_cancelled"] += 1
+            LOG.info("STOPPED of %s cancelled by %s", domain, transition)
+        if not payloads:
+            self.stats["held"] += 1
+            LOG.info("%s of %s (detail %d) held for %.1fs", transition,
+                     domain, detail, self.settings.stopped_delay)
+        self._queue(payloads)
+
+    def _on_snapshot(self, listed_after, states):
+        payloads, withheld = self._translator.snapshot(
+            states, listed_after=listed_after)
+        self.stats["snapshots"] += 1
+        LOG.info("announcing host %s with a snapshot of %d domain(s)%s",
+                 self.settings.host, len(payloads) - 1,
+                 f" ({withheld} left to newer events)" if withheld else "")
+        self._queue(payloads)
+
+    def _on_libvirt_up(self, how):
+        LOG.info("libvirt %s connected (loss noticed by %s)",
+                 self.settings.libvirt_uri, how)
+        self._set_health(libvirt="up")
+
+    def _on_libvirt_down(self, reason):
+        LOG.warning("libvirt %s lost (%s); reconnecting",
+                    self.settings.libvirt_uri, reason)
+        self._set_health(libvirt=f"down ({reason})")
+
+    def _on_libvirt_retry(self, error, seconds):
+        LOG.warning("libvirt %s unavailable (%s), retrying in %.1fs",
+                    self.settings.libvirt_uri, error, seconds)
+        if not self._libvirt.startswith("down"):   # keep why it was lost
+            self._set_health(libvirt=f"down ({error})")
+
+    def _on_broker(self, up, detail):
+        if up:
+            LOG.info("broker connected (%s); %d message(s) waiting", detail,
+                     len(self.outbox))
+            self._dropping = False
+            self._set_health(broker="up")
+            if detail == "again":
+                # Consumers may have missed what the outbox had to drop.
+                self._watcher.request_snapshot()
+        elif self._broker == "up" or self._broker == "connecting":
+            LOG.warning("broker lost (%s); keeping up to %d message(s)",
+                        detail, self.outbox.limit)
+            self._set_health(broker=f"down ({detail})")
+
+    # --- helpers ------------------------------------------------------------
+    def _queue(self, payloads):
+        for payload in payloads:
+            env = contract.envelope(payload, self._producer)
+            if type(payload) is contract.HostAnnounce:
+                label = f"announce {payload.host} seq {payload.seq}"
+            else:
+                label = (f"{payload.transition} {payload.instance_uuid} "
+                         f"seq {payload.seq}")
+                if not payload.snapshot:
+                    LOG.info("%s (event %d detail %d)", label, payload.event,
+                             payload.detail)
+            dropped = self.outbox.put(Outgoing(env.id, contract.encode(env),
+                                               label))
+            if dropped is not None:
+                self.stats["dropped"] += 1
+                if not self._dropping:
+                    self._dropping = True
+                    LOG.warning("outbox full (%d): dropping the oldest "
+                                "messages, first %s; the snapshot after the "
+                                "reconnect resyncs consumers",
+                                self.outbox.limit, dropped.label)
+
+    def _set_health(self, *, libvirt=None, broker=None):
+        self._libvirt = libvirt or self._libvirt
+        self._broker = broker or self._broker
+        if self.healthy != self._healthy:
+            self._healthy = self.healthy
+            log = LOG.info if self._healthy else LOG.warning
+            log("agent %s: %s", "healthy" if self._healthy else "unhealthy",
+                self.health)
+            self._write_health()
+
+    def _write_health(self):
+        path = self.settings.health_file
+        if not path:
+            return
+        state = "ok" if self.healthy else "unhealthy"
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{state}: {self.health}\n")
+        os.replace(tmp, path)

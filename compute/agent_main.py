@@ -1,0 +1,87 @@
+"""`evrouter agent`: the libvirt lifecycle agent's entry point.
+
+Runs on plain threads. A service that embeds the agent under eventlet
+monkey-patches before importing compute.agent and calls
+LifecycleAgent.run() itself.
+"""
+
+import re
+import socket
+
+from oslo_config import cfg
+
+from router import options
+from router.bus import contract
+from router.service_entry import fail, parse, stop_on_signals
+
+cli_opts = [
+    cfg.StrOpt("libvirt-uri", default="qemu:///system",
+               help="libvirt connection URI to watch."),
+    cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
+               help="This compute host's name, as the router and the "
+                    "compute service know it."),
+]
+
+agent_opts = [
+    cfg.FloatOpt("stopped_delay", default=15.0, min=0,
+                 help="Seconds a STOPPED event is held back; any later event "
+                      "of the same domain cancels it, so a reboot does not "
+                      "look like a shutdown. 0 publishes at once."),
+    cfg.IntOpt("keepalive_interval", default=5, min=0,
+               help="libvirt keepalive interval in seconds, where the driver "
+                    "supports keepalive (0 disables it)."),
+    cfg.IntOpt("keepalive_count", default=3, min=1,
+               help="Unanswered keepalives before libvirt closes the "
+                    "connection."),
+    cfg.FloatOpt("probe_interval", default=5.0, min=0.1,
+                 help="Seconds between liveness probes of a libvirt "
+                      "connection without keepalive."),
+    cfg.FloatOpt("reconnect_max", default=30.0, min=0.1,
+                 help="Longest wait between reconnect attempts, to libvirt "
+                      "and to the broker."),
+    cfg.IntOpt("outbox_limit", default=10_000, min=1,
+               help="Lifecycle messages kept while the broker is away; "
+                    "beyond it the oldest are dropped (consumers resync from "
+                    "the snapshot published on reconnect)."),
+    cfg.FloatOpt("drain_timeout", default=10.0, min=0,
+                 help="On SIGTERM, seconds to keep publishing what is left "
+                      "(held STOPPED events included) before exiting."),
+    cfg.StrOpt("health_file",
+               help="File the agent rewrites with 'ok: ...' or "
+                    "'unhealthy: ...' whenever its health changes."),
+]
+
+
+def list_opts():
+    return [("DEFAULT", [options.transport_opt] + cli_opts),
+            ("bus", options.bus_opts), ("agent", agent_opts)]
+
+
+def settings_from(conf):
+    from compute.agent import AgentSettings
+    a = conf.agent
+    return AgentSettings(
+        host=conf.host, libvirt_uri=conf.libvirt_uri,
+        transport_url=options.transport_url(conf),
+        topology=options.topology_from(conf),
+        stopped_delay=a.stopped_delay,
+        keepalive_interval=a.keepalive_interval,
+        keepalive_count=a.keepalive_count, probe_interval=a.probe_interval,
+        reconnect_max=a.reconnect_max, outbox_limit=a.outbox_limit,
+        drain_timeout=a.drain_timeout, heartbeat=conf.bus.heartbeat,
+        ssl=options.ssl_from(conf), health_file=a.health_file)
+
+
+def main(argv):
+    conf = parse(argv, "evrouter agent",
+                 "Republish this host's libvirt lifecycle events on the "
+                 "lifecycle fanout exchange.", [("agent", agent_opts)],
+                 cli_opts)
+    if not re.search(contract.HOST_PATTERN, conf.host):
+        return fail(f"--host {conf.host!r} is not a valid host name "
+                    f"(letters, digits, '.', '_', '-')")
+    from compute.agent import LifecycleAgent
+    agent = LifecycleAgent(settings_from(conf))
+    stop_on_signals(agent.stop)
+    agent.run()
+    return 1 if agent.failure else 0
