@@ -9,9 +9,11 @@ import re
 import socket
 
 from oslo_config import cfg
+from prometheus_client import CollectorRegistry
 
+from compute.agent_metrics import AgentCollector
 from router import options
-from router.bus import contract
+from router.bus import contract, ops
 from router.service_entry import fail, parse, stop_on_signals
 
 cli_opts = [
@@ -46,6 +48,9 @@ agent_opts = [
     cfg.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to keep publishing what is left "
                       "(held STOPPED events included) before exiting."),
+    cfg.StrOpt("ops_listen", default="127.0.0.1:9311",
+               help="host:port of the operations endpoint (/metrics, "
+                    "/healthz); empty disables it."),
     cfg.StrOpt("health_file",
                help="File the agent rewrites with 'ok: ...' or "
                     "'unhealthy: ...' whenever its health changes."),
@@ -82,6 +87,20 @@ def main(argv):
                     f"(letters, digits, '.', '_', '-')")
     from compute.agent import LifecycleAgent
     agent = LifecycleAgent(settings_from(conf))
+    ops_server = None
+    try:
+        listen = ops.parse_listen(conf.agent.ops_listen)
+        if listen:
+            registry = CollectorRegistry()
+            registry.register(AgentCollector(agent))
+            ops_server = ops.OpsServer(
+                listen, registry, lambda: (agent.healthy, agent.health)).start()
+    except (OSError, ValueError) as exc:
+        return fail(f"ops endpoint {conf.agent.ops_listen!r}: {exc}", 1)
     stop_on_signals(agent.stop)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        if ops_server is not None:
+            ops_server.stop()
     return 1 if agent.failure else 0

@@ -195,7 +195,8 @@ def test_sigterm_publishes_a_held_stopped(bus, listener, guests):
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "agent", "--libvirt-uri", URI,
          "--host", "compute-qemu-cli", "--transport_url", bus.url,
-         "--bus-prefix", bus.prefix, "--agent-stopped_delay", "60"],
+         "--bus-prefix", bus.prefix, "--agent-stopped_delay", "60",
+         "--agent-ops_listen", ""],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

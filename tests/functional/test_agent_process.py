@@ -10,6 +10,7 @@ import pytest
 from router.bus import contract
 from tests.conftest import wait_for
 from tests.functional.agent_harness import FanoutListener
+from tests.functional.test_router_ops import free_port, get, metric
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,11 +36,13 @@ def listener(bus):
 def test_cli_agent_announces_and_stops_cleanly_on_sigterm(bus, listener,
                                                           tmp_path):
     health = tmp_path / "health"
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "agent",
          "--libvirt-uri", "test:///default", "--host", "compute-cli",
          "--transport_url", bus.url, "--bus-prefix", bus.prefix,
-         "--agent-health_file", str(health)],
+         "--agent-health_file", str(health),
+         "--agent-ops_listen", f"127.0.0.1:{port}"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
@@ -49,6 +52,12 @@ def test_cli_agent_announces_and_stops_cleanly_on_sigterm(bus, listener,
             contract.HostAnnounce("compute-cli", 1)
         wait_for(lambda: health.exists() and
                  health.read_text().startswith("ok"), what="health file ok")
+        status, body = get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 200 and "libvirt up, broker up" in body
+        _, text = get(f"http://127.0.0.1:{port}/metrics")
+        assert metric(text, "evrouter_agent_healthy") == 1
+        assert metric(text, "evrouter_agent_published_total") >= 2, \
+            "announce and snapshot confirmed"
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
