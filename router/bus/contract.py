@@ -201,6 +201,9 @@ def _refuse_constant(name):
 
 def decode(body, max_bytes=DEFAULT_MAX_BODY_BYTES):
     """Bytes off the wire to a validated Envelope, or ContractError."""
+    if type(body) is str:
+        # py-amqp decodes bodies that declare a content_encoding.
+        body = body.encode("utf-8", "surrogateescape")
     if len(body) > max_bytes:
         raise ContractError(REASON_TOO_LARGE, "",
                             f"body is {len(body)} bytes, limit {max_bytes}")
