@@ -21,14 +21,19 @@ setup(
         "eventlet>=0.33",
         "tenacity>=8.2",
         "prometheus-client>=0.17",
+        "oslo.utils>=6.0",
     ],
     extras_require={
+        # ORM hooks for a network service with its own SQLAlchemy port table
+        "orm": ["SQLAlchemy>=1.4"],
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80",
-                 "jsonschema>=4.17", "ruff>=0.4"],
+                 "jsonschema>=4.17", "ruff>=0.4", "SQLAlchemy>=1.4", "PyYAML>=6.0"],
     },
     entry_points={
         "console_scripts": ["evrouter = router.cli:main"],
-        "oslo.config.opts": ["evrouter.router = router.main:list_opts",
-                             "evrouter.agent = compute.agent_main:list_opts"],
+        "oslo.config.opts": ["evrouter.bus = router.options:list_opts",
+                             "evrouter.router = router.main:list_opts",
+                             "evrouter.agent = compute.agent_main:list_opts",
+                             "evrouter.network = network.adapter_cmd:list_opts"],
     },
 )

@@ -58,8 +58,7 @@ agent_opts = [
 
 
 def list_opts():
-    return [("DEFAULT", [options.transport_opt] + cli_opts),
-            ("bus", options.bus_opts), ("agent", agent_opts)]
+    return [("DEFAULT", cli_opts), ("agent", agent_opts)]
 
 
 def settings_from(conf):

@@ -44,8 +44,7 @@ router_opts = [
 
 
 def list_opts():
-    return [("DEFAULT", [options.transport_opt]), ("bus", options.bus_opts),
-            ("router", router_opts)]
+    return [("router", router_opts)]
 
 
 def settings_from(conf):

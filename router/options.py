@@ -62,3 +62,8 @@ def ssl_from(conf):
     b = conf.bus
     return connection.ssl_options(b.ssl, b.ssl_ca_file, b.ssl_cert_file,
                                   b.ssl_key_file)
+
+
+def list_opts():
+    """For oslo-config-generator: the options every service shares."""
+    return [("DEFAULT", [transport_opt]), ("bus", bus_opts)]

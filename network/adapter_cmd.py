@@ -1,0 +1,71 @@
+"""`evrouter network-adapter`: notifications of the network service in,
+instance events on the bus out."""
+
+import threading
+
+from oslo_config import cfg
+
+from network import adapter
+from network import options as network_options
+from network.publisher import InstanceEventPublisher
+from router import options
+from router.service_entry import parse, stop_on_signals
+
+adapter_opts = [
+    cfg.StrOpt("notification_transport_url", secret=True,
+               help="Where the network service sends its notifications "
+                    "(its [oslo_messaging_notifications] transport_url). "
+                    "Default: the bus's transport_url."),
+    cfg.StrOpt("exchange", default="neutron",
+               help="The network service's control_exchange."),
+    cfg.ListOpt("topics", default=["notifications"],
+                help="Notification topics the network service emits to."),
+    cfg.StrOpt("pool", default="evrouter-network-adapter",
+               help="Listener pool (the queue name): adapters sharing a pool "
+                    "share the notifications; other listeners of the topic "
+                    "keep getting theirs."),
+    cfg.IntOpt("max_ports", default=100_000, min=1,
+               help="Ports whose last status is remembered."),
+]
+
+
+def list_opts():
+    """For oslo-config-generator (the shared [DEFAULT]/[bus] options are
+    listed by router.options)."""
+    return [("network", network_options.publisher_opts),
+            ("network_adapter", adapter_opts)]
+
+
+def messaging_conf(conf):
+    """oslo.messaging's options, read from the same files as ours."""
+    mconf = cfg.ConfigOpts()
+    mconf([], project="evrouter",
+          default_config_files=list(conf.config_file or []),
+          default_config_dirs=list(conf.config_dir and [conf.config_dir] or []))
+    return mconf
+
+
+def settings_from(conf):
+    a = conf.network_adapter
+    return adapter.AdapterSettings(
+        transport_url=a.notification_transport_url or options.transport_url(conf),
+        exchange=a.exchange, topics=tuple(a.topics), pool=a.pool,
+        max_ports=a.max_ports, messaging_conf=messaging_conf(conf))
+
+
+def main(argv):
+    conf = parse(argv, "evrouter network-adapter",
+                 "Turn the network service's port notifications into "
+                 "instance events on the bus.",
+                 [("network", network_options.publisher_opts),
+                  ("network_adapter", adapter_opts)])
+    stop = threading.Event()
+    stop_on_signals(stop.set)
+    with InstanceEventPublisher(network_options.publisher_settings(conf)) as pub:
+        svc = adapter.NetworkAdapter(settings_from(conf), pub.publish).start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            svc.stop()
+    return 0

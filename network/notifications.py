@@ -1,0 +1,102 @@
+"""The network service's notifications to instance events. Pure.
+
+An unmodified network service emits ``port.create.end``,
+``port.update.end`` and ``port.delete.end`` with the port as the API shows
+it, and the ``floatingip.*.end`` family with the floating IP. They carry
+the new state only, so ``NotificationTranslator`` remembers the last state
+of each port (bounded, least recently seen forgotten first) to find the
+transition.
+
+``translate`` does not change that memory: it returns the events and a
+``remember`` callable to call once they are safely published, so a
+notification that is requeued after a failed publish is judged against the
+same previous state when it comes back.
+"""
+
+import collections
+
+from network import transitions
+
+PORT_EVENTS = ("port.create.end", "port.update.end", "port.delete.end")
+FLOATING_IP_EVENTS = ("floatingip.create.end", "floatingip.update.end",
+                      "floatingip.delete.end")
+EVENT_TYPES = PORT_EVENTS + FLOATING_IP_EVENTS
+EVENT_TYPE_PATTERN = r"^(port|floatingip)\.(create|update|delete)\.end$"
+
+# What is kept of a port: enough to judge its next notification.
+_KEPT = ("id", "device_id", "device_owner", "status", "fixed_ips",
+         transitions.HOST_KEY)
+
+
+def _nothing():
+    pass
+
+
+class NotificationTranslator:
+    def __init__(self, max_ports=100_000):
+        self.max_ports = max_ports
+        self._ports = collections.OrderedDict()        # port id -> port
+        self._floating = collections.OrderedDict()     # fip id -> port id
+
+    def __len__(self):
+        return len(self._ports)
+
+    def translate(self, event_type, payload):
+        """(events, remember) for one notification; ([], no-op) if irrelevant."""
+        if not isinstance(payload, dict):
+            return [], _nothing
+        if event_type in PORT_EVENTS:
+            return self._port(event_type, payload)
+        if event_type in FLOATING_IP_EVENTS:
+            return self._floating_ip(event_type, payload)
+        return [], _nothing
+
+    # --- ports --------------------------------------------------------------
+    def _port(self, event_type, payload):
+        port = payload.get("port")
+        if event_type == "port.delete.end":
+            # Older releases send only {"port_id": ...}.
+            if not isinstance(port, dict):
+                port = self._ports.get(payload.get("port_id"))
+            if not isinstance(port, dict):
+                return [], _nothing
+            port_id = port.get("id")
+            return (transitions.port_deleted(port),
+                    lambda: self._ports.pop(port_id, None))
+        if not isinstance(port, dict) or not isinstance(port.get("id"), str):
+            return [], _nothing
+        kept = {k: port[k] for k in _KEPT if k in port}
+        if event_type == "port.create.end":
+            events = transitions.port_created(port)
+        else:
+            events = transitions.port_updated(self._ports.get(port["id"]), port)
+        return events, lambda: self._keep(self._ports, port["id"], kept)
+
+    # --- floating IPs -------------------------------------------------------
+    def _floating_ip(self, event_type, payload):
+        fip = payload.get("floatingip")
+        if not isinstance(fip, dict):
+            fip = {"id": payload.get("floatingip_id")}
+        fip_id = fip.get("id")
+        before = self._floating.get(fip_id)
+        if event_type == "floatingip.delete.end":
+            after = None
+            # A delete that names the port says where it was associated.
+            before = before or fip.get("port_id")
+        else:
+            after = fip.get("port_id")
+        events = transitions.floating_ip_changed(before, after,
+                                                 self._ports.get)
+
+        def remember():
+            if after is None:
+                self._floating.pop(fip_id, None)
+            elif fip_id is not None:
+                self._keep(self._floating, fip_id, after)
+        return events, remember
+
+    def _keep(self, table, key, value):
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.max_ports:
+            table.popitem(last=False)

@@ -1,0 +1,145 @@
+"""ORM hooks: port events from a SQLAlchemy ``Port`` model, by one call.
+
+Hooks in where the network service's compute notifier does: the ``status``
+attribute's ``set`` event records the transition (previous value as loaded,
+``NO_VALUE`` for a new row), and ``after_insert``/``after_update`` turn it
+into events with the port as it is written. ``after_delete`` adds
+``network-vif-deleted``; with ``fixed_ips`` naming a column, a change of it
+is ``network-changed``.
+
+One deliberate difference: the network service sends from ``after_update``,
+inside the transaction. Here the events wait in ``session.info`` and are
+published after the session commits, and are dropped on rollback, so the
+compute side never hears of a port state the database does not hold. The
+publish callable blocks until the event is safe (see network.publisher), so
+``session.commit()`` returns only after that; when publishing fails the
+commit has happened and the error propagates from ``commit()`` (loud,
+rather than an event silently lost). A rollback to a savepoint does not
+discard events recorded inside it.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import Session, attributes, object_session
+
+from network import transitions
+
+LOG = logging.getLogger(__name__)
+
+_PENDING = "evrouter.network.pending"
+_UNSET = {attributes.NO_VALUE, attributes.NEVER_SET, None}
+
+
+@dataclass(frozen=True)
+class PortColumns:
+    """Attribute names of the model, in network API terms."""
+    id: str = "id"
+    device_id: str = "device_id"
+    device_owner: str = "device_owner"
+    status: str = "status"
+    host: Optional[str] = "host"    # the binding host; None: not on the model
+    fixed_ips: Optional[str] = None  # e.g. a JSON column; None: not tracked
+
+
+def port_view(port, columns):
+    """A mapped port as the dict the pure core reads."""
+    view = {"id": getattr(port, columns.id),
+            "device_id": getattr(port, columns.device_id),
+            "device_owner": getattr(port, columns.device_owner),
+            "status": getattr(port, columns.status)}
+    if columns.host:
+        view[transitions.HOST_KEY] = getattr(port, columns.host)
+    return view
+
+
+class PortHooks:
+    """The listeners `attach` registered; `detach()` removes them."""
+
+    def __init__(self, model, publish, columns, session_class):
+        self.model = model
+        self.publish = publish
+        self.columns = columns
+        self.session_class = session_class
+        self._status = getattr(model, columns.status)
+        # Per attachment, so two attachments (two publishers) both see all.
+        self._pending_key = f"{_PENDING}.{id(self)}"
+        self._transition_attr = f"_evrouter_transition_{id(self)}"
+        self._listeners = [
+            (self._status, "set", self._record_status, {"active_history": True}),
+            (model, "after_insert", self._after_write, {}),
+            (model, "after_update", self._after_write, {}),
+            (model, "after_delete", self._after_delete, {}),
+            (session_class, "after_commit", self._after_commit, {}),
+            (session_class, "after_soft_rollback", self._after_rollback, {}),
+        ]
+        for target, name, fn, kw in self._listeners:
+            event.listen(target, name, fn, **kw)
+
+    def detach(self):
+        for target, name, fn, _ in self._listeners:
+            event.remove(target, name, fn)
+
+    # --- mapper and attribute events (inside the flush) -------------------
+    def _record_status(self, port, value, oldvalue, initiator):
+        # Like the notifier: each set replaces the recorded transition, so
+        # DOWN -> BUILD -> ACTIVE within one flush is judged as BUILD -> ACTIVE.
+        previous = None if oldvalue in _UNSET else oldvalue
+        port.__dict__[self._transition_attr] = (previous, value)
+
+    def _after_write(self, mapper, connection, port):
+        transition = port.__dict__.pop(self._transition_attr, None)
+        view = port_view(port, self.columns)
+        events = []
+        if transition is not None:
+            events += transitions.status_changed(view, *transition)
+        if self.columns.fixed_ips:
+            # Still the flush's history here: what was loaded, what is written.
+            history = inspect(port).attrs[self.columns.fixed_ips].history
+            if history.deleted and history.added and \
+                    transitions.addresses_changed(
+                        {"fixed_ips": history.deleted[0] or []},
+                        {"fixed_ips": history.added[0] or []}):
+                events += transitions.network_changed(view)
+        self._hold(port, events)
+
+    def _after_delete(self, mapper, connection, port):
+        self._hold(port, transitions.port_deleted(port_view(port, self.columns)))
+
+    def _hold(self, port, events):
+        if not events:
+            return
+        session = object_session(port)
+        session.info.setdefault(self._pending_key, []).extend(events)
+
+    # --- session events (after the transaction) ---------------------------
+    def _after_commit(self, session):
+        if session.in_nested_transaction():
+            return      # a savepoint released: wait for the real commit
+        failed = None
+        for ev in session.info.pop(self._pending_key, None) or ():
+            try:
+                self.publish(ev)
+            except Exception as exc:
+                LOG.error("port %s: %s for %s committed but not published: %s",
+                          ev.tag, ev.name, ev.server_uuid, exc)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _after_rollback(self, session, previous_transaction):
+        if previous_transaction.parent is None:
+            dropped = session.info.pop(self._pending_key, None)
+            if dropped:
+                LOG.debug("rollback: %d port event(s) not sent", len(dropped))
+
+
+def attach(model, publish, *, columns=PortColumns(), session_class=Session):
+    """Publish port events for `model` through `publish(InstanceEvent)`.
+
+    `publish` is typically ``InstanceEventPublisher.publish``; tests pass a
+    list's ``append``. Listens on every session of `session_class`.
+    """
+    return PortHooks(model, publish, columns, session_class)

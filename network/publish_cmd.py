@@ -1,0 +1,77 @@
+"""`evrouter publish`: one instance event from the command line.
+
+Exit 0 once the broker confirmed it, 2 on bad input (naming the field), 1
+when the broker did not confirm. It never spools: an operator's command
+answers now, and its exit status is the only receipt.
+"""
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from network import options as network_options
+from network.publisher import BrokerUnavailable, InstanceEventPublisher, PublishRefused
+from router.bus import contract
+from router.service_entry import fail, parse
+
+cli_opts = [
+    cfg.StrOpt("name", positional=True, required=False, metavar="NAME",
+               help="Event name: " + ", ".join(contract.EVENT_NAMES)),
+    cfg.StrOpt("server", metavar="UUID", help="The instance's UUID."),
+    cfg.StrOpt("tag", help="The event's tag (the port id for network events)."),
+    cfg.StrOpt("status", default=contract.COMPLETED, metavar="S",
+               help="One of " + ", ".join(contract.STATUSES) + "."),
+    cfg.StrOpt("host", metavar="H",
+               help="Hint: the compute host the instance is on."),
+    cfg.FloatOpt("timeout", default=5.0, min=0,
+                 help="Seconds to keep trying before giving up."),
+]
+
+# contract field -> the flag the user typed
+_FLAGS = {"payload.name": "NAME", "payload.server_uuid": "--server",
+          "payload.tag": "--tag", "payload.status": "--status",
+          "payload.host": "--host"}
+
+
+def event_from(conf):
+    """The InstanceEvent the arguments describe, or ValueError naming a flag."""
+    for flag, value in (("NAME", conf.name), ("--server", conf.server),
+                        ("--tag", conf.tag)):
+        if not value:
+            raise ValueError(f"{flag} is required")
+    event = contract.InstanceEvent(name=conf.name, server_uuid=conf.server,
+                                   tag=conf.tag, status=conf.status,
+                                   host=conf.host)
+    env = contract.envelope(event, "cli")
+    try:
+        contract.from_document(contract.to_document(env))
+    except contract.ContractError as exc:
+        raise ValueError(f"{_FLAGS.get(exc.field, exc.field)}: {exc.detail}") \
+            from None
+    return event
+
+
+def main(argv):
+    conf = parse(argv, "evrouter publish",
+                 "Publish one instance event and wait for the broker's "
+                 "confirm.", [("network", network_options.publisher_opts)],
+                 cli_opts=cli_opts)
+    # stdout carries the result line; logs go to stderr.
+    conf.set_override("use_stderr", True)
+    logging.setup(conf, "evrouter")
+    try:
+        event = event_from(conf)
+    except ValueError as exc:
+        return fail(str(exc), 2)
+    settings = network_options.publisher_settings(
+        conf, spool_path=None, retry_for=conf.timeout,
+        confirm_timeout=max(min(conf.timeout, 5.0), 0.5),
+        connect_timeout=max(min(conf.timeout, 2.0), 0.5))
+    try:
+        with InstanceEventPublisher(settings) as publisher:
+            receipt = publisher.publish(event)
+    except (BrokerUnavailable, PublishRefused) as exc:
+        return fail(f"not published: {exc}", 1)
+    print(f"published {receipt.message_id}: {event.name} {event.status} for "
+          f"{event.server_uuid} tag {event.tag}"
+          + (f" host {event.host}" if event.host else ""))
+    return 0

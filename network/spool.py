@@ -1,0 +1,229 @@
+"""The local spool: messages the broker has not confirmed yet, kept on disk.
+
+One append-only file, one record per line::
+
+    P instance.network-vif-plugged {"version":"1.0",...}\\n
+    ^ flag: P pending, D done; then routing key, a space, the message body
+
+A record is durable once ``append`` returned (the file was fsync'd), which is
+what lets the publisher tell its caller "accepted" while the broker is away.
+After the broker confirmed a record, its flag byte is overwritten with ``D``
+in place (a one-byte write cannot tear) and fsync'd; when nothing is pending
+the file is truncated. Opening the spool again after a crash finds exactly
+the pending records, oldest first. A torn last line (crash during an append
+that never returned) is cut off.
+
+Bounded in records and bytes: ``append`` beyond either raises SpoolFull and
+writes nothing. An flock keeps a second process from sharing the file.
+"""
+
+import collections
+import fcntl
+import logging
+import os
+
+LOG = logging.getLogger(__name__)
+
+PENDING = b"P"
+DONE = b"D"
+
+DEFAULT_MAX_RECORDS = 10_000
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+
+class SpoolError(Exception):
+    pass
+
+
+class SpoolFull(SpoolError):
+    """The spool holds its maximum; the message was not accepted."""
+
+
+class SpoolLocked(SpoolError):
+    """Another process has this spool file open."""
+
+
+class Record:
+    __slots__ = ("offset", "length", "routing_key", "body")
+
+    def __init__(self, offset, length, routing_key, body):
+        self.offset = offset
+        self.length = length
+        self.routing_key = routing_key
+        self.body = body
+
+
+class Spool:
+    def __init__(self, path, *, max_records=DEFAULT_MAX_RECORDS,
+                 max_bytes=DEFAULT_MAX_BYTES):
+        self.path = os.fspath(path)
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._pending = collections.OrderedDict()   # offset -> Record
+        self._bytes = 0            # pending bytes
+        self._end = 0              # end of the last whole record
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
+                    exist_ok=True)
+        created = not os.path.exists(self.path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise SpoolLocked(f"spool {self.path} is in use by another "
+                              f"process") from None
+        if created:
+            _fsync_dir(self.path)
+        self._load()
+
+    # --- state --------------------------------------------------------------
+    def __len__(self):
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self):
+        return self._bytes
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)     # releases the flock
+            self._fd = None
+
+    def _load(self):
+        data = _read_all(self._fd)
+        offset = 0
+        while offset < len(data):
+            nl = data.find(b"\n", offset)
+            if nl < 0:
+                LOG.warning("spool %s: dropping a torn last record (%d bytes) "
+                            "from an append that never completed", self.path,
+                            len(data) - offset)
+                break
+            line = data[offset:nl]
+            flag, _, rest = line.partition(b" ")
+            routing_key, _, body = rest.partition(b" ")
+            if flag == PENDING and routing_key and body:
+                self._remember(Record(offset, nl + 1 - offset,
+                                      routing_key.decode(), body))
+            elif flag != DONE:
+                # Only a failing disk gets here: say so loudly, keep the rest.
+                LOG.error("spool %s: unreadable record at byte %d skipped: "
+                          "%r", self.path, offset, line[:120])
+            offset = nl + 1
+        self._end = offset
+        if self._end != len(data):
+            os.ftruncate(self._fd, self._end)
+            os.fsync(self._fd)
+        if not self._pending and self._end:
+            self._truncate()
+        if self._pending:
+            LOG.info("spool %s: %d records pending from before", self.path,
+                     len(self._pending))
+
+    def _remember(self, record):
+        self._pending[record.offset] = record
+        self._bytes += record.length
+
+    # --- writing ------------------------------------------------------------
+    def append(self, items):
+        """Durably add (routing_key, body) pairs, all or none, in order."""
+        items = list(items)
+        lines = []
+        for routing_key, body in items:
+            if " " in routing_key or b"\n" in body:
+                raise ValueError("routing key without spaces and a body "
+                                 "without newlines, please")
+            lines.append(b"%s %s %s\n" % (PENDING, routing_key.encode(), body))
+        size = sum(map(len, lines))
+        if (len(self._pending) + len(lines) > self.max_records
+                or self._bytes + size > self.max_bytes):
+            raise SpoolFull(
+                f"spool {self.path} is full ({len(self._pending)} records, "
+                f"{self._bytes} bytes; limits {self.max_records} records, "
+                f"{self.max_bytes} bytes): {len(lines)} message(s) refused")
+        try:
+            os.pwrite(self._fd, b"".join(lines), self._end)
+            os.fsync(self._fd)
+        except OSError:
+            # Not accepted: leave nothing behind that a restart would replay.
+            os.ftruncate(self._fd, self._end)
+            raise
+        for line, (routing_key, body) in zip(lines, items, strict=True):
+            self._remember(Record(self._end, len(line), routing_key, body))
+            self._end += len(line)
+
+    def peek(self, limit):
+        """Up to `limit` pending records, oldest first."""
+        out = []
+        for record in self._pending.values():
+            if len(out) >= limit:
+                break
+            out.append(record)
+        return out
+
+    def done(self, records):
+        """Forget records the broker confirmed (durably)."""
+        marked = False
+        for record in records:
+            if self._pending.pop(record.offset, None) is None:
+                continue
+            self._bytes -= record.length
+            os.pwrite(self._fd, DONE, record.offset)
+            marked = True
+        if not marked:
+            return
+        if self._pending:
+            os.fsync(self._fd)
+            if self._end > 2 * self.max_bytes:
+                self._compact()
+        else:
+            self._truncate()
+
+    def _truncate(self):
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        self._end = 0
+
+    def _compact(self):
+        # Done records ahead of a spool that never empties: rewrite the
+        # pending ones to a new file and swap it in atomically.
+        tmp = self.path + ".compact"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            records, end = [], 0
+            for r in self._pending.values():
+                line = b"%s %s %s\n" % (PENDING, r.routing_key.encode(), r.body)
+                os.pwrite(fd, line, end)
+                records.append(Record(end, len(line), r.routing_key, r.body))
+                end += len(line)
+            os.fsync(fd)
+            os.rename(tmp, self.path)
+            _fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd, self._end = fd, end
+        self._pending.clear()
+        self._bytes = 0
+        for r in records:
+            self._remember(r)
+
+
+def _read_all(fd):
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _fsync_dir(path):
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

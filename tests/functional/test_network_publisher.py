@@ -1,0 +1,263 @@
+"""The network publisher on the real broker, through the router.
+
+Outages are made two ways without disturbing the broker other tests share:
+a dead port (nothing listens on 127.0.0.1:1), and a TCP proxy in front of
+RabbitMQ that this test stops and starts again, cutting live connections.
+"""
+
+import select
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from network.publisher import InstanceEventPublisher, PublisherSettings, PublishRefused
+from network.spool import Spool
+from router.bus import contract
+from tests.conftest import BROKER_URL, collect
+
+HOST = "compute-7"
+DEAD_URL = "amqp://guest:guest@127.0.0.1:1//"
+
+
+def plugged(i, host=HOST):
+    return contract.InstanceEvent(contract.VIF_PLUGGED, str(uuid.UUID(int=i + 1)),
+                                  f"port-{i}", host=host)
+
+
+def settings(bus, url=BROKER_URL, **kw):
+    kw.setdefault("retry_for", 0.3)
+    kw.setdefault("connect_timeout", 1.0)
+    return PublisherSettings(transport_url=url, topology=bus.topology,
+                             producer="network-test", **kw)
+
+
+def host_events(bus, count, host=HOST, timeout=15.0):
+    """Envelopes on the host's queue: `count` of them, then make sure no more."""
+    queue = bus.topology.host_queue_name(host)
+    got = collect(bus.url, queue, count, timeout)
+    assert len(got) == count, f"{len(got)} of {count} events reached {queue}"
+    extra = collect(bus.url, queue, 1, timeout=0.3)
+    assert extra == [], "more events than published reached the host"
+    return [(m, contract.decode(m.body)) for m in got]
+
+
+class Proxy:
+    """A TCP forwarder to RabbitMQ that can be stopped and started again."""
+
+    def __init__(self, target=("127.0.0.1", 5672)):
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._sockets, self._threads = [], []
+
+    @property
+    def url(self):
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self):
+        self._stop = threading.Event()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        self._spawn(self._accept)
+        return self
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self._listener.close()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._sockets, self._threads = [], []
+
+    def _spawn(self, fn, *args):
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            if not select.select([self._listener], [], [], 0.05)[0]:
+                continue
+            client, _ = self._listener.accept()
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            self._spawn(self._pipe, client, upstream)
+            self._spawn(self._pipe, upstream, client)
+
+    def _pipe(self, src, dst):
+        while not self._stop.is_set():
+            try:
+                if not select.select([src], [], [], 0.05)[0]:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    return
+                dst.sendall(data)
+            except (OSError, ValueError):
+                return
+
+
+def test_event_reaches_the_host_with_the_broker_validated_publisher(bus, router):
+    bus.declare_host(HOST)
+    with InstanceEventPublisher(settings(bus)) as pub:
+        receipt = pub.publish(plugged(1))
+    assert not receipt.spooled
+    [(message, env)] = host_events(bus, 1)
+    assert env.id == receipt.message_id
+    assert env.payload == plugged(1)
+    assert message.delivery_info["routing_key"] == "instance.network-vif-plugged"
+    # The router copies the user_id RabbitMQ validated on ingress.
+    assert message.headers[contract.HEADER_PUBLISHER] == "guest"
+    assert router.service.stats["in"] == 1
+
+
+def test_the_ingress_message_is_persistent_and_carries_our_user_id(bus):
+    bus.declare_central()           # no router: read ingress as it arrives
+    with InstanceEventPublisher(settings(bus)) as pub:
+        receipt = pub.publish(plugged(3))
+    [m] = collect(bus.url, bus.topology.router_queue_name, 1, timeout=5)
+    assert m.properties["user_id"] == "guest"
+    assert m.properties["delivery_mode"] == 2
+    assert m.properties["message_id"] == receipt.message_id
+    assert m.delivery_info["routing_key"] == "instance.network-vif-plugged"
+
+
+def test_a_user_id_that_is_not_ours_is_refused_by_the_broker(bus, router):
+    # What user_id buys: RabbitMQ itself refuses a claimed identity that is
+    # not the connection's login. (Publishing directly, as an impostor would.)
+    import kombu
+
+    from router.bus.publishing import BlockingPublisher
+    with kombu.Connection(bus.url) as conn:
+        impostor = BlockingPublisher(conn, user_id="neutron")
+        with pytest.raises(conn.channel_errors, match="user_id"):
+            impostor.publish(bus.topology.ingress_exchange_name,
+                             "instance.network-vif-plugged",
+                             contract.encode(contract.envelope(plugged(1), "x")))
+
+
+def test_failover_url_skips_a_dead_host(bus, router):
+    bus.declare_host(HOST)
+    url = "rabbit://guest:guest@127.0.0.1:1,guest:guest@127.0.0.1:5672/"
+    with InstanceEventPublisher(settings(bus, url)) as pub:
+        receipt = pub.publish(plugged(2))
+    assert not receipt.spooled
+    [(_, env)] = host_events(bus, 1)
+    assert env.id == receipt.message_id
+
+
+def test_spooled_while_unreachable_then_delivered_once_in_order_after_restart(
+        bus, router, tmp_path):
+    bus.declare_host(HOST)
+    spool_path = tmp_path / "network.spool"
+    # The broker is unreachable: every publish is still accepted, on disk.
+    with InstanceEventPublisher(settings(bus, DEAD_URL,
+                                         spool_path=spool_path)) as pub:
+        receipts = [pub.publish(plugged(i)) for i in range(6)]
+    assert all(r.spooled for r in receipts)
+    s = Spool(spool_path)
+    assert len(s) == 6
+    s.close()
+    # The publishing process restarts with the broker back.
+    with InstanceEventPublisher(settings(bus, spool_path=spool_path)) as pub:
+        assert pub.wait_drained(15)
+        after = pub.publish(plugged(6))
+        assert not after.spooled
+    events = host_events(bus, 7)
+    assert [env.id for _, env in events] == [r.message_id for r in receipts] + [
+        after.message_id]
+    assert [env.payload for _, env in events] == [plugged(i) for i in range(7)]
+    assert router.service.stats["in"] == 7
+
+
+def test_a_live_connection_cut_spools_and_drains_in_the_same_process(
+        bus, router, tmp_path):
+    bus.declare_host(HOST)
+    proxy = Proxy().start()
+    try:
+        pub = InstanceEventPublisher(settings(bus, proxy.url,
+                                              spool_path=tmp_path / "s",
+                                              heartbeat=2)).start()
+        first = pub.publish(plugged(0))
+        assert not first.spooled
+        proxy.stop()                                  # the broker goes away
+        during = [pub.publish(plugged(i)) for i in range(1, 5)]
+        assert all(r.spooled for r in during)
+        assert pub.spooled == 4
+        proxy.start()                                 # ... and comes back
+        assert pub.wait_drained(15)
+        last = pub.publish(plugged(5))
+        assert not last.spooled
+        pub.close()
+    finally:
+        proxy.stop()
+    events = host_events(bus, 6)
+    assert [env.id for _, env in events] == [
+        r.message_id for r in [first, *during, last]]
+    assert pub.stats == {"sent": 2, "spooled": 4, "drained": 4, "failed": 0}
+
+
+def test_unroutable_ingress_is_retried_then_spooled_not_lost(bus, tmp_path):
+    # No router queue bound yet (no router ever started): the broker returns
+    # the message. It is kept, and delivered once the queue exists.
+    bus.declare_host(HOST)
+    ingress = bus.topology.ingress_exchange()
+    ingress(bus.channel()).declare()
+    with InstanceEventPublisher(settings(bus, spool_path=tmp_path / "s")) as pub:
+        receipt = pub.publish(plugged(1))
+        assert receipt.spooled
+        bus.declare_central()
+        from tests.conftest import RunningRouter
+        router = RunningRouter(bus)
+        try:
+            assert pub.wait_drained(15)
+            [(_, env)] = host_events(bus, 1)
+            assert env.id == receipt.message_id
+        finally:
+            router.stop()
+
+
+def test_burst_from_many_threads(bus, router):
+    bus.declare_host(HOST)
+    n_threads, per_thread = 8, 50
+    with InstanceEventPublisher(settings(bus)) as pub:
+        def caller(t):
+            for i in range(per_thread):
+                pub.publish(plugged(t * 1000 + i))
+        threads = [threading.Thread(target=caller, args=(t,))
+                   for t in range(n_threads)]
+        started = time.monotonic()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        elapsed = time.monotonic() - started
+    total = n_threads * per_thread
+    assert pub.stats["sent"] == total
+    events = host_events(bus, total, timeout=30)
+    tags = [env.payload.tag for _, env in events]
+    assert len(set(tags)) == total
+    print(f"\n{total} confirmed publishes from {n_threads} threads in "
+          f"{elapsed:.2f}s ({total / elapsed:.0f}/s)")
+
+
+def test_refused_by_the_broker_is_an_error_not_a_spool(bus, tmp_path):
+    # A vhost we may not use: configuration, not weather. Not spooled.
+    url = "amqp://guest:guest@127.0.0.1:5672/evrouter-no-such-vhost"
+    with InstanceEventPublisher(settings(bus, url,
+                                         spool_path=tmp_path / "s")) as pub:
+        with pytest.raises(PublishRefused):
+            pub.publish(plugged(1))
+        assert pub.spooled == 0

@@ -1,0 +1,181 @@
+"""The on-disk spool: ordered, durable, bounded, single-owner."""
+
+import logging
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from network.spool import Spool, SpoolFull, SpoolLocked
+
+
+def bodies(spool, limit=1000):
+    return [r.body for r in spool.peek(limit)]
+
+
+def test_records_come_back_in_order_and_survive_reopening(tmp_path):
+    path = tmp_path / "s"
+    s = Spool(path)
+    s.append([("instance.a", b'{"n":1}'), ("instance.b", b'{"n":2}')])
+    s.append([("instance.c", b'{"n":3}')])
+    assert [(r.routing_key, r.body) for r in s.peek(10)] == [
+        ("instance.a", b'{"n":1}'), ("instance.b", b'{"n":2}'),
+        ("instance.c", b'{"n":3}')]
+    s.done(s.peek(1))
+    s.close()
+    s = Spool(path)
+    assert bodies(s) == [b'{"n":2}', b'{"n":3}']
+    assert len(s) == 2
+    s.close()
+
+
+def test_done_out_of_order_and_twice(tmp_path):
+    s = Spool(tmp_path / "s")
+    s.append([("k", b"%d" % i) for i in range(5)])
+    first, second, third, *_ = s.peek(5)
+    s.done([third])
+    s.done([third, first])
+    assert bodies(s) == [b"1", b"3", b"4"]
+    s.close()
+    s = Spool(tmp_path / "s")
+    assert bodies(s) == [b"1", b"3", b"4"]
+
+
+def test_an_empty_spool_is_an_empty_file(tmp_path):
+    path = tmp_path / "s"
+    s = Spool(path)
+    s.append([("k", b"x"), ("k", b"y")])
+    assert os.path.getsize(path) > 0
+    s.done(s.peek(10))
+    assert os.path.getsize(path) == 0
+    assert len(s) == 0 and s.pending_bytes == 0
+    s.append([("k", b"z")])
+    s.close()
+    assert bodies(Spool(path)) == [b"z"]
+
+
+def test_a_torn_last_record_is_dropped(tmp_path, caplog):
+    path = tmp_path / "s"
+    s = Spool(path)
+    s.append([("k", b"whole")])
+    s.close()
+    with open(path, "ab") as f:
+        f.write(b"P k half-writ")          # the crash hit mid-append
+    with caplog.at_level(logging.WARNING):
+        s = Spool(path)
+    assert bodies(s) == [b"whole"]
+    assert "torn" in caplog.text
+    s.append([("k", b"next")])
+    s.close()
+    assert bodies(Spool(path)) == [b"whole", b"next"]
+
+
+def test_a_damaged_record_is_skipped_loudly(tmp_path, caplog):
+    path = tmp_path / "s"
+    s = Spool(path)
+    s.append([("k", b"1"), ("k", b"2"), ("k", b"3")])
+    s.close()
+    data = bytearray(path.read_bytes())
+    second = data.index(b"P k 2")
+    data[second] = ord("?")
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        s = Spool(path)
+    assert bodies(s) == [b"1", b"3"]
+    assert "unreadable record" in caplog.text
+
+
+def test_full_by_records_refuses_all_and_writes_nothing(tmp_path):
+    path = tmp_path / "s"
+    s = Spool(path, max_records=3)
+    s.append([("k", b"1"), ("k", b"2")])
+    size = os.path.getsize(path)
+    with pytest.raises(SpoolFull, match="full"):
+        s.append([("k", b"3"), ("k", b"4")])
+    assert os.path.getsize(path) == size
+    s.append([("k", b"3")])
+    with pytest.raises(SpoolFull):
+        s.append([("k", b"4")])
+    s.done(s.peek(1))
+    s.append([("k", b"4")])
+    assert bodies(s) == [b"2", b"3", b"4"]
+
+
+def test_full_by_bytes(tmp_path):
+    s = Spool(tmp_path / "s", max_bytes=40)
+    s.append([("k", b"x" * 20)])
+    with pytest.raises(SpoolFull):
+        s.append([("k", b"y" * 20)])
+    assert bodies(s) == [b"x" * 20]
+
+
+def test_the_directory_is_created(tmp_path):
+    s = Spool(tmp_path / "var" / "lib" / "evrouter" / "network.spool")
+    s.append([("k", b"x")])
+    assert len(s) == 1
+
+
+def test_one_process_at_a_time(tmp_path):
+    s = Spool(tmp_path / "s")
+    with pytest.raises(SpoolLocked):
+        Spool(tmp_path / "s")
+    s.close()
+    Spool(tmp_path / "s").close()
+
+
+def test_refuses_what_it_could_not_read_back(tmp_path):
+    s = Spool(tmp_path / "s")
+    with pytest.raises(ValueError):
+        s.append([("a key", b"x")])
+    with pytest.raises(ValueError):
+        s.append([("k", b"two\nlines")])
+    assert len(s) == 0
+
+
+def test_compaction_keeps_order_when_the_spool_never_empties(tmp_path):
+    path = tmp_path / "s"
+    s = Spool(path, max_bytes=200)
+    expected = []
+    for i in range(100):
+        s.append([("k", b"%03d" % i)])
+        expected.append(b"%03d" % i)
+        if len(expected) > 3:
+            s.done(s.peek(1))
+            expected.pop(0)
+    assert bodies(s) == expected
+    assert os.path.getsize(path) <= 2 * 200 + 20
+    s.close()
+    assert bodies(Spool(path)) == expected
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 4)),
+    st.tuples(st.just("done"), st.integers(1, 4)),
+    st.tuples(st.just("reopen"), st.just(0))), max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops)
+def test_behaves_like_a_queue_across_restarts(tmp_path_factory, script):
+    path = tmp_path_factory.mktemp("spool") / "s"
+    model, n = [], 0
+    s = Spool(path, max_bytes=300)
+    for op, k in script:
+        if op == "append":
+            items = [("instance.x", b"%d" % (n + i)) for i in range(k)]
+            n += k
+            try:
+                s.append(items)
+            except SpoolFull:
+                assert s.pending_bytes + sum(len(b) + 14 for _, b in items) > 300
+            else:
+                model += [b for _, b in items]
+        elif op == "done":
+            s.done(s.peek(k))
+            del model[:k]
+        else:
+            s.close()
+            s = Spool(path, max_bytes=300)
+        assert bodies(s) == model
+    s.close()
