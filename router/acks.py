@@ -9,6 +9,8 @@ an unsettled one waits; the wait is one broker confirm, not a retry.
 
 import collections
 
+_ACK, _REQUEUE, _DROP = "ack", "requeue", "drop"
+
 
 class AckWindow:
     def __init__(self, multiple=True):
@@ -22,17 +24,19 @@ class AckWindow:
     def open(self, tag):
         self._order.append(tag)
 
-    def settle(self, tag, ok):
-        self._settled[tag] = ok
+    def settle(self, tag, ok, requeue=True):
+        """ok: acknowledge; otherwise reject, requeued or not."""
+        self._settled[tag] = _ACK if ok else (_REQUEUE if requeue else _DROP)
 
     def flush(self):
-        """Frames to send now: ("ack", tag, multiple) or ("reject", tag)."""
+        """Frames to send now: ("ack", tag, multiple) or ("reject", tag, requeue)."""
         frames = []
         order, settled = self._order, self._settled
         last_ok = None
         while order and order[0] in settled:
             tag = order.popleft()
-            if settled.pop(tag):
+            verdict = settled.pop(tag)
+            if verdict is _ACK:
                 if self._multiple:
                     last_ok = tag
                 else:
@@ -41,7 +45,16 @@ class AckWindow:
                 if last_ok is not None:
                     frames.append(("ack", last_ok, True))
                     last_ok = None
-                frames.append(("reject", tag))
+                frames.append(("reject", tag, verdict is _REQUEUE))
         if last_ok is not None:
             frames.append(("ack", last_ok, True))
         return frames
+
+
+def send(channel, frames):
+    """Put flush()'s frames on the wire."""
+    for frame in frames:
+        if frame[0] == "ack":
+            channel.basic_ack(frame[1], multiple=frame[2])
+        else:
+            channel.basic_reject(frame[1], requeue=frame[2])

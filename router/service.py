@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from kombu import Consumer
 
-from router import routing
+from router import acks, routing
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
 from router.bus import contract, publishing, topology
@@ -186,11 +186,7 @@ class _Session:
             self.publisher.pump()
             for token, outcome in _take(self._outcomes):
                 self._settle(token, outcome)
-        for frame in self.window.flush():
-            if frame[0] == "ack":
-                self.consume_ch.basic_ack(frame[1], multiple=frame[2])
-            else:
-                self.consume_ch.basic_reject(frame[1], requeue=True)
+        acks.send(self.consume_ch, self.window.flush())
 
     # --- placement ----------------------------------------------------------
     def _observe(self, message):

@@ -12,17 +12,26 @@ import urllib.parse
 import kombu
 import tenacity
 
+from router.bus import transport as buffered
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_URL = "rabbit://guest:guest@127.0.0.1:5672/"
 
 
 def kombu_url(transport_url):
-    """An OpenStack transport URL as a kombu URL (';' separates failover hosts)."""
+    """An OpenStack transport URL as a kombu URL (';' separates failover hosts).
+
+    Plain AMQP goes through evrouter's buffered transport (scheme evamqp);
+    amqps:// (TLS) and memory:// are kombu's own.
+    """
     parsed = urllib.parse.urlsplit(transport_url)
     scheme = parsed.scheme
-    if scheme in ("memory", "amqp", "pyamqp", "amqps"):
+    if scheme in ("memory", "amqps", buffered.SCHEME):
         return transport_url
+    if scheme in ("amqp", "pyamqp"):
+        return ";".join(buffered.SCHEME + u[len(u.split("://")[0]):]
+                        for u in transport_url.split(";"))
     if scheme != "rabbit":
         raise ValueError(f"unsupported transport URL scheme {scheme!r} "
                          f"(use rabbit://, amqp:// or memory://)")
@@ -31,7 +40,7 @@ def kombu_url(transport_url):
     hosts = [h for h in parsed.netloc.split(",") if h]
     if not hosts:
         raise ValueError(f"transport URL {transport_url!r} names no host")
-    return ";".join(f"amqp://{h}{path}{query}" for h in hosts)
+    return ";".join(f"{buffered.SCHEME}://{h}{path}{query}" for h in hosts)
 
 
 def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
@@ -50,8 +59,8 @@ def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
 
 def connection(transport_url, *, heartbeat=30, ssl_opts=False):
     return kombu.Connection(kombu_url(transport_url), heartbeat=heartbeat,
-                            ssl=ssl_opts, transport_options={
-                                "confirm_publish": False})
+                            ssl=ssl_opts,
+                            transport_options={"confirm_publish": False})
 
 
 def connect_once(conn):
@@ -61,6 +70,15 @@ def connect_once(conn):
     tenacity loop owns backoff, so one quick attempt is what it wants.
     """
     conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+    if not is_memory(conn):
+        # py-amqp polls the socket (select + read, drain_events(timeout=0))
+        # before every publish while connection.blocked is negotiated: a
+        # third of the router's CPU, and the re-entrancy behind "never
+        # publish from a delivery callback". Our loops drain constantly, so
+        # blocked/unblocked frames are still read, just not per publish.
+        capabilities = conn.connection.client_properties.get("capabilities")
+        if capabilities:
+            capabilities["connection.blocked"] = False
     return conn
 
 

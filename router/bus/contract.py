@@ -199,6 +199,11 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every message: json.loads(parse_constant=...) builds a new
+# one per call.
+_json_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
 def decode(body, max_bytes=DEFAULT_MAX_BODY_BYTES):
     """Bytes off the wire to a validated Envelope, or ContractError."""
     if type(body) is str:
@@ -208,7 +213,7 @@ def decode(body, max_bytes=DEFAULT_MAX_BODY_BYTES):
         raise ContractError(REASON_TOO_LARGE, "",
                             f"body is {len(body)} bytes, limit {max_bytes}")
     try:
-        doc = json.loads(body, parse_constant=_refuse_constant)
+        doc = _json_decode(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ContractError(REASON_MALFORMED, "", f"not JSON: {exc}") from None
     return from_document(doc)

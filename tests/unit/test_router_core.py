@@ -103,7 +103,7 @@ def test_ack_window_coalesces_and_keeps_order():
     w.settle(1, True)
     w.settle(3, False)
     w.settle(5, True)
-    assert w.flush() == [("ack", 2, True), ("reject", 3)]
+    assert w.flush() == [("ack", 2, True), ("reject", 3, True)]
     w.settle(4, True)
     assert w.flush() == [("ack", 5, True)]
     assert len(w) == 0
@@ -116,6 +116,9 @@ def test_ack_window_single_acks_where_multiple_is_unsupported():
     w.settle(1, True)
     w.settle(2, True)
     assert w.flush() == [("ack", 1, False), ("ack", 2, False)]
+    w.open(3)
+    w.settle(3, False, requeue=False)
+    assert w.flush() == [("reject", 3, False)]
 
 
 # --- names and URLs ----------------------------------------------------------
@@ -135,7 +138,8 @@ def test_topology_names_and_backoff():
 
 def test_transport_urls():
     assert connection.kombu_url("rabbit://u:p@h1:5672,u:p@h2:5673/vh") == \
-        "amqp://u:p@h1:5672/vh;amqp://u:p@h2:5673/vh"
+        "evamqp://u:p@h1:5672/vh;evamqp://u:p@h2:5673/vh"
+    assert connection.kombu_url("amqp://u:p@h//") == "evamqp://u:p@h//"
     assert connection.kombu_url("memory://") == "memory://"
     with pytest.raises(ValueError, match="scheme"):
         connection.kombu_url("kafka://x")

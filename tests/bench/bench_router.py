@@ -1,0 +1,379 @@
+"""Router benchmarks: throughput, latency, host scale, soak. Not a test.
+
+    python -m tests.bench.bench_router [--events 20000] [--soak 200000]
+
+Every figure is printed with a reference measured in the same run, as a
+ratio: absolute numbers drift on a shared machine, ratios hold.
+
+1. Throughput end to end: a publisher process with pipelined confirms ->
+   ingress -> one router process -> host queue -> the host consumer and
+   waiter registry in this process (every event prepared beforehand; done
+   when every prepared event was resolved). Persistent, confirmed at every
+   hop. Reference: a bare two-hop relay on py-amqp (publisher -> queue ->
+   relay with pipelined confirms -> queue -> consumer) with the same bodies.
+2. Latency at a paced 200 events/s: publish -> waiter resolved, p50 / p99.
+3. Host scale: router throughput (ingress -> host queues, counted from the
+   router's own metrics) with events spread over 1,000 hosts vs 10 hosts;
+   router resident memory.
+4. Soak: many events through the router; its resident memory at the start
+   and at the end.
+"""
+
+import argparse
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+import amqp
+import kombu
+
+from compute.events import InstanceEvents
+from compute.host_consumer import HostConsumer, HostConsumerSettings
+from router.bus import connection as bus_connection
+from router.bus import contract, topology
+from router.bus.publishing import ConfirmedPublisher
+
+URL = "amqp://guest:guest@127.0.0.1:5672//"
+KEY = topology.instance_routing_key(contract.VIF_PLUGGED)
+
+
+# --- helpers -----------------------------------------------------------------
+
+def uuids(n):
+    return [str(uuid.UUID(int=i + 1)) for i in range(n)]
+
+
+def bodies(servers, hosts):
+    return [contract.encode(contract.envelope(contract.InstanceEvent(
+        contract.VIF_PLUGGED, s, "port", host=hosts[i % len(hosts)]), "bench"))
+        for i, s in enumerate(servers)]
+
+
+def publish_process(exchange, key, payloads):
+    """Publish in a separate process (its own core), pipelined confirms."""
+    def run():
+        with bus_connection.connect_once(bus_connection.connection(URL)) as conn:
+            outcomes = []
+            pub = ConfirmedPublisher(conn.channel(),
+                                     lambda t, o: outcomes.append(o))
+            for i, body in enumerate(payloads):
+                pub.publish(exchange, key, body, i)
+                if i % 256 == 255:
+                    _drain(conn)
+            while len(outcomes) < len(payloads):
+                conn.drain_events(timeout=10)
+    proc = multiprocessing.Process(target=run, daemon=True)
+    proc.start()
+    return proc
+
+
+def _drain(conn):
+    try:
+        while True:
+            conn.drain_events(timeout=0)
+    except (socket.timeout, BlockingIOError):
+        pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Router:
+    def __init__(self, prefix):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "router", "--bus-prefix", prefix,
+             "--router-ops_listen", f"127.0.0.1:{self.port}",
+             "--bus-host_message_ttl", "3600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _until(lambda: self.metric("evrouter_router_connected") == 1, 30)
+
+    def metric(self, name):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                        timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    key, _, value = line.rpartition(" ")
+                    if key == name:
+                        return float(value)
+        except OSError:
+            return None
+
+    def rss_mib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def _until(predicate, timeout, interval=0.05):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise RuntimeError("benchmark condition not reached in time")
+        time.sleep(interval)
+
+
+class Slice:
+    """A topology under its own prefix; deleted afterwards."""
+
+    def __init__(self, hosts=()):
+        self.topo = topology.Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}")
+        self.hosts = list(hosts)
+        self.conn = kombu.Connection(URL)
+        ch = self.conn.channel()
+        topology.declare(ch, *self.topo.central())
+        for h in self.hosts:
+            topology.declare(ch, *self.topo.for_host(h))
+
+    def cleanup(self, extra_queues=(), extra_exchanges=()):
+        ex, qs = self.topo.central()
+        ch = self.conn.channel()
+        for q in [q.name for q in qs] + [self.topo.host_queue_name(h) for h in self.hosts] \
+                + list(extra_queues):
+            ch.queue_delete(q)
+        for e in [e.name for e in ex] + [self.topo.host_exchange_name(h) for h in self.hosts] \
+                + list(extra_exchanges):
+            ch.exchange_delete(e)
+        self.conn.release()
+
+
+def pct(samples, p):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * p))]
+
+
+# --- 1. throughput -----------------------------------------------------------
+
+def throughput(n):
+    sl = Slice(["bench-host"])
+    router = Router(sl.topo.prefix)
+    registry = InstanceEvents(max_seen_ids=n * 2)
+    servers = uuids(n)
+    for s in servers:
+        registry.prepare(s, contract.VIF_PLUGGED, "port")
+    consumer = HostConsumer(HostConsumerSettings(
+        host="bench-host", transport_url=URL, topology=sl.topo, prefetch=512),
+        registry.deliver)
+    t = threading.Thread(target=consumer.run, daemon=True)
+    t.start()
+    consumer.ready.wait(10)
+    payloads = bodies(servers, ["bench-host"])
+    try:
+        start = time.monotonic()
+        pub = publish_process(sl.topo.ingress_exchange_name, KEY, payloads)
+        _until(lambda: consumer.stats["delivered"] >= n, 300, 0.01)
+        ours = n / (time.monotonic() - start)
+        pub.join(10)
+    finally:
+        consumer.stop()
+        t.join(10)
+        router.stop()
+        sl.cleanup()
+    ref = reference_relay(payloads)
+    return ours, ref
+
+
+def reference_relay(payloads):
+    """publisher -> q1 -> relay (py-amqp, pipelined confirms) -> q2 -> consumer."""
+    tag = uuid.uuid4().hex[:8]
+    q1, q2 = f"bench-ref-{tag}-1", f"bench-ref-{tag}-2"
+    setup = amqp.Connection("127.0.0.1:5672")
+    setup.connect()
+    ch = setup.channel()
+    for q in (q1, q2):
+        ch.queue_declare(q, durable=True, auto_delete=False)
+    n = len(payloads)
+
+    def relay():
+        conn = amqp.Connection("127.0.0.1:5672")
+        conn.connect()
+        cin, cout = conn.channel(), conn.channel()
+        cout.confirm_select()
+        pending = {}
+        seq = [0]
+
+        def on_ack(tag_, multiple):
+            for s in [s for s in pending if s <= tag_] if multiple else [tag_]:
+                cin.basic_ack(pending.pop(s))
+        cout.events["basic_ack"].add(on_ack)
+        inbox = []
+        cin.basic_qos(0, 512, False)
+        cin.basic_consume(q1, callback=inbox.append)
+        relayed = 0
+        while relayed < n:
+            conn.drain_events(timeout=30)
+            for m in inbox:
+                seq[0] += 1
+                pending[seq[0]] = m.delivery_tag
+                cout.basic_publish(amqp.Message(m.body, delivery_mode=2),
+                                   exchange="", routing_key=q2)
+                relayed += 1
+            inbox.clear()
+        while pending:
+            conn.drain_events(timeout=30)
+        conn.close()
+    relay_proc = multiprocessing.Process(target=relay, daemon=True)
+    relay_proc.start()
+    got = [0]
+
+    def on_message(m):
+        got[0] += 1
+        ch.basic_ack(m.delivery_tag)
+    ch.basic_qos(0, 512, False)
+    consumer_tag = ch.basic_consume(q2, callback=on_message)
+    start = time.monotonic()
+    pub = publish_process("", q1, payloads)
+    while got[0] < n:
+        setup.drain_events(timeout=30)
+    rate = n / (time.monotonic() - start)
+    pub.join(10)
+    relay_proc.join(30)
+    ch.basic_cancel(consumer_tag)
+    for q in (q1, q2):
+        ch.queue_delete(q)
+    setup.close()
+    return rate
+
+
+# --- 2. latency ----------------------------------------------------------------
+
+def latency(n, rate):
+    """Paced publishes; publish -> waiter's event resolved, per message id."""
+    sl = Slice(["lat-host"])
+    router = Router(sl.topo.prefix)
+    registry = InstanceEvents()
+    servers = uuids(n)
+    sent, woken = {}, {}
+
+    def timed(event, message_id):
+        outcome = registry.deliver(event, message_id)
+        woken[message_id] = time.time()
+        return outcome
+    for s in servers:
+        registry.prepare(s, contract.VIF_PLUGGED, "port")
+    consumer = HostConsumer(HostConsumerSettings(
+        host="lat-host", transport_url=URL, topology=sl.topo), timed)
+    t = threading.Thread(target=consumer.run, daemon=True)
+    t.start()
+    consumer.ready.wait(10)
+    envs = [contract.envelope(contract.InstanceEvent(
+        contract.VIF_PLUGGED, s, "port", host="lat-host"), "bench") for s in servers]
+    try:
+        with bus_connection.connect_once(bus_connection.connection(URL)) as conn:
+            pub = ConfirmedPublisher(conn.channel(), lambda t, o: None)
+            start = time.monotonic()
+            for i, env in enumerate(envs):
+                pause = start + i / rate - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                body = contract.encode(env)
+                sent[env.id] = time.time()
+                pub.publish(sl.topo.ingress_exchange_name, KEY, body, i,
+                            message_id=env.id)
+                _drain(conn)
+            _until(lambda: len(woken) >= n, 60, 0.05)
+    finally:
+        consumer.stop()
+        t.join(10)
+        router.stop()
+        sl.cleanup()
+    samples = [(woken[k] - sent[k]) * 1000 for k in sent]
+    return pct(samples, 0.5), pct(samples, 0.99)
+
+
+# --- 3. hosts -------------------------------------------------------------------
+
+def router_rate(hosts, n):
+    sl = Slice(hosts)
+    router = Router(sl.topo.prefix)
+    try:
+        payloads = bodies(uuids(n), hosts)
+        start = time.monotonic()
+        pub = publish_process(sl.topo.ingress_exchange_name, KEY, payloads)
+        _until(lambda: (router.metric("evrouter_router_events_out_total") or 0) >= n,
+               600, 0.05)
+        rate = n / (time.monotonic() - start)
+        rss = router.rss_mib()
+        pub.join(10)
+        return rate, rss
+    finally:
+        router.stop()
+        sl.cleanup()
+
+
+def soak(n):
+    sl = Slice(["soak-host"])
+    router = Router(sl.topo.prefix)
+    try:
+        rss_start = router.rss_mib()
+        chunk = 20_000
+        payloads = bodies(uuids(chunk), ["soak-host"])
+        done = 0
+        rss_mid = None
+        while done < n:
+            pub = publish_process(sl.topo.ingress_exchange_name, KEY, payloads)
+            target = done + chunk
+            _until(lambda: (router.metric("evrouter_router_events_out_total") or 0)
+                   >= target, 600, 0.1)  # noqa: B023 (called before the next loop)
+            pub.join(10)
+            done += chunk
+            # empty the host queue so the broker's memory does not pile up
+            sl.conn.channel().queue_purge(sl.topo.host_queue_name("soak-host"))
+            if rss_mid is None:
+                rss_mid = router.rss_mib()
+        return rss_start, rss_mid, router.rss_mib()
+    finally:
+        router.stop()
+        sl.cleanup()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench_router")
+    p.add_argument("--events", type=int, default=20_000)
+    p.add_argument("--soak", type=int, default=200_000)
+    p.add_argument("--latency-events", type=int, default=2000)
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["throughput", "latency", "hosts", "soak"])
+    args = p.parse_args(argv)
+    print(f"evrouter router benchmarks: {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}")
+    if "throughput" not in args.skip:
+        ours, ref = throughput(args.events)
+        print(f"1. throughput end to end ({args.events} events): {ours:,.0f} events/s; "
+              f"reference py-amqp two-hop relay {ref:,.0f} msgs/s; ratio {ours / ref:.2f}")
+    if "latency" not in args.skip:
+        p50, p99 = latency(args.latency_events, 200)
+        print(f"2. latency at 200 events/s ({args.latency_events} events), publish -> "
+              f"waiter: p50 {p50:.2f} ms (target < 2), p99 {p99:.2f} ms (target < 10)")
+    if "hosts" not in args.skip:
+        n = args.events
+        r10, rss10 = router_rate([f"h{i}" for i in range(10)], n)
+        r1000, rss1000 = router_rate([f"h{i}" for i in range(1000)], n)
+        print(f"3. host scale ({n} events): 10 hosts {r10:,.0f}/s (router RSS "
+              f"{rss10:.0f} MiB), 1,000 hosts {r1000:,.0f}/s (router RSS "
+              f"{rss1000:.0f} MiB); ratio {r1000 / r10:.2f}")
+    if "soak" not in args.skip:
+        start, mid, end = soak(args.soak)
+        print(f"5. soak ({args.soak:,} events through the router): RSS at start "
+              f"{start:.1f} MiB, after 20,000 {mid:.1f} MiB, at end {end:.1f} MiB; "
+              f"end/after-warm-up ratio {end / mid:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
