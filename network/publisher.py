@@ -356,7 +356,7 @@ class InstanceEventPublisher:
                 user_id=bus_connection.user_of(conn))
             self._session = (conn, publisher, outcomes)
             LOG.info("network publisher connected to %s as %s",
-                     conn.as_uri(), bus_connection.user_of(conn) or "-")
+                     bus_connection.display(conn), bus_connection.user_of(conn) or "-")
         return self._session
 
     def _drop_session(self):
@@ -365,7 +365,7 @@ class InstanceEventPublisher:
             self._conn.collect()
 
     def _where(self):
-        return self._conn.as_uri()
+        return bus_connection.display(self._conn)
 
     def _send(self, jobs):
         """Publish the unsettled jobs on one channel and wait for confirms.

@@ -9,7 +9,7 @@ from oslo_config import cfg
 from router.bus import connection, contract, topology
 
 transport_opt = cfg.StrOpt(
-    "transport_url", default=connection.DEFAULT_URL, secret=True,
+    "transport-url", default=connection.DEFAULT_URL, secret=True,
     help="Broker URL: rabbit://user:pass@host:port/vhost (several hosts "
          "separated by commas fail over in order), or memory:// for the "
          "in-process transport.")

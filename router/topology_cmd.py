@@ -29,10 +29,10 @@ def main(argv):
         try:
             connection.connect_once(conn)
         except conn.connection_errors as exc:
-            return fail(f"cannot reach the broker at {connection.kombu_url(url)}: {exc}", 1)
+            return fail(f"cannot reach the broker at {connection.display(conn)}: {exc}", 1)
         ch = conn.channel()
         topology.declare(ch, *topo.central())
         for host in conf.host:
             topology.declare(ch, *topo.for_host(host))
-    print(f"declared on {conn.as_uri()}")
+    print(f"declared on {connection.display(conn)}")
     return 0

@@ -43,6 +43,14 @@ def kombu_url(transport_url):
     return ";".join(f"{buffered.SCHEME}://{h}{path}{query}" for h in hosts)
 
 
+def display(conn):
+    """The broker URL for people: password masked, our internal scheme hidden."""
+    uri = conn.as_uri()
+    if uri.startswith(buffered.SCHEME + "://"):
+        uri = "amqp" + uri[len(buffered.SCHEME):]
+    return uri
+
+
 def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
     """kombu's ssl argument from the [bus] TLS options."""
     if not enabled:

@@ -194,7 +194,7 @@ def test_keepalive_notices_a_hung_libvirtd(bus, listener, guests):
 def test_sigterm_publishes_a_held_stopped(bus, listener, guests):
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "agent", "--libvirt-uri", URI,
-         "--host", "compute-qemu-cli", "--transport_url", bus.url,
+         "--host", "compute-qemu-cli", "--transport-url", bus.url,
          "--bus-prefix", bus.prefix, "--agent-stopped_delay", "60",
          "--agent-ops_listen", ""],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},

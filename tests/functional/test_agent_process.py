@@ -40,7 +40,7 @@ def test_cli_agent_announces_and_stops_cleanly_on_sigterm(bus, listener,
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "agent",
          "--libvirt-uri", "test:///default", "--host", "compute-cli",
-         "--transport_url", bus.url, "--bus-prefix", bus.prefix,
+         "--transport-url", bus.url, "--bus-prefix", bus.prefix,
          "--agent-health_file", str(health),
          "--agent-ops_listen", f"127.0.0.1:{port}"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE,

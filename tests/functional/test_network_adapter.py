@@ -99,7 +99,7 @@ def test_the_network_adapter_command(bus, router, network_service, tmp_path):
     server = str(uuid.uuid4())
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "network-adapter",
-         "--transport_url", BROKER_URL, "--bus-prefix", bus.prefix,
+         "--transport-url", BROKER_URL, "--bus-prefix", bus.prefix,
          "--network-spool_path", str(tmp_path / "spool"),
          "--network_adapter-notification_transport_url", OSLO_URL,
          "--network_adapter-exchange", names["exchange"],

@@ -24,7 +24,7 @@ def test_publish_reaches_the_host_and_prints_the_message_id(bus, router):
     server = str(uuid.uuid4())
     done = evrouter("publish", "network-vif-plugged", "--server", server,
                     "--tag", "port-9", "--host", HOST,
-                    "--transport_url", BROKER_URL, "--bus-prefix", bus.prefix)
+                    "--transport-url", BROKER_URL, "--bus-prefix", bus.prefix)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("published ")
     message_id = done.stdout.split()[1].rstrip(":")
@@ -39,7 +39,7 @@ def test_unreachable_broker_exits_1_and_says_so():
     started = time.monotonic()
     done = evrouter("publish", "network-vif-plugged", "--server",
                     str(uuid.uuid4()), "--tag", "p", "--timeout", "0.5",
-                    "--transport_url", "rabbit://guest:guest@127.0.0.1:1/")
+                    "--transport-url", "rabbit://guest:guest@127.0.0.1:1/")
     assert done.returncode == 1
     assert "evrouter: not published: not confirmed by amqp://guest:**@127.0.0.1:1//" \
         in done.stderr, done.stderr
@@ -52,7 +52,7 @@ def test_not_confirmed_exits_1(bus):
     # prefix: no ingress exchange, so nothing can confirm the event.
     done = evrouter("publish", "network-vif-unplugged", "--server",
                     str(uuid.uuid4()), "--tag", "p", "--timeout", "0.5",
-                    "--transport_url", BROKER_URL, "--bus-prefix", bus.prefix)
+                    "--transport-url", BROKER_URL, "--bus-prefix", bus.prefix)
     assert done.returncode == 1
     assert "not published" in done.stderr and "NOT_FOUND" in done.stderr, \
         done.stderr
@@ -60,7 +60,7 @@ def test_not_confirmed_exits_1(bus):
 
 def test_bad_input_exits_2_without_touching_the_broker():
     done = evrouter("publish", "network-vif-plugged", "--server", "nope",
-                    "--tag", "p", "--transport_url",
+                    "--tag", "p", "--transport-url",
                     "rabbit://guest:guest@127.0.0.1:1/")
     assert done.returncode == 2
     assert done.stderr.startswith("evrouter: --server: 'nope' does not match")

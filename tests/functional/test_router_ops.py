@@ -74,7 +74,7 @@ def test_health_is_unhealthy_without_a_broker():
     import subprocess
     import sys
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "router", "--transport_url",
+        [sys.executable, "-m", "router.cli", "router", "--transport-url",
          "rabbit://guest:guest@127.0.0.1:1/", "--router-ops_listen",
          f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)

@@ -18,7 +18,7 @@ N = 3000
 def start_router(bus, name, ops_listen="", extra=()):
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "router",
-         "--transport_url", bus.url.replace("amqp://", "rabbit://"),
+         "--transport-url", bus.url.replace("amqp://", "rabbit://"),
          "--bus-prefix", bus.prefix, "--router-name", name,
          "--router-prefetch", "200", "--router-ops_listen", ops_listen, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -145,7 +145,7 @@ def test_cli_help_and_bad_options():
 
 def test_topology_declare_is_idempotent(bus):
     cmd = [sys.executable, "-m", "router.cli", "topology", "--declare",
-           "--transport_url", bus.url.replace("amqp://", "rabbit://"),
+           "--transport-url", bus.url.replace("amqp://", "rabbit://"),
            "--bus-prefix", bus.prefix, "--host", "cmp-d"]
     for _ in range(2):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -157,7 +157,7 @@ def test_topology_declare_is_idempotent(bus):
         for q in (bus.topology.router_queue_name, bus.topology.host_queue_name("cmp-d"),
                   bus.topology.dead_letter_queue_name):
             ch.queue_declare(q, passive=True)
-    out = subprocess.run(cmd[:4] + ["--declare", "--transport_url",
+    out = subprocess.run(cmd[:4] + ["--declare", "--transport-url",
                                     "rabbit://guest:guest@127.0.0.1:1/"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot reach the broker" in out.stderr
