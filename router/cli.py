@@ -6,6 +6,7 @@ import sys
 # subcommand -> (module, one-line help); modules are imported on use so that
 # `evrouter publish` does not pay for libvirt or eventlet.
 COMMANDS = {
+    "demo": ("router.demo", "run the whole story in one process and show its timeline"),
     "router": ("router.main", "run the router service"),
     "topology": ("router.topology_cmd", "show or declare the bus topology"),
     "permissions": ("router.permissions_cmd",

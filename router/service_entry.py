@@ -9,7 +9,7 @@ from oslo_log import log as logging
 from router import options
 
 
-def parse(argv, prog, description, opts_by_group=(), cli_opts=()):
+def parse(argv, prog, description, opts_by_group=(), cli_opts=(), defaults=None):
     """A ConfigOpts with the bus options plus the service's own, parsed.
 
     Reads /etc/evrouter/evrouter.conf (and --config-file/--config-dir) the
@@ -21,6 +21,8 @@ def parse(argv, prog, description, opts_by_group=(), cli_opts=()):
     for group, opts in opts_by_group:
         conf.register_cli_opts(opts, group=group)
     conf.register_cli_opts(list(cli_opts))
+    for name, value in (defaults or {}).items():
+        conf.set_default(name, value)
     conf(argv, project="evrouter", prog=prog, description=description)
     logging.setup(conf, "evrouter")
     return conf

@@ -27,7 +27,10 @@ def kombu_url(transport_url):
     """
     parsed = urllib.parse.urlsplit(transport_url)
     scheme = parsed.scheme
-    if scheme in ("memory", "amqps", buffered.SCHEME):
+    if scheme == "memory":
+        # kombu warns about every memory:// connection that names no host
+        return "memory://localhost/"
+    if scheme in ("amqps", buffered.SCHEME):
         return transport_url
     if scheme in ("amqp", "pyamqp"):
         return ";".join(buffered.SCHEME + u[len(u.split("://")[0]):]
@@ -66,9 +69,14 @@ def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
 
 
 def connection(transport_url, *, heartbeat=30, ssl_opts=False):
-    return kombu.Connection(kombu_url(transport_url), heartbeat=heartbeat,
-                            ssl=ssl_opts,
-                            transport_options={"confirm_publish": False})
+    url = kombu_url(transport_url)
+    options = {"confirm_publish": False}
+    if url.startswith("memory://"):
+        # kombu's in-process transport sleeps polling_interval (1 s) whenever
+        # a poll finds nothing: far too slow for waiters in a demo.
+        options["polling_interval"] = 0.002
+    return kombu.Connection(url, heartbeat=heartbeat, ssl=ssl_opts,
+                            transport_options=options)
 
 
 def connect_once(conn):

@@ -140,7 +140,7 @@ def test_transport_urls():
     assert connection.kombu_url("rabbit://u:p@h1:5672,u:p@h2:5673/vh") == \
         "evamqp://u:p@h1:5672/vh;evamqp://u:p@h2:5673/vh"
     assert connection.kombu_url("amqp://u:p@h//") == "evamqp://u:p@h//"
-    assert connection.kombu_url("memory://") == "memory://"
+    assert connection.kombu_url("memory://") == "memory://localhost/"
     with pytest.raises(ValueError, match="scheme"):
         connection.kombu_url("kafka://x")
 
