@@ -185,3 +185,22 @@ def pytest_collection_modifyitems(config, items):
     # Tests that restart RabbitMQ or libvirtd go last, so they cannot break
     # tests that share the broker.
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+# --- fault-scenario counts, printed at the end of the run ---------------------
+
+FAULT_REPORT = []
+
+
+def report_fault(scenario, **counts):
+    """Record a fault scenario's counts for the summary (and print them)."""
+    line = f"{scenario}: " + " ".join(f"{k}={v}" for k, v in counts.items())
+    FAULT_REPORT.append(line)
+    print("\nFAULT " + line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_REPORT:
+        terminalreporter.section("fault injection: counts per scenario")
+        for line in FAULT_REPORT:
+            terminalreporter.write_line(line)
