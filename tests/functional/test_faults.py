@@ -31,7 +31,7 @@ from tests.conftest import (
 )
 from tests.functional.test_router import publish_env, publish_raw
 from tests.functional.test_router_process import consumers, start_router, stop
-from tests.functional.test_waiter_support import HostEvents
+from tests.functional.waiter_harness import HostEvents
 from tests.unit.test_contract import _documents, _module_accepts
 
 

@@ -12,7 +12,7 @@ import pytest
 from compute import events
 from router.bus import contract
 from router.bus.contract import VIF_PLUGGED
-from tests.functional.test_waiter_support import (
+from tests.functional.waiter_harness import (
     HostEvents,
     Publisher,
     get_dead_letter,

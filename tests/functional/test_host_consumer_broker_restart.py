@@ -13,7 +13,7 @@ import pytest
 from router.bus import contract
 from router.bus.contract import VIF_PLUGGED
 from tests.conftest import broker_reachable
-from tests.functional.test_waiter_support import (
+from tests.functional.waiter_harness import (
     HostEvents,
     Publisher,
     new_uuid,

@@ -9,7 +9,7 @@ import pytest
 
 from compute import waiting
 from router.bus.contract import FAILED, NETWORK_CHANGED, VIF_PLUGGED
-from tests.functional.test_waiter_support import (
+from tests.functional.waiter_harness import (
     HostEvents,
     Publisher,
     new_uuid,
