@@ -11,7 +11,6 @@ that harmless.
 
 import collections
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -168,10 +167,7 @@ class _Session:
                             self.s.drain_timeout):
                     # Anything still unacknowledged goes back to the queue.
                     return
-            try:
-                self.conn.drain_events(timeout=0.25)
-            except socket.timeout:
-                pass
+            bus_connection.drain(self.conn, 0.25)
             self._pump()
             now = time.monotonic()
             if now >= next_heartbeat and not self.memory:

@@ -15,7 +15,6 @@ import collections
 import heapq
 import itertools
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -160,10 +159,7 @@ class _Session:
                 idle = not (self._inflight or self._deliveries or self._outcomes)
                 if idle or time.monotonic() - stopping_since > self.s.drain_timeout:
                     return
-            try:
-                self.conn.drain_events(timeout=0.25)
-            except socket.timeout:
-                pass
+            bus_connection.drain(self.conn, 0.25)
             self._pump()
             now = time.monotonic()
             while self._parked and self._parked[0][0] <= now:

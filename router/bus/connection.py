@@ -6,6 +6,7 @@ kombu's in-process transport.
 """
 
 import logging
+import socket
 import ssl
 import urllib.parse
 
@@ -96,6 +97,26 @@ def connect_once(conn):
         if capabilities:
             capabilities["connection.blocked"] = False
     return conn
+
+
+def drain(conn, timeout, burst=256):
+    """Wait up to `timeout` for broker events, then take what else is there.
+
+    One drain_events() handles one delivery or confirm; taking the rest of
+    what already arrived (mostly from the read buffer, no system call) lets
+    the caller settle and acknowledge a batch at once instead of one by one.
+    Returns False when the wait timed out with nothing to handle.
+    """
+    try:
+        conn.drain_events(timeout=timeout)
+    except socket.timeout:
+        return False
+    for _ in range(burst):
+        try:
+            conn.drain_events(timeout=0)
+        except socket.timeout:
+            break
+    return True
 
 
 def is_memory(conn):
