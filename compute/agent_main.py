@@ -9,7 +9,6 @@ import re
 import socket
 
 from oslo_config import cfg
-from prometheus_client import CollectorRegistry
 
 from compute.agent_metrics import AgentCollector
 from router import options
@@ -86,14 +85,9 @@ def main(argv):
                     f"(letters, digits, '.', '_', '-')")
     from compute.agent import LifecycleAgent
     agent = LifecycleAgent(settings_from(conf))
-    ops_server = None
     try:
-        listen = ops.parse_listen(conf.agent.ops_listen)
-        if listen:
-            registry = CollectorRegistry()
-            registry.register(AgentCollector(agent))
-            ops_server = ops.OpsServer(
-                listen, registry, lambda: (agent.healthy, agent.health)).start()
+        ops_server = ops.serve(conf.agent.ops_listen, AgentCollector(agent),
+                               lambda: (agent.healthy, agent.health))
     except (OSError, ValueError) as exc:
         return fail(f"ops endpoint {conf.agent.ops_listen!r}: {exc}", 1)
     stop_on_signals(agent.stop)

@@ -3,7 +3,6 @@
 import uuid
 
 from oslo_config import cfg
-from prometheus_client import CollectorRegistry
 
 from router import options, rest, routing, service
 from router.bus import ops
@@ -69,21 +68,16 @@ def main(argv):
                  "compute host's exchange.", [("router", router_opts)])
     settings = settings_from(conf)
     svc = service.RouterService(settings)
-    ops_server = rest_ingress = None
+    rest_ingress = None
     try:
-        listen = ops.parse_listen(conf.router.ops_listen)
-        if conf.router.rest_api and not listen:
+        if conf.router.rest_api and not ops.parse_listen(conf.router.ops_listen):
             return fail("rest_api needs ops_listen: the REST endpoint is served there")
-        if listen:
-            registry = CollectorRegistry()
-            registry.register(RouterCollector(svc))
-            routes = {}
-            if conf.router.rest_api:
-                rest_ingress = rest.RestIngress(
-                    settings.transport_url, settings.topology, svc.placement,
-                    ssl_opts=settings.ssl).start()
-                routes = rest_ingress.routes()
-            ops_server = ops.OpsServer(listen, registry, svc.health, routes).start()
+        if conf.router.rest_api:
+            rest_ingress = rest.RestIngress(
+                settings.transport_url, settings.topology, svc.placement,
+                ssl_opts=settings.ssl).start()
+        ops_server = ops.serve(conf.router.ops_listen, RouterCollector(svc), svc.health,
+                               rest_ingress.routes() if rest_ingress else None)
     except (OSError, ValueError) as exc:
         return fail(f"ops endpoint {conf.router.ops_listen!r}: {exc}", 1)
     stop_on_signals(svc.stop)

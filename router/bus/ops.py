@@ -11,7 +11,7 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 LOG = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -25,6 +25,20 @@ def parse_listen(value):
     if not sep or not port.isdigit():
         raise ValueError(f"listen address must be host:port, not {value!r}")
     return host or "0.0.0.0", int(port)
+
+
+def serve(listen, collector, health, routes=None):
+    """Start the endpoint on 'host:port' with one collector; None if listen is ''.
+
+    Raises ValueError (bad address) or OSError (port taken) for the entry
+    point to report.
+    """
+    address = parse_listen(listen)
+    if address is None:
+        return None
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return OpsServer(address, registry, health, routes).start()
 
 
 class OpsServer:
