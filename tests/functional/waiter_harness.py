@@ -6,23 +6,19 @@ services do: a plain kombu Producer, or the confirmed BlockingPublisher.
 """
 
 import threading
-import time
 import uuid
 
 import kombu
 
 from compute.events import InstanceEvents
 from compute.host_consumer import HostConsumer, HostConsumerSettings
-from router.bus import contract, publishing, topology
+from router.bus import contract
+from tests.conftest import publishing, topology, wait_for
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
-    """Poll a condition with a bound; fail the test if it never holds."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.01)
+    """conftest.wait_for, with this suite's argument order and poll interval."""
+    return wait_for(predicate, timeout, interval=0.01, what=what)
 
 
 def new_uuid():
