@@ -12,8 +12,8 @@ import kombu
 
 from compute.events import InstanceEvents
 from compute.host_consumer import HostConsumer, HostConsumerSettings
-from router.bus import contract
-from tests.conftest import publishing, topology, wait_for
+from router.bus import contract, publishing, topology
+from tests.conftest import wait_for
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
