@@ -59,6 +59,9 @@ class AgentSettings:
     heartbeat: int = 30
     ssl: object = False
     health_file: Optional[str] = None
+    # A router that starts later learns placement from these (0: only on
+    # start and reconnects).
+    snapshot_interval: float = 300.0
 
 
 class LifecycleAgent:
@@ -138,7 +141,13 @@ class LifecycleAgent:
     def _dispatch(self):
         """Hand-overs in, outbox out, until the watcher stopped."""
         stop_by = None
+        interval = self.settings.snapshot_interval
+        next_snapshot = time.monotonic() + interval if interval > 0 else None
         while True:
+            if next_snapshot is not None and time.monotonic() >= next_snapshot:
+                if self._libvirt == "up":
+                    self._watcher.request_snapshot()
+                next_snapshot = time.monotonic() + interval
             wait = self._translator.seconds_until_due()
             wait = 1.0 if wait is None else min(wait, 1.0)
             for item in self._handoff.take(wait):

@@ -47,6 +47,10 @@ agent_opts = [
     cfg.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to keep publishing what is left "
                       "(held STOPPED events included) before exiting."),
+    cfg.FloatOpt("snapshot_interval", default=300.0, min=0,
+                 help="Seconds between periodic snapshots of every domain, so "
+                      "a router that starts later learns where instances run "
+                      "within this time. 0: only on start and reconnects."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9311",
                help="host:port of the operations endpoint (/metrics, "
                     "/healthz); empty disables it."),
@@ -72,7 +76,8 @@ def settings_from(conf):
         keepalive_count=a.keepalive_count, probe_interval=a.probe_interval,
         reconnect_max=a.reconnect_max, outbox_limit=a.outbox_limit,
         drain_timeout=a.drain_timeout, heartbeat=conf.bus.heartbeat,
-        ssl=options.ssl_from(conf), health_file=a.health_file)
+        ssl=options.ssl_from(conf), health_file=a.health_file,
+        snapshot_interval=a.snapshot_interval)
 
 
 def main(argv):

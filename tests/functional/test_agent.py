@@ -267,3 +267,21 @@ def test_placement_follows_a_domain_from_host_to_host(bus, router, tmp_path):
     finally:
         for _, running in agents.values():
             running.stop()
+
+
+def test_a_router_started_later_learns_placement_from_periodic_snapshots(
+        bus, driver, listener, start_agent):
+    from tests.conftest import RunningRouter
+    dom = driver.define()
+    dom.create()
+    start_agent(snapshot_interval=0.5)
+    uid = dom.UUIDString()
+    listener.wait_snapshot(uid)            # the start-up snapshot: nobody routing yet
+    bus.declare_central()
+    late = RunningRouter(bus)              # its placement queue missed that one
+    try:
+        wait_for(lambda: late.service.placement.hosts_for(uid) == (HOST,), timeout=10,
+                 what="the late router learning where the domain runs")
+        assert late.service.stats["lifecycle_seen"] >= 1
+    finally:
+        late.stop()
