@@ -175,12 +175,11 @@ class _Session:
                 next_heartbeat = now + 1.0
 
     def _pump(self):
-        # The callbacks hold these very lists: take their contents, keep them.
         while self._deliveries or self._outcomes:
-            for message in _take(self._deliveries):
+            for message in bus_connection.take(self._deliveries):
                 self._handle(message)
             self.publisher.pump()
-            for message, outcome in _take(self._outcomes):
+            for message, outcome in bus_connection.take(self._outcomes):
                 self._settle_dead_letter(message, outcome)
         # One multiple-ack for the batch: fewer frames for us and the broker.
         acks.send(self.consumer.channel, self.window.flush())
@@ -253,9 +252,3 @@ class _Session:
                   "original instead", self.s.host, outcome)
         self.window.settle(message.delivery_tag, False, requeue=False)
         self.stats["rejected"] += 1
-
-
-def _take(items):
-    batch = items[:]
-    items.clear()
-    return batch

@@ -173,14 +173,13 @@ class _Session:
                 next_heartbeat = now + 1.0
 
     def _pump(self):
-        # The callbacks hold these very lists: take their contents, keep them.
         while self._lifecycle or self._deliveries or self._outcomes:
-            for message in _take(self._lifecycle):
+            for message in bus_connection.take(self._lifecycle):
                 self._observe(message)
-            for message in _take(self._deliveries):
+            for message in bus_connection.take(self._deliveries):
                 self._route_safely(message)
             self.publisher.pump()
-            for token, outcome in _take(self._outcomes):
+            for token, outcome in bus_connection.take(self._outcomes):
                 self._settle(token, outcome)
         acks.send(self.consume_ch, self.window.flush())
 
@@ -357,9 +356,3 @@ class _Session:
             del self._inflight[tag]
             self.window.settle(tag, entry.ok)
             self.service.latency.observe(time.monotonic() - entry.started)
-
-
-def _take(items):
-    batch = items[:]
-    items.clear()
-    return batch

@@ -119,6 +119,17 @@ def drain(conn, timeout, burst=256):
     return True
 
 
+def take(items):
+    """Empty a list that broker callbacks append to, returning its contents.
+
+    The callbacks hold that very list object: it is emptied in place, never
+    replaced (replacing it silently detaches them).
+    """
+    batch = items[:]
+    items.clear()
+    return batch
+
+
 def is_memory(conn):
     return conn.transport.driver_type == "memory"
 

@@ -7,7 +7,6 @@ redelivered message the waiter recognised and ignored.
 
 import collections
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,7 +29,12 @@ from tests.conftest import (
     wait_for,
 )
 from tests.functional.test_router import publish_env, publish_raw
-from tests.functional.test_router_process import consumers, start_router, stop
+from tests.functional.test_router_process import (
+    consumers,
+    publish_pipelined,
+    start_router,
+    stop,
+)
 from tests.functional.waiter_harness import HostEvents
 from tests.unit.test_contract import _documents, _module_accepts
 
@@ -56,30 +60,6 @@ class CountingWaiters:
             if outcome == DELIVERED:
                 self.woken[event.key] += 1
         return outcome
-
-
-def publish_pipelined(bus, envs):
-    """Publish with pipelined confirms; returns once the broker confirmed all."""
-    import kombu
-
-    from router.bus import topology
-    from router.bus.publishing import ConfirmedPublisher
-    outcomes = []
-    with kombu.Connection(bus.url) as conn:
-        pub = ConfirmedPublisher(conn.channel(), lambda t, o: outcomes.append(o))
-        for i, env in enumerate(envs):
-            pub.publish(bus.topology.ingress_exchange_name,
-                        topology.instance_routing_key(env.payload.name),
-                        contract.encode(env), i, message_id=env.id)
-            if i % 500 == 499:
-                conn.drain_events(timeout=5)
-        deadline = time.monotonic() + 60
-        while len(outcomes) < len(envs) and time.monotonic() < deadline:
-            try:
-                conn.drain_events(timeout=1)
-            except socket.timeout:
-                pass
-    assert outcomes.count("ack") == len(envs)
 
 
 def stream(host, n, name=contract.VIF_PLUGGED):

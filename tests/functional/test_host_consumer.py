@@ -14,7 +14,6 @@ from router.bus import contract
 from router.bus.contract import VIF_PLUGGED
 from tests.functional.waiter_harness import (
     HostEvents,
-    Publisher,
     get_dead_letter,
     new_uuid,
     wait_until,
@@ -23,15 +22,6 @@ from tests.functional.waiter_harness import (
 pytestmark = pytest.mark.timeout(60)
 
 PLUG = (VIF_PLUGGED, "port-1")
-
-
-@pytest.fixture
-def publisher(bus):
-    p = Publisher(bus)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

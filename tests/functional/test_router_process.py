@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,27 +32,34 @@ def consumers(bus):
             bus.topology.router_queue_name, passive=True).consumer_count
 
 
-def publish_stream(bus, host, n):
-    """Publish n events with pipelined confirms; return their ids in order."""
-    ids, outcomes = [], []
+def publish_pipelined(bus, envs):
+    """Publish with pipelined confirms; returns once the broker confirmed all."""
+    outcomes = []
     with kombu.Connection(bus.url) as conn:
         pub = ConfirmedPublisher(conn.channel(),
                                  lambda token, outcome: outcomes.append(outcome))
-        for i in range(n):
-            env = contract.envelope(contract.InstanceEvent(
-                "network-vif-plugged", "0f5d3c1e-2b1a-4c9e-8f00-%012d" % i,
-                f"port-{i}", host=host), "stream")
+        for i, env in enumerate(envs):
             pub.publish(bus.topology.ingress_exchange_name,
-                        topology.instance_routing_key("network-vif-plugged"),
+                        topology.instance_routing_key(env.payload.name),
                         contract.encode(env), i, message_id=env.id)
-            ids.append(env.id)
-            if i % 500 == 0:
+            if i % 500 == 499:
                 conn.drain_events(timeout=5)
-        deadline = time.monotonic() + 30
-        while len(outcomes) < n and time.monotonic() < deadline:
-            conn.drain_events(timeout=5)
-    assert outcomes.count("ack") == n, "the broker did not confirm every publish"
-    return ids
+        deadline = time.monotonic() + 60
+        while len(outcomes) < len(envs) and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=1)
+            except socket.timeout:
+                pass
+    assert outcomes.count("ack") == len(envs), "the broker did not confirm every publish"
+
+
+def publish_stream(bus, host, n):
+    """Publish n events with pipelined confirms; return their ids in order."""
+    envs = [contract.envelope(contract.InstanceEvent(
+        "network-vif-plugged", "0f5d3c1e-2b1a-4c9e-8f00-%012d" % i, f"port-{i}",
+        host=host), "stream") for i in range(n)]
+    publish_pipelined(bus, envs)
+    return [env.id for env in envs]
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=30):

@@ -11,7 +11,6 @@ from compute import waiting
 from router.bus.contract import FAILED, NETWORK_CHANGED, VIF_PLUGGED
 from tests.functional.waiter_harness import (
     HostEvents,
-    Publisher,
     new_uuid,
     publish_with_kombu,
     wait_until,
@@ -27,15 +26,6 @@ def host(bus, router):
         yield h
     finally:
         h.stop()
-
-
-@pytest.fixture
-def publisher(bus):
-    p = Publisher(bus)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def test_waiter_woken_by_a_plain_kombu_publish_through_the_router(host, bus,

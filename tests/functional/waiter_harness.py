@@ -121,3 +121,4 @@ def get_dead_letter(bus, timeout=10.0):
         return found[-1]
     finally:
         ch.close()
+
