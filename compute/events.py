@@ -19,6 +19,16 @@ Decisions an operator should know:
   go to the waiter's error callback, as OpenStack treats them.
 - ``clear(instance)`` and ``cancel_all()`` resolve pending events as failed,
   so their waiters stop at once instead of running into their deadline.
+- An early event must not satisfy a wait it does not belong to. When a wait
+  for a key ends without its event (timeout, error, exit early, clear), the
+  registry remembers when (``ended_memory_seconds``, bounded). An event
+  created (the envelope's ``created_at``, wall clock) before that end, less
+  ``max_clock_skew`` for the publisher's clock, belongs to the finished wait
+  or an earlier one: it is neither held nor handed to a wait prepared after
+  that end (``STALE``, ``stats["stale"]``). The work a later wait covers
+  starts after the earlier one ended, so what it causes is created later.
+  Without ``created_at`` (older callers) an event cannot be judged and is
+  held as before.
 """
 
 import collections
@@ -36,21 +46,26 @@ LOG = logging.getLogger(__name__)
 DELIVERED = "delivered"
 HELD = "held"
 DUPLICATE = "duplicate"
+STALE = "stale"
 CLOSED = "closed"
 
 DEFAULT_HOLD_SECONDS = 300.0
+# Longer than a host queue's message TTL (600 s) plus a hold: an event can
+# reach the host no later than that after it was created.
+DEFAULT_ENDED_MEMORY_SECONDS = 900.0
 # Rough cost of a held event beyond its strings: the held record, the
 # InstanceEvent, the key tuple and the dict entry.
 _HELD_OVERHEAD = 400
 
 
 class _Held:
-    __slots__ = ("event", "message_id", "held_at", "size")
+    __slots__ = ("event", "message_id", "held_at", "created_at", "size")
 
-    def __init__(self, event, message_id, held_at):
+    def __init__(self, event, message_id, held_at, created_at):
         self.event = event
         self.message_id = message_id
         self.held_at = held_at
+        self.created_at = created_at
         self.size = _HELD_OVERHEAD + sum(
             sys.getsizeof(s) for s in (event.server_uuid, event.tag,
                                        message_id) if s is not None)
@@ -68,8 +83,14 @@ class InstanceEvents:
 
     def __init__(self, *, hold_seconds=DEFAULT_HOLD_SECONDS, max_held=10_000,
                  max_held_bytes=8 << 20, max_seen_ids=20_000,
-                 clock=time.monotonic):
+                 ended_memory_seconds=DEFAULT_ENDED_MEMORY_SECONDS,
+                 max_ended=20_000, max_clock_skew=2.0,
+                 clock=time.monotonic, wall_clock=time.time):
         self.hold_seconds = hold_seconds
+        self.ended_memory_seconds = ended_memory_seconds
+        self.max_ended = max_ended
+        self.max_clock_skew = max_clock_skew
+        self.wall_clock = wall_clock
         self.max_held = max_held
         self.max_held_bytes = max_held_bytes
         self.max_seen_ids = max_seen_ids
@@ -81,6 +102,8 @@ class InstanceEvents:
         self._held_bytes = 0
         self._seen = set()
         self._seen_order = collections.deque()
+        # key -> (wall time, clock time) a wait for it ended unsatisfied
+        self._ended = collections.OrderedDict()
         self._closed = False
 
     # --- the waiting side -----------------------------------------------------
@@ -120,7 +143,11 @@ class InstanceEvents:
         return prepared
 
     def discard(self, prepared):
-        """Forget a prepared event nobody waits for any more."""
+        """Forget a prepared event nobody waits for any more.
+
+        If it was still pending, its wait ended without it: remembered, so
+        that a late event of that wait cannot satisfy a later one.
+        """
         with self._lock:
             present = self._pending.get(prepared.key)
             if present is prepared:
@@ -129,9 +156,12 @@ class InstanceEvents:
                 present.remove(prepared)
                 if not present:
                     del self._pending[prepared.key]
+            else:
+                return
+            self._end(prepared.key, self.clock())
 
-    def wait_for_instance_event(self, instance, events, deadline=300.0,
-                                error_callback=None):
+    def wait_for_instance_event(self, instance, events, timeout=300.0,
+                                error_callback=None, *, deadline=None):
         """Context manager: prepare `events`, run the body, wait for them.
 
         `instance` is an object with ``uuid`` or a uuid string; `events`
@@ -143,15 +173,19 @@ class InstanceEvents:
         deadline passes, waiting.InstanceEventTimeout lists every event's
         state. The body gets the waiting.EventWait (see ``exit_early``).
         """
-        return _Waiting(waiting.EventWait(self, instance, events, deadline,
+        if deadline is not None:
+            timeout = deadline
+        return _Waiting(waiting.EventWait(self, instance, events, timeout,
                                           error_callback))
 
     # --- the bus side ---------------------------------------------------------
-    def deliver(self, event, message_id):
+    def deliver(self, event, message_id, *, created_at=None):
         """Hand an InstanceEvent from the bus to whoever prepared it.
 
-        Returns DELIVERED, HELD, DUPLICATE or CLOSED (after cancel_all: the
-        caller should leave the message to the next process).
+        `created_at` is the envelope's (seconds since the epoch); with it a
+        late event of a finished wait is recognised (see the module doc).
+        Returns DELIVERED, HELD, DUPLICATE, STALE or CLOSED (after
+        cancel_all: the caller should leave the message to the next process).
         """
         key = _key(event.server_uuid, event.name, event.tag)
         dropped = ()
@@ -165,15 +199,27 @@ class InstanceEvents:
                 self._remember(message_id)
                 now = self.clock()
                 self._expire(now)
+                stale_since = self._stale_since(key, created_at)
                 present = self._pending.pop(key, None)
+                waiters = ()
                 if present is not None:
-                    waiters = present if type(present) is list else (present,)
-                    for prepared in waiters:
-                        prepared._resolve(event, message_id, now, waiting.RECEIVED)
+                    waiters = present if type(present) is list else [present]
+                    if stale_since is not None:
+                        # Waits prepared after the end it predates are not its.
+                        later = [p for p in waiters if p.prepared_at >= stale_since]
+                        waiters = [p for p in waiters if p.prepared_at < stale_since]
+                        if later:
+                            self._pending[key] = later if len(later) > 1 else later[0]
+                for prepared in waiters:
+                    prepared._resolve(event, message_id, now, waiting.RECEIVED)
+                if waiters:
                     self.stats["delivered"] += 1
                     outcome = DELIVERED
+                elif stale_since is not None:
+                    self.stats["stale"] += 1
+                    outcome = STALE
                 else:
-                    dropped = self._hold(key, event, message_id, now)
+                    dropped = self._hold(key, event, message_id, now, created_at)
                     outcome = HELD
         LOG.info("event %s %s for instance %s (tag %s, %s): %s", message_id,
                  event.name, event.server_uuid, event.tag, event.status,
@@ -192,6 +238,7 @@ class InstanceEvents:
             keys = [k for k in self._pending if k[0] == prefix]
             for key in keys:
                 self._fail(key, self._pending.pop(key), now, waiting.CLEARED)
+                self._end(key, now)
             for key in [k for k in self._held if k[0] == prefix]:
                 self._held_bytes -= self._held.pop(key).size
             self.stats["cleared"] += len(keys)
@@ -243,12 +290,33 @@ class InstanceEvents:
         if len(self._seen_order) > self.max_seen_ids:
             self._seen.discard(self._seen_order.popleft())
 
-    def _hold(self, key, event, message_id, now):
+    def _end(self, key, now):
+        """A wait for `key` ended without its event."""
+        ended = self._ended
+        ended.pop(key, None)
+        ended[key] = (self.wall_clock(), now)
+        limit = now - self.ended_memory_seconds
+        while ended and (len(ended) > self.max_ended or
+                         next(iter(ended.values()))[1] <= limit):
+            ended.popitem(last=False)
+
+    def _stale_since(self, key, created_at):
+        """The clock time of the end `created_at` predates, or None."""
+        if created_at is None:
+            return None
+        ended = self._ended.get(key)
+        if ended is None or created_at >= ended[0] - self.max_clock_skew:
+            return None
+        if ended[1] <= self.clock() - self.ended_memory_seconds:
+            return None
+        return ended[1]
+
+    def _hold(self, key, event, message_id, now, created_at=None):
         old = self._held.pop(key, None)
         if old is not None:
             self._held_bytes -= old.size
             self.stats["early_replaced"] += 1
-        held = self._held[key] = _Held(event, message_id, now)
+        held = self._held[key] = _Held(event, message_id, now, created_at)
         self._held_bytes += held.size
         self.stats["early_held"] += 1
         dropped = []
@@ -276,6 +344,7 @@ class InstanceEvents:
 _SAID = {DELIVERED: "woke its waiter",
          HELD: "nobody waits yet, held",
          DUPLICATE: "duplicate message id, ignored",
+         STALE: "created before a wait for it ended unsatisfied: stale, ignored",
          CLOSED: "not taken: shutting down"}
 
 

@@ -49,16 +49,32 @@ class InstanceEventFailed(EventWaitError):
 
 
 class InstanceEventTimeout(EventWaitError, TimeoutError):
-    """The deadline passed; ``states`` is [(name, tag, state text)]."""
+    """The timeout passed; ``states`` is [(name, tag, state text)].
 
-    def __init__(self, instance_uuid, deadline, states):
+    Shaped like Nova's: ``kwargs`` carries ``event_names`` and ``timeout``
+    and ``msg_fmt`` is Nova's, so code written against Nova's exception
+    reads it the same (the core does not import Nova; the Nova adapter
+    raises Nova's own).
+    """
+
+    msg_fmt = "Timeout waiting for %(event_names)s after %(timeout)s seconds"
+
+    def __init__(self, instance_uuid, timeout, states):
         report = "; ".join(f"{_label(n, t)}: {s}" for n, t, s in states)
-        super().__init__(f"timed out after {deadline:g}s waiting for "
+        super().__init__(f"timed out after {timeout:g}s waiting for "
                          f"{len(states)} event(s) of instance "
                          f"{instance_uuid}: {report}")
         self.instance_uuid = instance_uuid
-        self.deadline = deadline
+        self.timeout = timeout
         self.states = states
+        self.kwargs = {"event_names": [f"{n}-{t}" if t is not None else n
+                                       for n, t, _ in states],
+                       "timeout": timeout, "code": 500}
+
+    @property
+    def deadline(self):
+        """The old name of ``timeout``."""
+        return self.timeout
 
 
 def _label(name, tag):
@@ -178,15 +194,15 @@ class EventWait:
     satisfied (for instance ports found active), so nobody waits for them.
     """
 
-    __slots__ = ("instance", "instance_uuid", "expected", "deadline",
+    __slots__ = ("instance", "instance_uuid", "expected", "timeout",
                  "_registry", "_callback", "_wake", "_prepared", "_skipped",
                  "_stopped")
 
-    def __init__(self, registry, instance, events, deadline, error_callback):
+    def __init__(self, registry, instance, events, timeout, error_callback):
         self.instance = instance
         self.instance_uuid = getattr(instance, "uuid", instance)
         self.expected = expected_events(events)
-        self.deadline = deadline
+        self.timeout = timeout
         self._registry = registry
         self._callback = error_callback
         self._wake = registry.new_wake()
@@ -230,7 +246,7 @@ class EventWait:
     def wait(self):
         """Wait for every expected event under one deadline, from now."""
         clock = self._registry.clock
-        end = clock() + self.deadline
+        end = clock() + self.timeout
         todo = {pair for pair, prepared in zip(self.expected, self._prepared, strict=True)
                 if prepared is not None and pair not in self._skipped}
         while todo and not self._stopped:
@@ -272,4 +288,9 @@ class EventWait:
             else:
                 state = prepared.state()
             states.append((*pair, state))
-        return InstanceEventTimeout(self.instance_uuid, self.deadline, states)
+        return InstanceEventTimeout(self.instance_uuid, self.timeout, states)
+
+    @property
+    def deadline(self):
+        """The old name of ``timeout``."""
+        return self.timeout
