@@ -15,9 +15,15 @@ that never returned) is cut off.
 
 Bounded in records and bytes: ``append`` beyond either raises SpoolFull and
 writes nothing. An flock keeps a second process from sharing the file.
+
+Every write goes through ``_write_all``: ``pwrite`` may write less than it
+was given (a file-size limit, a full disk, a signal) and says so only in its
+return value. A short append is finished or, when the rest cannot be
+written, cut off and raised, never reported as spooled.
 """
 
 import collections
+import errno
 import fcntl
 import logging
 import os
@@ -142,7 +148,7 @@ class Spool:
                 f"{self._bytes} bytes; limits {self.max_records} records, "
                 f"{self.max_bytes} bytes): {len(lines)} message(s) refused")
         try:
-            os.pwrite(self._fd, b"".join(lines), self._end)
+            _write_all(self._fd, b"".join(lines), self._end)
             os.fsync(self._fd)
         except OSError:
             # Not accepted: leave nothing behind that a restart would replay.
@@ -168,7 +174,7 @@ class Spool:
             if self._pending.pop(record.offset, None) is None:
                 continue
             self._bytes -= record.length
-            os.pwrite(self._fd, DONE, record.offset)
+            _write_all(self._fd, DONE, record.offset)
             marked = True
         if not marked:
             return
@@ -194,7 +200,7 @@ class Spool:
             records, end = [], 0
             for r in self._pending.values():
                 line = b"%s %s %s\n" % (PENDING, r.routing_key.encode(), r.body)
-                os.pwrite(fd, line, end)
+                _write_all(fd, line, end)
                 records.append(Record(end, len(line), r.routing_key, r.body))
                 end += len(line)
             os.fsync(fd)
@@ -209,6 +215,19 @@ class Spool:
         self._bytes = 0
         for r in records:
             self._remember(r)
+
+
+def _write_all(fd, data, offset):
+    """Write all of `data` at `offset`, or raise OSError."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            # POSIX allows 0 for a non-empty write without saying why.
+            raise OSError(errno.EIO, f"wrote nothing of {len(view)} bytes "
+                                     f"at offset {offset}")
+        view = view[written:]
+        offset += written
 
 
 def _read_all(fd):
