@@ -16,11 +16,21 @@ from typing import Optional, Union
 SCHEMA_MAJOR = 1
 SCHEMA_VERSION = "1.0"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+# No envelope nests deeper than 4 (document, payload, instances, entry);
+# anything deeper is refused before the JSON parser recurses into it.
+MAX_DEPTH = 16
+MAX_CREATED_AT = 1e12
 
 INSTANCE_EVENT = "instance-event"
 LIFECYCLE_EVENT = "lifecycle-event"
 HOST_ANNOUNCE = "host-announce"
-KINDS = (INSTANCE_EVENT, LIFECYCLE_EVENT, HOST_ANNOUNCE)
+# A compute host's whole placement in one message: it replaces what a
+# router knew of that host (instances gone from it disappear).
+HOST_SNAPSHOT = "host-snapshot"
+# A router asking every agent for a HOST_SNAPSHOT (after it (re)connects).
+RESYNC_REQUEST = "resync-request"
+KINDS = (INSTANCE_EVENT, LIFECYCLE_EVENT, HOST_ANNOUNCE, HOST_SNAPSHOT,
+         RESYNC_REQUEST)
 
 NETWORK_CHANGED = "network-changed"
 VIF_PLUGGED = "network-vif-plugged"
@@ -69,6 +79,9 @@ REASON_UNROUTABLE = "unroutable"
 REASON_FORBIDDEN = "forbidden"
 REASON_EXPIRED = "expired"
 REASON_INTERNAL = "internal-error"
+# Delivered again and again without being settled: something about it keeps
+# killing its consumer, so it is set aside instead of looping.
+REASON_POISON = "poison"
 
 HEADER_REASON = "x-evrouter-reason"
 HEADER_DETAIL = "x-evrouter-detail"
@@ -140,7 +153,21 @@ class HostAnnounce:
     seq: int = 0
 
 
-Payload = Union[InstanceEvent, LifecycleEvent, HostAnnounce]
+@dataclass(frozen=True, slots=True)
+class HostSnapshot:
+    host: str
+    seq: int
+    # ((instance uuid, transition), ...): every domain the host has now
+    instances: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequest:
+    router: str
+
+
+Payload = Union[InstanceEvent, LifecycleEvent, HostAnnounce, HostSnapshot,
+                ResyncRequest]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +210,12 @@ def to_document(env):
                    "transition": p.transition, "event": p.event,
                    "detail": p.detail, "seq": p.seq,
                    "snapshot": p.snapshot}
+    elif type(p) is HostSnapshot:
+        payload = {"host": p.host, "seq": p.seq,
+                   "instances": [{"instance_uuid": u, "transition": t}
+                                 for u, t in p.instances]}
+    elif type(p) is ResyncRequest:
+        payload = {"router": p.router}
     else:
         payload = {"host": p.host, "seq": p.seq}
     return {"version": env.version, "id": env.id, "kind": env.kind,
@@ -199,23 +232,76 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs):
+    # Parsers disagree on which of two equal keys wins; a document that
+    # says two things is refused rather than read one way here and another
+    # way by the next consumer.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup[:80]!r}")
+    return doc
+
+
 # One decoder for every message: json.loads(parse_constant=...) builds a new
 # one per call.
-_json_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+_json_decode = json.JSONDecoder(parse_constant=_refuse_constant,
+                                object_pairs_hook=_unique_keys).decode
+# Strings (with their escapes) and brackets: enough to measure nesting.
+_nesting_tokens = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]').finditer
+
+
+def nesting_depth(body):
+    """How deep the arrays and objects of a JSON text nest (bytes)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return 0        # cannot be deeper than that: skip the scan
+    depth = deepest = 0
+    for m in _nesting_tokens(body):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def decode(body, max_bytes=DEFAULT_MAX_BODY_BYTES):
-    """Bytes off the wire to a validated Envelope, or ContractError."""
-    if type(body) is str:
-        # py-amqp decodes bodies that declare a content_encoding.
-        body = body.encode("utf-8", "surrogateescape")
+    """Bytes off the wire to a validated Envelope, or ContractError.
+
+    Total: any bytes give an Envelope or a ContractError, never another
+    exception. (Whole AMQP messages, with their properties, go through
+    router.bus.inbound.decode_message, which ends here.)
+    """
+    if type(body) is not bytes:
+        if type(body) in (bytearray, memoryview):
+            body = bytes(body)
+        else:
+            raise ContractError(REASON_MALFORMED, "",
+                                f"body must be bytes, not {type(body).__name__}")
     if len(body) > max_bytes:
         raise ContractError(REASON_TOO_LARGE, "",
                             f"body is {len(body)} bytes, limit {max_bytes}")
+    if not body:
+        raise ContractError(REASON_MALFORMED, "", "empty body")
     try:
-        doc = _json_decode(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ContractError(REASON_MALFORMED, "", f"not JSON: {exc}") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ContractError(REASON_MALFORMED, "",
+                            f"not UTF-8: {exc}") from None
+    depth = nesting_depth(body)
+    if depth > MAX_DEPTH:
+        raise ContractError(REASON_MALFORMED, "",
+                            f"nested {depth} deep, limit {MAX_DEPTH}")
+    try:
+        doc = _json_decode(text)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, duplicate keys and integers
+        # past Python's digit limit.
+        raise ContractError(REASON_MALFORMED, "",
+                            f"not JSON: {str(exc)[:200]}") from None
     return from_document(doc)
 
 
@@ -250,6 +336,14 @@ def _str(doc, field, path, *, pattern=None, max_len=255, required=True,
         return v
     if not 1 <= len(v) <= max_len:
         _fail(path, f"length must be 1..{max_len}, got {len(v)}")
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate from a \\uD800 escape: not Unicode text, and
+            # it would make every later encode of this value raise.
+            _fail(path, "is not valid Unicode (lone surrogate)",
+                  REASON_MALFORMED)
     if pattern is not None and pattern.search(v) is None:
         _fail(path, f"{v[:80]!r} does not match {pattern.pattern}")
     return v
@@ -276,8 +370,10 @@ def _int(doc, field, path):
 
 def _instance_event(p):
     name = _str(p, "name", "payload.name", choices=EVENT_NAMES)
+    # One spelling of an instance everywhere (placement, waiters, REST):
+    # the compute API accepts either case, so the contract folds it.
     server_uuid = _str(p, "server_uuid", "payload.server_uuid",
-                       pattern=_uuid_re)
+                       pattern=_uuid_re).lower()
     status = COMPLETED
     if "status" in p:
         status = _str(p, "status", "payload.status", choices=STATUSES)
@@ -290,7 +386,7 @@ def _instance_event(p):
 
 def _lifecycle_event(p):
     instance_uuid = _str(p, "instance_uuid", "payload.instance_uuid",
-                         pattern=_uuid_re)
+                         pattern=_uuid_re).lower()
     host = _str(p, "host", "payload.host", pattern=_host_re)
     transition = _str(p, "transition", "payload.transition",
                       choices=TRANSITIONS)
@@ -310,11 +406,37 @@ def _host_announce(p):
     return HostAnnounce(host, seq)
 
 
+def _host_snapshot(p):
+    host = _str(p, "host", "payload.host", pattern=_host_re)
+    seq = _int(p, "seq", "payload.seq")
+    entries = p.get("instances")
+    if type(entries) is not list:
+        _fail("payload.instances", "must be an array")
+    instances = []
+    for i, entry in enumerate(entries):
+        path = f"payload.instances.{i}"
+        if type(entry) is not dict:
+            _fail(path, "must be an object")
+        uuid_ = _str(entry, "instance_uuid", f"{path}.instance_uuid",
+                     pattern=_uuid_re).lower()
+        transition = _str(entry, "transition", f"{path}.transition",
+                          choices=TRANSITIONS)
+        instances.append((uuid_, transition))
+    return HostSnapshot(host, seq, tuple(instances))
+
+
+def _resync_request(p):
+    return ResyncRequest(_str(p, "router", "payload.router"))
+
+
 _PAYLOAD_OF = {INSTANCE_EVENT: _instance_event,
                LIFECYCLE_EVENT: _lifecycle_event,
-               HOST_ANNOUNCE: _host_announce}
+               HOST_ANNOUNCE: _host_announce,
+               HOST_SNAPSHOT: _host_snapshot,
+               RESYNC_REQUEST: _resync_request}
 _KIND_OF = {InstanceEvent: INSTANCE_EVENT, LifecycleEvent: LIFECYCLE_EVENT,
-            HostAnnounce: HOST_ANNOUNCE}
+            HostAnnounce: HOST_ANNOUNCE, HostSnapshot: HOST_SNAPSHOT,
+            ResyncRequest: RESYNC_REQUEST}
 
 
 def from_document(doc):
@@ -336,8 +458,11 @@ def from_document(doc):
     created_at = doc.get("created_at")
     if "created_at" not in doc:
         _fail("created_at", "is required")
-    if type(created_at) not in (int, float) or created_at < 0:
-        _fail("created_at", "must be a number of seconds since the epoch")
+    if type(created_at) not in (int, float) or not (
+            0 <= created_at <= MAX_CREATED_AT):
+        # The upper bound also keeps out 1e999, which Python parses as inf.
+        _fail("created_at", "must be a number of seconds since the epoch, "
+                            f"0..{MAX_CREATED_AT:.0e}")
     producer = _str(doc, "producer", "producer")
     payload = doc.get("payload")
     if type(payload) is not dict:

@@ -143,7 +143,7 @@ _TOP = {
     "id": (st.from_regex(r"\A[A-Za-z0-9_.:-]{1,20}\Z"),
            st.sampled_from(["a b", "", "x" * 129])),
     "created_at": (st.one_of(st.floats(0, 2e9), st.integers(0, 2**33)),
-                   st.just(-1)),
+                   st.sampled_from([-1, 1e13])),
     "producer": (st.text(min_size=1, max_size=20),
                  st.sampled_from(["", "p" * 256])),
 }
@@ -171,6 +171,21 @@ _PAYLOADS = {
     "host-announce": {
         "host": (_hosts, st.just("")),
         "seq": (st.integers(0, 99), st.just(1.5)),
+    },
+    "host-snapshot": {
+        "host": (_hosts, st.just("a b")),
+        "seq": (st.integers(0, 99), st.just(-1)),
+        "instances": (
+            st.lists(st.fixed_dictionaries({
+                "instance_uuid": st.one_of(_uuids, _uuids.map(str.upper)),
+                "transition": st.sampled_from(contract.TRANSITIONS)}),
+                max_size=3),
+            st.sampled_from([{}, [1], [{"instance_uuid": "x",
+                                        "transition": "STARTED"}],
+                             [{"transition": "STARTED"}]])),
+    },
+    "resync-request": {
+        "router": (st.text(min_size=1, max_size=20), st.just("")),
     },
 }
 
