@@ -8,14 +8,31 @@ into events with the port as it is written. ``after_delete`` adds
 is ``network-changed``.
 
 One deliberate difference: the network service sends from ``after_update``,
-inside the transaction. Here the events wait in ``session.info`` and are
-published after the session commits, and are dropped on rollback, so the
-compute side never hears of a port state the database does not hold. The
-publish callable blocks until the event is safe (see network.publisher), so
+inside the transaction. Here the events wait with the transaction they were
+written in and are published only once it committed, so the compute side
+never hears of a port state the database does not hold:
+
+- events belong to the innermost transaction boundary at the flush: the
+  outermost transaction or the innermost SAVEPOINT (``begin_nested``);
+- a released SAVEPOINT hands its events to the boundary around it; one
+  rolled back drops them (the rows are back as they were);
+- the outermost transaction publishes its events when it committed;
+  ending any other way -- rollback, ``Session.close()`` without a commit,
+  ``scoped_session.remove()``, a ``with Session()`` block left uncommitted --
+  drops them.
+
+The decision is made in one place, ``after_transaction_end``, with
+``after_commit`` only noting which transaction committed. The publish
+callable blocks until the event is safe (see network.publisher), so
 ``session.commit()`` returns only after that; when publishing fails the
 commit has happened and the error propagates from ``commit()`` (loud,
-rather than an event silently lost). A rollback to a savepoint does not
-discard events recorded inside it.
+rather than an event silently lost).
+
+Message ids: these events are produced once, in the process that committed,
+so there is no redelivery to make them stable against; the publisher keeps
+an event's id across its own retries and the spool. A transition alone is
+not an identity (a port goes DOWN -> ACTIVE again after every unplug), and a
+generic model has no commit-stable counter to add to it.
 """
 
 import logging
@@ -29,7 +46,8 @@ from network import transitions
 
 LOG = logging.getLogger(__name__)
 
-_PENDING = "evrouter.network.pending"
+_PENDING = "evrouter.network.pending"        # {transaction: [events]}
+_COMMITTED = "evrouter.network.committed"    # {transactions that committed}
 _UNSET = {attributes.NO_VALUE, attributes.NEVER_SET, None}
 
 
@@ -66,6 +84,7 @@ class PortHooks:
         self._status = getattr(model, columns.status)
         # Per attachment, so two attachments (two publishers) both see all.
         self._pending_key = f"{_PENDING}.{id(self)}"
+        self._committed_key = f"{_COMMITTED}.{id(self)}"
         self._transition_attr = f"_evrouter_transition_{id(self)}"
         self._listeners = [
             (self._status, "set", self._record_status, {"active_history": True}),
@@ -73,7 +92,7 @@ class PortHooks:
             (model, "after_update", self._after_write, {}),
             (model, "after_delete", self._after_delete, {}),
             (session_class, "after_commit", self._after_commit, {}),
-            (session_class, "after_soft_rollback", self._after_rollback, {}),
+            (session_class, "after_transaction_end", self._after_end, {}),
         ]
         for target, name, fn, kw in self._listeners:
             event.listen(target, name, fn, **kw)
@@ -91,6 +110,12 @@ class PortHooks:
 
     def _after_write(self, mapper, connection, port):
         transition = port.__dict__.pop(self._transition_attr, None)
+        if transition is not None and not \
+                inspect(port).attrs[self.columns.status].history.has_changes():
+            # Recorded by a set that a refresh or rollback undid before any
+            # flush (the stash outlives them): this
+            # write does not change the status.
+            transition = None
         view = port_view(port, self.columns)
         events = []
         if transition is not None:
@@ -112,14 +137,39 @@ class PortHooks:
         if not events:
             return
         session = object_session(port)
-        session.info.setdefault(self._pending_key, []).extend(events)
+        boundary = _boundary(session.get_nested_transaction()
+                             or session.get_transaction())
+        pending = session.info.setdefault(self._pending_key, {})
+        pending.setdefault(boundary, []).extend(events)
 
     # --- session events (after the transaction) ---------------------------
     def _after_commit(self, session):
-        if session.in_nested_transaction():
-            return      # a savepoint released: wait for the real commit
+        # Fired for the outermost transaction and for a released SAVEPOINT,
+        # while the committing one is still the innermost boundary.
+        committed = session.get_nested_transaction() or session.get_transaction()
+        session.info.setdefault(self._committed_key, set()).add(committed)
+
+    def _after_end(self, session, transaction):
+        committed = session.info.get(self._committed_key, set())
+        was_committed = transaction in committed
+        committed.discard(transaction)
+        pending = session.info.get(self._pending_key)
+        events = pending.pop(transaction, None) if pending else None
+        if not events:
+            return
+        if not was_committed:
+            LOG.debug("transaction ended without a commit: %d port event(s) "
+                      "not sent", len(events))
+        elif transaction.parent is not None:
+            # A released SAVEPOINT: its events now stand or fall with the
+            # transaction around it.
+            pending.setdefault(_boundary(transaction.parent), []).extend(events)
+        else:
+            self._publish_all(events)
+
+    def _publish_all(self, events):
         failed = None
-        for ev in session.info.pop(self._pending_key, None) or ():
+        for ev in events:
             try:
                 self.publish(ev)
             except Exception as exc:
@@ -129,11 +179,14 @@ class PortHooks:
         if failed is not None:
             raise failed
 
-    def _after_rollback(self, session, previous_transaction):
-        if previous_transaction.parent is None:
-            dropped = session.info.pop(self._pending_key, None)
-            if dropped:
-                LOG.debug("rollback: %d port event(s) not sent", len(dropped))
+
+def _boundary(transaction):
+    """The transaction whose commit or rollback decides `transaction`'s
+    writes: itself if outermost or a SAVEPOINT, else the nearest such
+    parent (SQLAlchemy wraps each flush in a subtransaction)."""
+    while transaction.parent is not None and not transaction.nested:
+        transaction = transaction.parent
+    return transaction
 
 
 def attach(model, publish, *, columns=PortColumns(), session_class=Session):
