@@ -8,9 +8,15 @@ py-amqp's; TLS connections keep py-amqp's own transport.
 """
 
 import errno
+from collections import defaultdict
+from struct import unpack_from
 
+import amqp.basic_message
+import amqp.method_framing
 import amqp.transport
 from kombu.transport import TRANSPORT_ALIASES, pyamqp
+
+from router.bus.inbound import UNDECODABLE
 
 SCHEME = "evamqp"
 
@@ -61,7 +67,85 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):
         return rbuf[:n]
 
 
+class _TotalMessage(amqp.basic_message.Message):
+    """A message whose content header always decodes.
+
+    py-amqp raises from inside the frame reader on a property it cannot
+    decode (a short string that is not UTF-8, a timestamp header out of
+    range...), which kills the connection and brings the same message back
+    to the next consumer forever. Here such a message arrives with only
+    UNDECODABLE in its properties, and the consumer dead-letters it.
+    """
+
+    def _load_properties(self, class_id, buf, offset):
+        try:
+            return super()._load_properties(class_id, buf, offset)
+        except Exception as exc:
+            self.properties = {UNDECODABLE: f"{type(exc).__name__}: {exc}"[:200]}
+            return offset
+
+
+def total_frame_handler(connection, callback, unpack_from=unpack_from,
+                        content_methods=amqp.method_framing._CONTENT_METHODS):
+    """py-amqp's frame reader, building _TotalMessage for content frames."""
+    expected_types = defaultdict(lambda: 1)
+    partial_messages = {}
+
+    def on_frame(frame):
+        frame_type, channel, buf = frame
+        connection.bytes_recv += 1
+        if frame_type not in (expected_types[channel], 8):
+            raise amqp.method_framing.UnexpectedFrame(
+                f"Received frame {frame_type} while expecting type: "
+                f"{expected_types[channel]}")
+        if frame_type == 1:
+            method_sig = unpack_from(">HH", buf, 0)
+            if method_sig in content_methods:
+                partial_messages[channel] = _TotalMessage(
+                    frame_method=method_sig, frame_args=buf)
+                expected_types[channel] = 2
+                return False
+            callback(channel, method_sig, buf, None)
+        elif frame_type == 2:
+            msg = partial_messages[channel]
+            msg.inbound_header(buf)
+            if not msg.ready:
+                expected_types[channel] = 3
+                return False
+            expected_types[channel] = 1
+            partial_messages.pop(channel, None)
+            callback(channel, msg.frame_method, msg.frame_args, msg)
+        elif frame_type == 3:
+            msg = partial_messages[channel]
+            msg.inbound_body(buf)
+            if not msg.ready:
+                return False
+            expected_types[channel] = 1
+            partial_messages.pop(channel, None)
+            callback(channel, msg.frame_method, msg.frame_args, msg)
+        elif frame_type == 8:
+            return False
+        return True
+
+    return on_frame
+
+
+class _Channel(pyamqp.Channel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Bodies stay the bytes that were sent. py-amqp would otherwise
+        # decode them by the sender's content_encoding label, or silently
+        # not (an unknown codec), so a consumer could get either type.
+        self.auto_decode = False
+
+
 class _Connection(pyamqp.Connection):
+    Channel = _Channel
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("frame_handler", total_frame_handler)
+        super().__init__(*args, **kwargs)
+
     def Transport(self, host, connect_timeout, ssl=False, read_timeout=None,
                   write_timeout=None, socket_settings=None, **kwargs):
         if ssl:

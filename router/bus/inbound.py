@@ -1,0 +1,202 @@
+"""Whole AMQP messages in: the one total decode every consumer uses. Pure.
+
+A message is its body *and* its properties, and both come from whoever could
+publish to the exchange. ``decode_message`` turns any (body, properties)
+into an Envelope or a ContractError with a dead-letter reason; it raises
+nothing else. The ``safe_*`` helpers build what the dead-letter step sends
+from the same untrusted values, so the last line of defence cannot itself
+fail on them.
+"""
+
+import math
+
+from router.bus import contract
+
+# Set by the transport (router/bus/transport.py) in place of the properties
+# when py-amqp could not decode a content header: invalid UTF-8 in a short
+# string, a timestamp out of range... The value says what went wrong.
+UNDECODABLE = "x-evrouter-undecodable"
+
+# Labels a sender may put on a JSON body. kombu labels raw bytes
+# application/data + binary; anything that claims a compression or another
+# serialisation is refused rather than guessed at.
+_JSON_TYPES = frozenset({"application/json", "application/data",
+                         "application/octet-stream", "text/plain"})
+_PLAIN_ENCODINGS = frozenset({"utf-8", "utf8", "binary", "identity"})
+
+_MAX_SHORTSTR = 255
+_MAX_HEADER_DEPTH = 4
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def properties_of(message):
+    """The AMQP properties of a kombu message as one plain dict.
+
+    kombu keeps content_type and content_encoding beside the properties on
+    some transports (memory), inside them on others (py-amqp).
+    """
+    props = getattr(message, "properties", None)
+    props = dict(props) if type(props) is dict else {}
+    props.setdefault("content_type", getattr(message, "content_type", None))
+    props.setdefault("content_encoding",
+                     getattr(message, "content_encoding", None))
+    headers = getattr(message, "headers", None)
+    if headers is not None:
+        props.setdefault("application_headers", headers)
+    return props
+
+
+def decode_message(body, properties, max_bytes=contract.DEFAULT_MAX_BODY_BYTES):
+    """Any AMQP message to a validated Envelope, or ContractError."""
+    props = properties if type(properties) is dict else {}
+    broken = props.get(UNDECODABLE)
+    if broken:
+        raise contract.ContractError(contract.REASON_MALFORMED, "properties",
+                                     f"undecodable AMQP properties: {broken}")
+    _check_content_type(props.get("content_type"))
+    encoding = _check_content_encoding(props.get("content_encoding"))
+    if type(body) is str:
+        # A transport that decoded the body by its label (py-amqp's
+        # auto_decode; ours turns it off): back to the bytes that were sent.
+        try:
+            body = body.encode(encoding or "utf-8", "surrogateescape")
+        except (LookupError, UnicodeError, TypeError) as exc:
+            raise contract.ContractError(
+                contract.REASON_MALFORMED, "", f"body cannot be read back as "
+                f"bytes: {type(exc).__name__}") from None
+    elif body is None:
+        body = b""
+    return contract.decode(body, max_bytes)
+
+
+def _check_content_type(value):
+    if value is None or value == "":
+        return
+    if type(value) is not str:
+        _malformed("content_type", f"must be a string, not {type(value).__name__}")
+    media, _, params = value.partition(";")
+    if media.strip().lower() not in _JSON_TYPES:
+        _malformed("content_type", f"{value[:80]!r} is not JSON")
+    for param in params.split(";"):
+        name, _, v = param.partition("=")
+        if name.strip().lower() == "charset" and \
+                v.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            _malformed("content_type", f"charset {v.strip()[:40]!r} is not UTF-8")
+
+
+def _check_content_encoding(value):
+    if value is None or value == "":
+        return None
+    if type(value) is not str:
+        _malformed("content_encoding",
+                   f"must be a string, not {type(value).__name__}")
+    if value.strip().lower() not in _PLAIN_ENCODINGS:
+        _malformed("content_encoding", f"{value[:80]!r} is not supported "
+                                       f"(bodies are plain UTF-8 JSON)")
+    return "utf-8"
+
+
+def _malformed(field, detail):
+    raise contract.ContractError(contract.REASON_MALFORMED, field, detail)
+
+
+# --- what the dead-letter step may send back out ----------------------------
+
+def safe_shortstr(value):
+    """A property value fit to publish again (str of <= 255 UTF-8 bytes), or None."""
+    if type(value) is not str:
+        return None
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value if len(encoded) <= _MAX_SHORTSTR else None
+
+
+def loggable(value, limit=80):
+    """Any value as a short, printable token for a log line."""
+    if value is None:
+        return "-"
+    if type(value) is str and value.isprintable() and value.isascii() \
+            and 0 < len(value) <= limit and " " not in value:
+        return value
+    return repr(value)[:limit]
+
+
+def safe_headers(headers):
+    """A copy of untrusted headers that py-amqp can always serialise.
+
+    Keys must be str of at most 128 UTF-8 bytes; values may be str, bytes,
+    bool, None, 64-bit ints, finite floats, and lists/tables of these up to
+    a small depth. Anything else is left out (and counted in
+    ``x-evrouter-dropped-headers``) rather than risk a publish that raises.
+    """
+    dropped = [0]
+    clean = _safe_table(headers, 0, dropped) if type(headers) is dict else {}
+    if type(headers) not in (dict, type(None)):
+        dropped[0] += 1
+    if dropped[0]:
+        clean["x-evrouter-dropped-headers"] = dropped[0]
+    return clean
+
+
+def _safe_table(table, depth, dropped):
+    out = {}
+    for key, value in table.items():
+        if safe_shortstr(key) is None or len(key.encode()) > 128:
+            dropped[0] += 1
+            continue
+        ok, value = _safe_value(value, depth + 1, dropped)
+        if ok:
+            out[key] = value
+        else:
+            dropped[0] += 1
+    return out
+
+
+def _safe_value(value, depth, dropped):
+    t = type(value)
+    if value is None or t is bool or t is bytes:
+        return True, value
+    if t is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False, None
+        return True, value
+    if t is int:
+        return _INT64[0] <= value <= _INT64[1], value
+    if t is float:
+        return math.isfinite(value), value
+    if depth > _MAX_HEADER_DEPTH:
+        return False, None
+    if t is dict:
+        return True, _safe_table(value, depth, dropped)
+    if t is list:
+        items = []
+        for item in value:
+            ok, item = _safe_value(item, depth + 1, dropped)
+            if ok:
+                items.append(item)
+            else:
+                dropped[0] += 1
+        return True, items
+    return False, None      # Decimal, datetime, anything a transport made up
+
+
+def header(headers, name, kind, default):
+    """One header of an expected type; the default for anything else."""
+    if type(headers) is not dict:
+        return default
+    value = headers.get(name, default)
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind or (kind is float and not math.isfinite(value)):
+        return default
+    return value
+
+
+def delivery_count(headers):
+    """How often the broker says it delivered this before (quorum queues)."""
+    count = header(headers, "x-delivery-count", int, 0)
+    return count if count > 0 else 0
