@@ -1,10 +1,18 @@
-"""Broker connections: transport URLs and the reconnect policy.
+"""Broker connections: transport URLs, failover and the reconnect policy.
 
 Transport URLs are written the OpenStack way (``rabbit://user:pass@host:5672/vhost``,
 several hosts separated by commas) or as kombu URLs; ``memory://`` selects
 kombu's in-process transport.
+
+With several hosts (the nodes of a RabbitMQ cluster) every connect attempt
+tries each host once, beginning with the one after the host the previous
+session used: a service that lost its node goes to the next one at once,
+instead of knocking first on the door that just closed. A dead peer is
+noticed by the kernel within DEAD_PEER_TIMEOUT (TCP keepalive and
+TCP_USER_TIMEOUT, see keepalive_settings), not after two AMQP heartbeats.
 """
 
+import itertools
 import logging
 import socket
 import ssl
@@ -55,6 +63,12 @@ def display(conn):
     return uri
 
 
+def _safe(url):
+    """One failover URL for a log line: scheme, host and port only."""
+    parsed = urllib.parse.urlsplit(url)
+    return f"{parsed.hostname}:{parsed.port}" if parsed.hostname else url
+
+
 def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
     """kombu's ssl argument from the [bus] TLS options."""
     if not enabled:
@@ -69,24 +83,104 @@ def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
     return options
 
 
-def connection(transport_url, *, heartbeat=30, ssl_opts=False):
+# Seconds of silence from the broker's TCP stack after which a connection
+# is declared dead. A node killed with -9 on a live machine is noticed at
+# once anyway (its kernel closes the socket); this covers a machine that
+# died, a cable pulled, a partition: no FIN, no RST, nothing to read.
+DEAD_PEER_TIMEOUT = 2.0
+
+
+def keepalive_settings(dead_peer_timeout=DEAD_PEER_TIMEOUT):
+    """py-amqp socket_settings that notice a silent peer within the timeout.
+
+    TCP keepalive probes an idle connection every second after one second
+    of silence; TCP_USER_TIMEOUT drops a connection whose sent data (or
+    probes) stay unacknowledged that long. The kernel answers these for a
+    broker busy in a long GC or a disk stall, so unlike AMQP heartbeats
+    of a few seconds (which RabbitMQ advises against: false positives),
+    they only fire when the peer's machine or network is really gone. The
+    AMQP heartbeat stays as the backstop for a broker process that hangs
+    while its kernel still answers.
+    """
+    timeout = max(1, int(dead_peer_timeout))
+    wanted = {"TCP_KEEPIDLE": 1, "TCP_KEEPINTVL": 1, "TCP_KEEPCNT": timeout,
+              "TCP_USER_TIMEOUT": int(dead_peer_timeout * 1000)}
+    # Only what this platform has (macOS has no TCP_KEEPIDLE by that name).
+    return {getattr(socket, name): value for name, value in wanted.items()
+            if hasattr(socket, name)}
+
+
+class HostRotation:
+    """Which host of a failover list the next connect attempt begins with.
+
+    Given to kombu as the connection's failover strategy, so a connection
+    and all its clones (one per session) share it. Each connect attempt
+    (connect_once) tries every host once, beginning after the host the
+    previous successful attempt used. One service's connections live on
+    one thread, so nothing here is locked.
+    """
+
+    def __init__(self):
+        self._next = None
+
+    def __call__(self, hosts):
+        # kombu's own failover (ensure_connection with retries) walks this.
+        return itertools.cycle(hosts)
+
+    def order(self, hosts):
+        """The hosts in the order this attempt should try them."""
+        start = hosts.index(self._next) if self._next in hosts else 0
+        return hosts[start:] + hosts[:start]
+
+    def connected(self, hosts, host):
+        self._next = hosts[(hosts.index(host) + 1) % len(hosts)]
+
+
+def connection(transport_url, *, heartbeat=30, ssl_opts=False,
+               dead_peer_timeout=DEAD_PEER_TIMEOUT):
     url = kombu_url(transport_url)
     options = {"confirm_publish": False}
     if url.startswith("memory://"):
         # kombu's in-process transport sleeps polling_interval (1 s) whenever
         # a poll finds nothing: far too slow for waiters in a demo.
         options["polling_interval"] = 0.002
+    elif dead_peer_timeout:
+        options["socket_settings"] = keepalive_settings(dead_peer_timeout)
     return kombu.Connection(url, heartbeat=heartbeat, ssl=ssl_opts,
-                            transport_options=options)
+                            transport_options=options,
+                            failover_strategy=HostRotation())
 
 
 def connect_once(conn):
-    """Connect now or raise the broker's error now.
+    """Connect now, to any host of the URL, or raise the broker's error now.
 
-    kombu's connect() retries once after a hidden 2 s wait; the caller's
-    tenacity loop owns backoff, so one quick attempt is what it wants.
+    One attempt per host, without kombu's hidden waits (its connect()
+    retries once after 2 s; its ensure_connection(max_retries=0) gives up
+    before it ever switches host): the caller's tenacity loop owns backoff.
+    The host list is the connection's failover list; the buffered
+    transport survives a switch because every host's URL names its scheme.
     """
-    conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+    hosts = list(conn.alt)
+    if len(hosts) < 2 or conn.connected:
+        conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+    else:
+        rotation = conn.failover_strategy
+        if not isinstance(rotation, HostRotation):
+            rotation = HostRotation()
+        order = rotation.order(hosts)
+        for i, host in enumerate(order):
+            conn.switch(host)
+            try:
+                conn.ensure_connection(max_retries=0,
+                                       reraise_as_library_errors=False)
+            except conn.connection_errors + (OSError,) as exc:
+                if i == len(order) - 1:
+                    raise
+                LOG.warning("broker %s: %s; trying %s", display(conn),
+                            exc or type(exc).__name__, _safe(order[i + 1]))
+                continue
+            rotation.connected(hosts, host)
+            break
     if not is_memory(conn):
         # py-amqp polls the socket (select + read, drain_events(timeout=0))
         # before every publish while connection.blocked is negotiated: a
