@@ -84,13 +84,25 @@ class RouterService:
         conn = bus_connection.connection(s.transport_url,
                                          heartbeat=s.heartbeat, ssl_opts=s.ssl)
         errors = conn.connection_errors + conn.channel_errors
-        for attempt in bus_connection.reconnecting(self._stop, "router",
-                                                   errors=errors):
-            with attempt:
-                try:
-                    _Session(self, conn.clone()).run()
-                finally:
-                    self.ready.clear()
+        lost = True
+        while lost and not self._stop.is_set():
+            lost = False
+            # A fresh retry loop per loss: the backoff of an outage last
+            # week must not delay the reconnect after today's.
+            for attempt in bus_connection.reconnecting(self._stop, "router",
+                                                       errors=errors):
+                with attempt:
+                    try:
+                        _Session(self, conn.clone()).run()
+                    except errors as exc:
+                        if not self.ready.is_set():
+                            raise       # never consumed: back off, retry
+                        lost = True
+                        self.stats["reconnects"] += 1
+                        LOG.warning("router %s: connection lost (%s), "
+                                    "reconnecting", s.name, exc)
+                    finally:
+                        self.ready.clear()
         LOG.info("router %s stopped", s.name)
 
 
