@@ -230,6 +230,19 @@ class InstanceEvents:
                         held.event.name, held.event.server_uuid, held.event.tag)
         return outcome
 
+    def first_sight(self, message_id):
+        """True, and remembered, if `message_id` was not seen before.
+
+        For events a service handles itself rather than waits for (Nova's
+        network-changed, for one): dedup without holding.
+        """
+        with self._lock:
+            if message_id in self._seen:
+                self.stats["duplicates"] += 1
+                return False
+            self._remember(message_id)
+            return True
+
     def clear(self, instance_uuid):
         """Cancel every pending and held event of an instance (delete, migrate)."""
         prefix = _key(instance_uuid, "", None)[0]
