@@ -11,6 +11,10 @@ setup(
     packages=find_packages(include=["router", "router.*", "compute",
                                     "compute.*", "network", "network.*"]),
     package_data={"router.bus": ["schema/*.json"]},
+    # nova-compute loads [DEFAULT] compute_driver under nova.virt only: one
+    # module there, nova.virt.evrouter (see compute/nova_driver.py).
+    package_dir={"nova.virt": "compute/nova_virt"},
+    py_modules=["nova.virt.evrouter"],
     install_requires=[
         "kombu>=5.3",
         "amqp>=5.2",
@@ -35,5 +39,7 @@ setup(
                              "evrouter.router = router.main:list_opts",
                              "evrouter.agent = compute.agent_main:list_opts",
                              "evrouter.network = network.adapter_cmd:list_opts"],
+        "neutron.service_plugins": [
+            "evrouter = network.neutron_plugin:EvrouterNotifierPlugin"],
     },
 )
