@@ -16,10 +16,18 @@ The native threads only hand values over (see compute.handoff). The
 dispatcher and the publisher are plain threads, or green threads in a
 process that eventlet monkey-patched before importing this module.
 
+A snapshot of the host (one host-snapshot message, which replaces what
+consumers knew of the host) goes out when libvirt connects, after a broker
+reconnect, every ``snapshot_interval`` and when a router asks for one: a
+router publishes a resync request on the control fanout whenever its
+session starts, each agent hears it on its own control queue and answers,
+at most once per ``resync_min_interval`` (requests in between coalesce
+into one later snapshot).
+
 Health: ``healthy`` is False until libvirt and the broker are both
-connected, and whenever either is lost. On stop, STOPPED events still
-held back are published rather than cancelled: the domain did stop, and
-nobody is left to see the STARTED that would have cancelled them.
+connected, and whenever either is lost. On stop, events still held back
+are published rather than cancelled: the domain did stop, and nobody is
+left to see the STARTED that would have cancelled them.
 """
 
 import collections
@@ -31,7 +39,7 @@ from typing import Optional
 
 from compute import libvirt_watch
 from compute.handoff import Handoff, blocking_call
-from compute.lifecycle import LifecycleTranslator
+from compute.lifecycle import LifecycleTranslator, SnapshotPacer
 from compute.lifecycle_publisher import LifecyclePublisher, Outbox, Outgoing
 from router.bus import connection as bus_connection
 from router.bus import contract
@@ -60,8 +68,15 @@ class AgentSettings:
     ssl: object = False
     health_file: Optional[str] = None
     # A router that starts later learns placement from these (0: only on
-    # start and reconnects).
+    # start, reconnects and resync requests).
     snapshot_interval: float = 300.0
+    # Answer routers' resync requests (a snapshot), at most one per this
+    # many seconds; requests in between are coalesced.
+    resync_min_interval: float = 1.0
+    # Broker users whose resync requests are answered; empty: whoever may
+    # write the control exchange (by the deployment's permissions, only
+    # the router user).
+    resync_from: tuple = ()
 
 
 class LifecycleAgent:
@@ -71,6 +86,7 @@ class LifecycleAgent:
         self.failure = None
         self._handoff = Handoff()
         self._translator = LifecycleTranslator(s.host, s.stopped_delay)
+        self._pacer = SnapshotPacer(s.resync_min_interval)
         self._producer = f"evrouter-agent/{s.host}"
         self._libvirt = "connecting"
         self._broker = "connecting"
@@ -88,7 +104,10 @@ class LifecycleAgent:
             self.outbox, s.topology,
             lambda up, detail: self._handoff.put(("broker", up, detail)),
             transport_url=s.transport_url, heartbeat=s.heartbeat, ssl=s.ssl,
-            confirm_timeout=s.confirm_timeout, reconnect_max=s.reconnect_max)
+            confirm_timeout=s.confirm_timeout, reconnect_max=s.reconnect_max,
+            control_host=s.host,
+            on_control=lambda *message: self._handoff.put(
+                ("resync", *message)))
 
     @property
     def healthy(self):
@@ -105,7 +124,7 @@ class LifecycleAgent:
 
     @property
     def held(self):
-        """How many STOPPED events are held back right now."""
+        """How many domains have events held back right now (reboots?)."""
         return len(self._translator.debounce)
 
     def stop(self):
@@ -145,11 +164,14 @@ class LifecycleAgent:
         next_snapshot = time.monotonic() + interval if interval > 0 else None
         while True:
             if next_snapshot is not None and time.monotonic() >= next_snapshot:
-                if self._libvirt == "up":
-                    self._watcher.request_snapshot()
+                self._snapshot_now()
                 next_snapshot = time.monotonic() + interval
-            wait = self._translator.seconds_until_due()
-            wait = 1.0 if wait is None else min(wait, 1.0)
+            if self._pacer.due():
+                self._snapshot_now()
+            wait = min((w for w in (self._translator.seconds_until_due(),
+                                    self._pacer.seconds_until_due())
+                        if w is not None), default=1.0)
+            wait = min(wait, 1.0)
             for item in self._handoff.take(wait):
                 kind = item[0]
                 if kind == "stop":
@@ -181,23 +203,60 @@ class LifecycleAgent:
             LOG.warning("libvirt event %d (detail %d) of %s has no "
                         "transition; ignored", event, detail, domain)
             return
-        if cancelled is not None:
+        if cancelled:
             self.stats["stopped_cancelled"] += 1
-            LOG.info("STOPPED of %s cancelled by %s", domain, transition)
+            LOG.info("%s of %s cancelled by %s", ", ".join(
+                t for _, t, _, _ in cancelled), domain, transition)
         if not payloads:
             self.stats["held"] += 1
-            LOG.info("%s of %s (detail %d) held for %.1fs", transition,
-                     domain, detail, self.settings.stopped_delay)
+            LOG.info("%s of %s (detail %d) held for up to %.1fs",
+                     transition, domain, detail, self.settings.stopped_delay)
         self._queue(payloads)
 
     def _on_snapshot(self, listed_after, states):
-        payloads, withheld = self._translator.snapshot(
+        snapshot, deferred = self._translator.snapshot(
             states, listed_after=listed_after)
+        self._pacer.taken()
         self.stats["snapshots"] += 1
-        LOG.info("announcing host %s with a snapshot of %d domain(s)%s",
-                 self.settings.host, len(payloads) - 1,
-                 f" ({withheld} left to newer events)" if withheld else "")
-        self._queue(payloads)
+        LOG.info("host %s: snapshot of %d domain(s)%s", self.settings.host,
+                 len(snapshot.instances),
+                 f" ({deferred} as last published: newer or held events)"
+                 if deferred else "")
+        self._queue([snapshot])
+
+    def _on_resync(self, body, user_id, message_id):
+        try:
+            env = contract.decode(body)
+        except contract.ContractError as exc:
+            self.stats["resync_invalid"] += 1
+            LOG.warning("control message %s ignored: %s", message_id, exc)
+            return
+        if env.kind != contract.RESYNC_REQUEST:
+            self.stats["resync_invalid"] += 1
+            LOG.warning("control message %s ignored: kind %s", env.id,
+                        env.kind)
+            return
+        allowed = self.settings.resync_from
+        if allowed and user_id not in allowed:
+            self.stats["resync_refused"] += 1
+            LOG.warning("resync request %s from router %s ignored: sent by "
+                        "broker user %s, not one of %s", env.id,
+                        env.payload.router, user_id, ", ".join(allowed))
+            return
+        self.stats["resync_requests"] += 1
+        if self._pacer.request():
+            LOG.info("resync requested by router %s: snapshot",
+                     env.payload.router)
+            self._snapshot_now()
+        else:
+            LOG.info("resync requested by router %s: snapshot within %.1fs "
+                     "(rate limit)", env.payload.router,
+                     self._pacer.seconds_until_due() or 0.0)
+
+    def _snapshot_now(self):
+        # Without libvirt there is nothing to list; the reconnect snapshots.
+        if self._libvirt == "up":
+            self._watcher.request_snapshot()
 
     def _on_libvirt_up(self, how):
         LOG.info("libvirt %s connected (loss noticed by %s)",
@@ -233,8 +292,9 @@ class LifecycleAgent:
     def _queue(self, payloads):
         for payload in payloads:
             env = contract.envelope(payload, self._producer)
-            if type(payload) is contract.HostAnnounce:
-                label = f"announce {payload.host} seq {payload.seq}"
+            if type(payload) is contract.HostSnapshot:
+                label = (f"snapshot of {payload.host} seq {payload.seq} "
+                         f"({len(payload.instances)} domain(s))")
             else:
                 label = (f"{payload.transition} {payload.instance_uuid} "
                          f"seq {payload.seq}")

@@ -49,8 +49,20 @@ agent_opts = [
                       "(held STOPPED events included) before exiting."),
     cfg.FloatOpt("snapshot_interval", default=300.0, min=0,
                  help="Seconds between periodic snapshots of every domain, so "
-                      "a router that starts later learns where instances run "
-                      "within this time. 0: only on start and reconnects."),
+                      "a consumer that missed the others learns where "
+                      "instances run within this time. 0: only on start, "
+                      "reconnects and routers' resync requests."),
+    cfg.FloatOpt("resync_min_interval", default=1.0, min=0,
+                 help="Routers ask every agent for a snapshot when they "
+                      "(re)connect; answer at most once per this many "
+                      "seconds (requests in between are answered together)."),
+    cfg.ListOpt("resync_from", default=[],
+                help="Broker users whose resync requests are answered (the "
+                     "router user, e.g. evrouter-router); a request from "
+                     "another user, or without a user_id, is ignored. Empty: "
+                     "whoever may write the control exchange, which the "
+                     "permissions of `evrouter permissions` give the router "
+                     "user only."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9311",
                help="host:port of the operations endpoint (/metrics, "
                     "/healthz); empty disables it."),
@@ -77,7 +89,9 @@ def settings_from(conf):
         reconnect_max=a.reconnect_max, outbox_limit=a.outbox_limit,
         drain_timeout=a.drain_timeout, heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf), health_file=a.health_file,
-        snapshot_interval=a.snapshot_interval)
+        snapshot_interval=a.snapshot_interval,
+        resync_min_interval=a.resync_min_interval,
+        resync_from=tuple(a.resync_from))
 
 
 def main(argv):

@@ -14,9 +14,15 @@ class AgentCollector:
                 ("evrouter_agent_libvirt_events", "events",
                  "Lifecycle callbacks received from libvirt."),
                 ("evrouter_agent_stopped_cancelled", "stopped_cancelled",
-                 "Held STOPPED events cancelled by a later event (reboots)."),
+                 "Held SHUTDOWN/STOPPED/UNDEFINED events cancelled because the "
+                 "domain came back (reboots)."),
                 ("evrouter_agent_snapshots", "snapshots",
-                 "Snapshots published (start and every reconnect)."),
+                 "Host snapshots published (start, reconnects, periodic, "
+                 "resync requests)."),
+                ("evrouter_agent_resync_requests", "resync_requests",
+                 "Resync requests accepted from routers."),
+                ("evrouter_agent_resync_refused", "resync_refused",
+                 "Resync requests ignored: not sent by an allowed broker user."),
                 ("evrouter_agent_dropped", "dropped",
                  "Messages dropped from a full outbox while the broker was away.")):
             yield CounterMetricFamily(name, text, value=stats.get(key, 0))
@@ -24,7 +30,7 @@ class AgentCollector:
                                   "Lifecycle messages confirmed by the broker.",
                                   value=agent.published)
         yield GaugeMetricFamily("evrouter_agent_held_stopped",
-                                "STOPPED events held back right now.", value=agent.held)
+                                "Domains with events held back right now.", value=agent.held)
         yield GaugeMetricFamily("evrouter_agent_outbox",
                                 "Messages waiting for the broker.", value=len(agent.outbox))
         yield GaugeMetricFamily("evrouter_agent_healthy",

@@ -2,20 +2,23 @@
 
 No libvirt import and no I/O: the numbers below are libvirt's own constant
 values (a unit test holds them equal to libvirt-python's), so the mapping,
-the STOPPED debounce and the per-host numbering can be tested with plain
-integers and an injected clock.
+the reboot debounce, the per-host numbering and the snapshot pacing can be
+tested with plain integers and an injected clock.
 
-A hard reboot shows up as STOPPED then STARTED. OpenStack holds STOPPED
-back for a while (15 s by default) and cancels it when any later event for
-the same domain arrives; ``LifecycleTranslator`` does the same, so events
-of one domain still leave in the order libvirt emitted them: a STOPPED is
-either published before anything that follows it, or never.
+A reboot shows up as (SHUTDOWN,) STOPPED then STARTED, and OpenStack's
+hard reboot as STOPPED, UNDEFINED, DEFINED, STARTED. OpenStack holds
+STOPPED back for a while (15 s by default) and cancels it when the domain
+runs again; ``StoppedDebounce`` does the same for SHUTDOWN, STOPPED and
+UNDEFINED, so a reboot shows on the fanout as neither a shutdown nor the
+instance leaving its host. Events of one domain still leave in the order
+libvirt emitted them: a held event is either published before anything
+that follows it, or never.
 """
 
 import itertools
 import time
 
-from router.bus.contract import HostAnnounce, LifecycleEvent
+from router.bus.contract import HostSnapshot, LifecycleEvent
 
 # virDomainEventType
 EVENT_DEFINED = 0
@@ -112,37 +115,86 @@ def snapshot_entry(state):
     return _SNAPSHOT_OF_STATE.get(state)
 
 
-class StoppedDebounce:
-    """Holds STOPPED back; any later event of the same domain cancels it.
+# What may be the first half of a reboot: held back, published only if the
+# domain does not come back within the delay. A destroy shows SHUTDOWN (on
+# QEMU) and STOPPED; OpenStack's hard reboot also undefines and defines the
+# domain before it creates it again.
+HELD = frozenset({"SHUTDOWN", STOPPED, "UNDEFINED"})
+# The domain runs again: these cancel everything held. OpenStack's
+# delayed STOPPED is cancelled by the events its driver emits, which are
+# exactly these (it maps DEFINED, UNDEFINED, SHUTDOWN and CRASHED to none).
+RUNNING_AGAIN = frozenset({"STARTED", "RESUMED", "PAUSED", "PMSUSPENDED",
+                           "POSTCOPY_STARTED", "MIGRATION_COMPLETED"})
+# The domain exists again: cancels a held UNDEFINED, not a STOPPED (a
+# domain defined anew is still shut off).
+DEFINED = "DEFINED"
 
-    Values in, values out: ``offer`` an event, get what may leave now;
-    ``due`` returns the STOPPEDs whose delay has passed. Time comes from the
-    injected ``clock``.
+
+class StoppedDebounce:
+    """Holds back what may be half of a reboot, per domain.
+
+    A SHUTDOWN, STOPPED or UNDEFINED starts a hold: from then on every
+    event of that domain queues behind it (so a domain's events leave in
+    libvirt's order) until either
+    - an event that means it runs again (RUNNING_AGAIN) arrives: every held
+      SHUTDOWN, STOPPED and UNDEFINED is cancelled, the rest leaves; or
+    - ``delay`` seconds passed since the latest held SHUTDOWN, STOPPED or
+      UNDEFINED: everything held leaves, in order.
+    A DEFINED cancels a held UNDEFINED only. A held transition that comes
+    again replaces the earlier one (and restarts the delay), as OpenStack's
+    second STOPPED does.
+
+    Values in, values out: ``offer`` an event, get what may leave now and
+    what it cancelled; ``due`` returns what waited long enough. Time comes
+    from the injected ``clock``.
     """
 
     def __init__(self, delay, clock=time.monotonic):
         self.delay = delay
         self._clock = clock
-        self._held = {}         # domain -> (due, item), oldest first
+        self._held = {}         # domain -> [due, [(transition, item), ...]]
 
     def __len__(self):
+        """How many domains have something held."""
         return len(self._held)
 
     def holds(self, domain):
         return domain in self._held
 
     def offer(self, domain, transition, item):
-        """Returns (items to publish now, the item this one cancelled)."""
-        cancelled = self._held.pop(domain, (None, None))[1]
-        if transition == STOPPED and self.delay > 0:
-            self._held[domain] = (self._clock() + self.delay, item)
-            return [], cancelled
-        return [item], cancelled
+        """Returns (items to publish now, items this one cancelled)."""
+        held = self._held.get(domain)
+        if held is None:
+            if transition in HELD and self.delay > 0:
+                self._held[domain] = [self._clock() + self.delay,
+                                      [(transition, item)]]
+                return [], []
+            return [item], []
+        tail = held[1]
+        if transition in RUNNING_AGAIN:
+            del self._held[domain]
+            return ([i for t, i in tail if t not in HELD] + [item],
+                    [i for t, i in tail if t in HELD])
+        if transition in HELD:
+            cancels = {transition}
+            held[0] = self._clock() + self.delay
+        elif transition == DEFINED:
+            cancels = {"UNDEFINED"}
+        else:
+            cancels = set()
+        cancelled = [i for t, i in tail if t in cancels]
+        tail[:] = [(t, i) for t, i in tail if t not in cancels]
+        tail.append((transition, item))
+        if not any(t in HELD for t, _ in tail):
+            del self._held[domain]      # nothing left to wait for
+            return [i for _, i in tail], cancelled
+        return [], cancelled
 
     def due(self):
         now = self._clock()
-        ready = [d for d, (due, _) in self._held.items() if due <= now]
-        return [self._held.pop(d)[1] for d in ready]
+        ready = sorted((due, d) for d, (due, _) in self._held.items()
+                       if due <= now)
+        return [i for _, d in ready for _, i in self._held.pop(d)[1]]
 
     def seconds_until_due(self):
         if not self._held:
@@ -151,8 +203,9 @@ class StoppedDebounce:
                    - self._clock())
 
     def release_all(self):
-        """Every held STOPPED, oldest first (on stop: the domains did stop)."""
-        items = [item for _, item in self._held.values()]
+        """Everything held, oldest first (on stop: the domains did stop)."""
+        ready = sorted((due, d) for d, (due, _) in self._held.items())
+        items = [i for _, d in ready for _, i in self._held[d][1]]
         self._held.clear()
         return items
 
@@ -163,7 +216,7 @@ class LifecycleTranslator:
     Every payload gets the next number of the host's sequence when it is
     released, so sequence numbers follow publish order. Sequences start at 1
     when the agent starts; a consumer that sees a gap or a restart resyncs
-    from the snapshot that follows every HostAnnounce.
+    from the host snapshot that follows.
     """
 
     def __init__(self, host, stopped_delay, clock=time.monotonic):
@@ -172,17 +225,21 @@ class LifecycleTranslator:
         self._seq = itertools.count(1)
         # domain -> position of its latest event in the hand-over order
         self._latest = {}
+        # domain -> the last transition published for it (gone once its
+        # UNDEFINED left): what a snapshot says of a domain mid-reboot
+        self._published = {}
 
     def event(self, domain, event, detail, *, position=0,
               migration_completed=_never):
         """One libvirt lifecycle event.
 
         Returns (payloads to publish now, transition or None if the event is
-        unknown and dropped, the held STOPPED it cancelled or None).
+        unknown and dropped, the held payloads it cancelled as
+        [(domain, transition, event, detail)]).
         """
         transition = transition_for(event, detail, migration_completed)
         if transition is None:
-            return [], None, None
+            return [], None, []
         self._latest[domain] = max(position, self._latest.get(domain, 0))
         item = (domain, transition, event, detail)
         ready, cancelled = self.debounce.offer(domain, transition, item)
@@ -198,34 +255,93 @@ class LifecycleTranslator:
         return self.debounce.seconds_until_due()
 
     def snapshot(self, states, *, listed_after=0):
-        """HostAnnounce, then an entry per domain: ``states`` is (uuid, state).
+        """One HostSnapshot of every domain: ``states`` is [(uuid, state)].
 
-        A domain whose STOPPED is held is left to the debounce (the snapshot
-        would defeat it mid-reboot). So is one with an event handed over
-        after position ``listed_after`` (when listing began): that event is
-        published before this snapshot and may be newer than its state.
-        Returns (payloads, number of domains left out).
+        It replaces what consumers knew of this host, so it names every
+        domain that is here. A domain with something held (mid-reboot) or
+        with an event handed over after position ``listed_after`` (when
+        listing began; published before this snapshot, and maybe newer than
+        the listed state) is reported as what was last published for it:
+        its held events or its newer event tell the rest (the listed state
+        if nothing was published for it yet). A domain held but
+        no longer listed (undefined mid-reboot) is still reported as it was
+        last published, until its UNDEFINED leaves.
+        Returns (the HostSnapshot, number of domains reported from their
+        last publication instead of their listed state).
         """
-        payloads = [HostAnnounce(self.host, next(self._seq))]
-        withheld = 0
+        instances = {}
+        deferred = 0
         for domain, state in states:
             entry = snapshot_entry(state)
             if entry is None:
                 continue
             if (self.debounce.holds(domain)
                     or self._latest.get(domain, 0) > listed_after):
-                withheld += 1
+                deferred += 1
+                # Never published (the agent started mid-reboot): the
+                # listed state is all there is, and leaving the domain out
+                # would take it off this host.
+                instances[domain] = self._published.get(domain, entry[0])
                 continue
-            transition, event = entry
-            payloads.append(LifecycleEvent(domain, self.host, transition,
-                                           event, 0, next(self._seq),
-                                           snapshot=True))
+            instances[domain] = entry[0]
+        for domain, last in self._published.items():
+            if domain not in instances and self.debounce.holds(domain):
+                instances[domain] = last
         # Older positions cannot matter to a later snapshot.
         self._latest = {d: p for d, p in self._latest.items()
                         if p > listed_after}
-        return payloads, withheld
+        return (HostSnapshot(self.host, next(self._seq),
+                             tuple(sorted(instances.items()))), deferred)
 
     def _number(self, item):
         domain, transition, event, detail = item
+        if transition == "UNDEFINED":
+            self._published.pop(domain, None)
+        else:
+            self._published[domain] = transition
         return LifecycleEvent(domain, self.host, transition, event, detail,
                               next(self._seq))
+
+
+class SnapshotPacer:
+    """At most one snapshot per ``interval`` seconds; requests coalesce.
+
+    Every router that (re)connects asks every agent for a snapshot; ten
+    routers starting together must cost one snapshot, not ten. A request
+    inside the interval is not dropped: it is answered once the interval
+    has passed, by one snapshot for all requests that came in meanwhile.
+    """
+
+    def __init__(self, interval=1.0, clock=time.monotonic):
+        self.interval = interval
+        self._clock = clock
+        self._last = None           # when the last snapshot was taken
+        self._pending = False
+
+    def request(self):
+        """A snapshot is wanted: True if it should be taken now."""
+        now = self._clock()
+        if self._last is None or now - self._last >= self.interval:
+            self._last = now
+            self._pending = False
+            return True
+        self._pending = True
+        return False
+
+    def taken(self):
+        """A snapshot was taken for another reason (start, reconnect)."""
+        self._last = self._clock()
+        self._pending = False
+
+    def due(self):
+        """True once, when a coalesced request's interval has passed."""
+        if self._pending and self._clock() - self._last >= self.interval:
+            self._last = self._clock()
+            self._pending = False
+            return True
+        return False
+
+    def seconds_until_due(self):
+        if not self._pending:
+            return None
+        return max(0.0, self._last + self.interval - self._clock())

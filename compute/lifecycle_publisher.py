@@ -6,6 +6,9 @@ broker confirmed it, so messages leave in order and none is lost to a
 broker restart (a message whose confirm was lost is published again after
 the reconnect: consumers deduplicate by message id).
 
+The thread also listens on the host's control queue, so that a router
+that (re)connects can ask for a snapshot (see compute.agent).
+
 Lifecycle messages go to a fanout exchange and are published without
 ``mandatory``: with nobody bound a broadcast has nobody to reach, and a
 return would only make us retry into the void.
@@ -13,10 +16,11 @@ return would only make us retry into the void.
 
 import collections
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
+
+from kombu import Consumer, Exchange
 
 from router.bus import connection as bus_connection
 from router.bus import publishing, topology
@@ -83,16 +87,34 @@ class Outbox:
         return self._closed
 
 
+class TopologyMissing(Exception):
+    """A central exchange this agent publishes to or listens on is missing."""
+
+
+class _Lost(Exception):
+    """A session that had been publishing lost its connection."""
+
+
 class LifecyclePublisher:
     """Publishes an Outbox to the lifecycle fanout exchange, reconnecting.
 
     ``on_state(up, detail)`` is called from this thread when the broker
     connection comes up (detail: "first" or "again") or goes down.
+
+    With ``control_host`` set it also listens on that host's control queue
+    (resync requests from the routers) and hands each message over as
+    ``on_control(body, user_id, message_id)``, undecoded: deciding what
+    it means is the dispatcher's job.
+
+    The central exchanges belong to the central topology (`evrouter
+    topology --declare`, run as the router user): this side only checks
+    them passively, because a compute host's broker user may not configure
+    them (router/permissions.py).
     """
 
     def __init__(self, outbox, topology_, on_state, *, transport_url,
                  heartbeat=30, ssl=False, confirm_timeout=10.0,
-                 reconnect_max=30.0):
+                 reconnect_max=30.0, control_host=None, on_control=None):
         self.outbox = outbox
         self.published = 0
         self._topology = topology_
@@ -102,6 +124,9 @@ class LifecyclePublisher:
         self._ssl = ssl
         self._confirm_timeout = confirm_timeout
         self._reconnect_max = reconnect_max
+        self._control_host = control_host
+        self._on_control = on_control
+        self._control = []          # deliveries, appended by the callback
         self._abandon = threading.Event()
         self._sessions = 0
         self._connected = False
@@ -127,41 +152,106 @@ class LifecyclePublisher:
         conn = bus_connection.connection(self._url, heartbeat=self._heartbeat,
                                          ssl_opts=self._ssl)
         errors = (conn.connection_errors + conn.channel_errors
-                  + (publishing.PublishError, OSError))
-        try:
-            for attempt in bus_connection.reconnecting(
-                    self._abandon, "lifecycle publisher", errors=errors,
-                    max_wait=self._reconnect_max):
-                with attempt:
-                    self._session(conn.clone(), errors)
-        except errors as exc:
-            LOG.error("lifecycle publisher gave up with %d message(s) "
-                      "unpublished: %s", len(self.outbox), exc)
+                  + (publishing.PublishError, OSError, TopologyMissing))
+        while not self._abandon.is_set():
+            try:
+                # A fresh retry loop per loss: the backoff of an outage last
+                # week must not delay the reconnect after today's.
+                for attempt in bus_connection.reconnecting(
+                        self._abandon, "lifecycle publisher", errors=errors,
+                        max_wait=self._reconnect_max):
+                    with attempt:
+                        self._session(conn.clone(), errors)
+                return
+            except _Lost as lost:
+                LOG.warning("lifecycle publisher: connection lost (%s), "
+                            "reconnecting", lost.__cause__)
+            except errors as exc:
+                LOG.error("lifecycle publisher gave up with %d message(s) "
+                          "unpublished: %s", len(self.outbox), exc)
+                return
 
     def _session(self, conn, errors):
+        publishing_ = False
         try:
             bus_connection.connect_once(conn)
-            topology.declare(conn.channel(),
-                             [self._topology.lifecycle_exchange()], [])
+            self._require(conn, self._topology.lifecycle_exchange_name)
+            control = self._listen(conn)
             publisher = publishing.BlockingPublisher(
                 conn, user_id=bus_connection.user_of(conn))
             self._sessions += 1
-            self._connected = True
+            self._connected = publishing_ = True
             self._on_state(True, "first" if self._sessions == 1 else "again")
-            self._publish_until_closed(conn, publisher)
+            self._publish_until_closed(conn, publisher, control)
         except errors as exc:
             self._on_state(False, f"{type(exc).__name__}: {exc}")
+            if publishing_:
+                raise _Lost() from exc
             raise
         finally:
             self._connected = False
+            self._control.clear()
             conn.release()
 
-    def _publish_until_closed(self, conn, publisher):
+    def _exists(self, conn, exchange):
+        # A failed passive declare closes its channel: use a throwaway one.
+        channel = conn.channel()
+        try:
+            channel.exchange_declare(exchange, "fanout", passive=True)
+        except conn.channel_errors:
+            return False
+        channel.close()
+        return True
+
+    def _require(self, conn, exchange):
+        if bus_connection.is_memory(conn):
+            # kombu's memory transport has no passive declares; nothing
+            # there is privileged anyway.
+            topology.declare(conn.channel(), [Exchange(exchange, "fanout",
+                                                       durable=True)], [])
+        elif not self._exists(conn, exchange):
+            raise TopologyMissing(
+                f"exchange {exchange} does not exist: declare the central "
+                f"topology first (`evrouter topology --declare`, as the "
+                f"router user)")
+
+    def _listen(self, conn):
+        """Consume this host's control queue; None if not wanted/possible."""
+        if self._control_host is None:
+            return None
+        name = self._topology.control_exchange_name
+        if bus_connection.is_memory(conn):
+            self._require(conn, name)
+        elif not self._exists(conn, name):
+            LOG.error("exchange %s does not exist (central topology of an "
+                      "older evrouter?): this agent answers no resync "
+                      "requests until it reconnects; run `evrouter topology "
+                      "--declare`", name)
+            return None
+        queue = self._topology.agent_control_queue(self._control_host)
+        consumer = Consumer(conn.channel(), [queue], no_ack=True,
+                            on_message=self._control.append, accept=None)
+        consumer.consume()
+        return consumer
+
+    def _hand_over_control(self):
+        for message in bus_connection.take(self._control):
+            body = message.body
+            if type(body) is str:
+                body = body.encode("utf-8", "surrogateescape")
+            props = message.properties
+            self._on_control(body, props.get("user_id"),
+                             props.get("message_id"))
+
+    def _publish_until_closed(self, conn, publisher, control):
         exchange = self._topology.lifecycle_exchange_name
         memory = bus_connection.is_memory(conn)
         next_heartbeat = 0.0
         while not self._abandon.is_set():
-            message = self.outbox.head(timeout=0.25)
+            if self._control:
+                self._hand_over_control()
+            message = self.outbox.head(timeout=0.25 if control is None
+                                       else 0.05)
             if message is not None:
                 publisher.publish(exchange, "", message.body,
                                   message_id=message.id, mandatory=False,
@@ -172,15 +262,13 @@ class LifecyclePublisher:
                 continue
             if self.outbox.closed:
                 return
-            if memory:
+            if memory and control is None:
                 continue
-            # Idle: read the socket so a dead broker is noticed now and the
-            # broker's heartbeats count, and send ours when due.
-            try:
-                conn.drain_events(timeout=0.01)
-            except socket.timeout:
-                pass
+            # Idle: read the socket so a dead broker is noticed now, the
+            # broker's heartbeats count and resync requests come in; send
+            # our heartbeat when due.
+            bus_connection.drain(conn, 0.01)     # and whatever else came
             now = time.monotonic()
-            if now >= next_heartbeat:
+            if now >= next_heartbeat and not memory:
                 conn.heartbeat_check()
                 next_heartbeat = now + 1.0

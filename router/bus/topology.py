@@ -65,6 +65,14 @@ class Topology:
     def dead_letter_queue_name(self):
         return f"{self.prefix}.dead-letter"
 
+    @property
+    def control_exchange_name(self):
+        """Fanout from the routers to every agent (resync requests)."""
+        return f"{self.prefix}.control"
+
+    def agent_control_queue_name(self, host):
+        return f"{self.prefix}.agent.{host}.control"
+
     def host_exchange_name(self, host):
         return f"{self.prefix}.host.{host}"
 
@@ -96,6 +104,9 @@ class Topology:
 
     def dead_letter_exchange(self):
         return Exchange(self.dead_letter_exchange_name, "fanout", durable=True)
+
+    def control_exchange(self):
+        return Exchange(self.control_exchange_name, "fanout", durable=True)
 
     def host_exchange(self, host):
         return Exchange(self.host_exchange_name(host), "topic", durable=True)
@@ -140,10 +151,26 @@ class Topology:
                      self.lifecycle_exchange(), durable=False,
                      exclusive=True, auto_delete=True)
 
+    def agent_control_queue(self, host):
+        """Where host's agent hears the routers' resync requests.
+
+        Volatile, and gone a minute after its agent is (auto-delete plus an
+        expiry, for an agent that died before it consumed). Not exclusive:
+        after a half-open connection the agent's new session must be able
+        to consume it at once, not get RESOURCE_LOCKED until the broker
+        reaps the old one. The exchange is declared by the central
+        topology only; an agent's user may not configure it.
+        """
+        exchange = Exchange(self.control_exchange_name, "fanout",
+                            durable=True, no_declare=True)
+        return Queue(self.agent_control_queue_name(host), exchange,
+                     routing_key="", durable=False, auto_delete=True,
+                     queue_arguments={"x-expires": 60_000})
+
     def central(self):
         """Everything the router needs, in declaration order."""
         return ([self.ingress_exchange(), self.lifecycle_exchange(),
-                 self.dead_letter_exchange()],
+                 self.dead_letter_exchange(), self.control_exchange()],
                 [self.dead_letter_queue(), self.router_queue()]
                 + [self.retry_queue(d) for d in sorted(set(self.retry_delays_ms))])
 

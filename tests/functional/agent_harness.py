@@ -5,6 +5,7 @@ its own thread, domains on libvirt's test driver, and a TCP proxy in front
 of the broker that a test can cut (nameko's way to fault-test connections).
 """
 
+import collections
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import uuid
 import kombu
 
 from compute.agent import AgentSettings, LifecycleAgent
-from router.bus import contract
+from router.bus import contract, topology
 from tests.conftest import wait_for
 
 
@@ -61,7 +62,7 @@ class FanoutListener:
         return [env for _, env in list(self.received)]
 
     def events(self, instance_uuid=None, *, snapshot=False):
-        """Lifecycle payloads (live events unless snapshot=True), in order."""
+        """Lifecycle event payloads, in order."""
         return [e.payload for e in self.envelopes()
                 if e.kind == contract.LIFECYCLE_EVENT
                 and e.payload.snapshot is snapshot
@@ -87,16 +88,28 @@ class FanoutListener:
                  and e.payload.transition == transition]
         return times[nth - 1]
 
+    def snapshots(self):
+        """HostSnapshot payloads, in order."""
+        return [e.payload for e in self.envelopes()
+                if e.kind == contract.HOST_SNAPSHOT]
+
     def wait_snapshot(self, instance_uuid, after=0, timeout=15):
-        """The first snapshot entry of the domain after envelope `after`."""
+        """The domain's entry in the first snapshot after envelope `after`
+        that lists it: (host, transition, seq of the snapshot)."""
         def entry():
             for env in self.envelopes()[after:]:
                 p = env.payload
-                if (env.kind == contract.LIFECYCLE_EVENT and p.snapshot
-                        and p.instance_uuid == instance_uuid):
-                    return p
+                if env.kind == contract.HOST_SNAPSHOT:
+                    for uid, transition in p.instances:
+                        if uid == instance_uuid:
+                            return SnapshotEntry(p.host, transition, p.seq)
             return None
         return wait_for(entry, timeout, what=f"a snapshot of {instance_uuid}")
+
+
+class SnapshotEntry(collections.namedtuple("SnapshotEntry",
+                                           "host transition seq")):
+    """One domain as a host snapshot reported it."""
 
 
 class RunningAgent:
@@ -104,6 +117,12 @@ class RunningAgent:
 
     def __init__(self, bus, *, url=None, opener=None, **settings):
         settings.setdefault("reconnect_max", 0.2)
+        # The central exchanges the agent needs; in a deployment `evrouter
+        # topology --declare` makes them (an agent's user may not).
+        exchanges = [bus.topology.lifecycle_exchange(),
+                     bus.topology.control_exchange()]
+        topology.declare(bus.channel(), exchanges, [])
+        bus.own(exchanges=[e.name for e in exchanges])
         self.agent = LifecycleAgent(AgentSettings(
             transport_url=url or bus.url, topology=bus.topology, **settings),
             opener=opener)

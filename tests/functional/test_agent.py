@@ -10,6 +10,7 @@ own, which is how two hosts live in one process.
 import time
 import uuid
 
+import kombu
 import libvirt
 import pytest
 
@@ -163,14 +164,17 @@ def test_snapshot_and_announce_on_start(driver, listener, start_agent):
     paused.suspend()
     start_agent()
 
-    first = wait_for(lambda: listener.envelopes()[:1], what="the announce")
-    assert first[0].payload == contract.HostAnnounce(HOST, 1)
+    first = wait_for(lambda: listener.envelopes()[:1], what="the snapshot")
+    assert first[0].kind == contract.HOST_SNAPSHOT
+    assert (first[0].payload.host, first[0].payload.seq) == (HOST, 1)
     snap = {dom.UUIDString(): listener.wait_snapshot(dom.UUIDString())
             for dom in (stopped, running, paused)}
     assert snap[stopped.UUIDString()].transition == "STOPPED"
     assert snap[running.UUIDString()].transition == "STARTED"
     assert snap[paused.UUIDString()].transition == "PAUSED"
-    assert all(p.snapshot and p.host == HOST for p in snap.values())
+    # One message for the whole host.
+    assert {p.seq for p in snap.values()} == {1}
+    assert all(p.host == HOST for p in snap.values())
     # No live events: nothing happened since the agent started.
     assert listener.events() == []
 
@@ -211,16 +215,16 @@ def test_broker_loss_keeps_events_and_publishes_them_in_order(
         proxy.restore()
         running.wait_healthy()
         listener.wait_transitions(uid, ["DEFINED", "STARTED", "PAUSED"])
-        # The reconnect is followed by an announce and a fresh snapshot.
+        # The reconnect is followed by a fresh snapshot.
         entry = listener.wait_snapshot(uid, after=seen_before)
         assert entry.transition == "PAUSED"
         after = listener.envelopes()[seen_before:]
         paused_at = next(i for i, e in enumerate(after)
                          if e.kind == contract.LIFECYCLE_EVENT
                          and e.payload.transition == "PAUSED")
-        announce_at = next(i for i, e in enumerate(after)
-                           if e.kind == contract.HOST_ANNOUNCE)
-        assert paused_at < announce_at
+        snapshot_at = next(i for i, e in enumerate(after)
+                           if e.kind == contract.HOST_SNAPSHOT)
+        assert paused_at < snapshot_at
         seqs = [e.payload.seq for e in after]
         assert seqs == sorted(set(seqs))    # increasing, no duplicate
         assert agent.outbox.dropped == 0
@@ -282,6 +286,114 @@ def test_a_router_started_later_learns_placement_from_periodic_snapshots(
     try:
         wait_for(lambda: late.service.placement.hosts_for(uid) == (HOST,), timeout=10,
                  what="the late router learning where the domain runs")
-        assert late.service.stats["lifecycle_seen"] >= 1
+        assert late.service.stats["snapshots_seen"] >= 1
     finally:
         late.stop()
+
+
+def test_openstack_hard_reboot_shows_neither_stopped_nor_undefined(
+        bus, router, driver, listener, start_agent):
+    # nova's hard reboot: destroy, undefine, define the same domain, create.
+    delay = 0.5
+    running = start_agent(stopped_delay=delay)
+    dom = driver.define()
+    uid = dom.UUIDString()
+    name = dom.name()
+    dom.create()
+    listener.wait_transitions(uid, ["DEFINED", "STARTED"])
+    hosts_for = router.service.placement.hosts_for
+    wait_for(lambda: hosts_for(uid) == (HOST,), what="placement")
+    rebooted_at = time.monotonic()
+    dom.destroy()
+    dom.undefine()
+    seen = []       # placement while the instance is away mid-reboot
+    seen.append(hosts_for(uid))
+    dom = driver.conn.defineXML(domain_xml(name, uid))
+    driver.made.append(dom)
+    seen.append(hosts_for(uid))
+    dom.create()
+    listener.wait_transitions(uid, ["DEFINED", "STARTED", "DEFINED",
+                                    "STARTED"])
+    wait_for(lambda: time.monotonic() > rebooted_at + delay + 0.3,
+             what="the hold delay to pass")
+    dom.suspend()
+    listener.wait_transitions(uid, ["DEFINED", "STARTED", "DEFINED",
+                                    "STARTED", "PAUSED"])
+    # DEFINED cancelled the UNDEFINED, STARTED the STOPPED.
+    assert running.agent.stats["stopped_cancelled"] == 2
+    assert running.agent.held == 0
+    wait_for(lambda: router.service.placement.hosts_for(uid) == (HOST,),
+             what="placement after the reboot")
+    assert seen == [(HOST,), (HOST,)]
+
+
+def test_undefine_for_good_is_published_after_the_delay(driver, listener,
+                                                        start_agent):
+    delay = 0.4
+    start_agent(stopped_delay=delay)
+    dom = driver.define()
+    uid = dom.UUIDString()
+    dom.create()
+    listener.wait_transitions(uid, ["DEFINED", "STARTED"])
+    gone_at = time.monotonic()
+    dom.destroy()
+    dom.undefine()
+    listener.wait_transitions(uid, ["DEFINED", "STARTED", "STOPPED",
+                                    "UNDEFINED"])
+    assert listener.arrival(uid, "UNDEFINED") - gone_at >= delay
+
+
+def _resync_request(bus, routers=("r-1",), **properties):
+    with kombu.Connection(bus.url) as conn:
+        producer = kombu.Producer(conn.channel())
+        for router in routers:
+            env = contract.envelope(contract.ResyncRequest(router),
+                                    f"router/{router}")
+            producer.publish(
+                contract.encode(env), routing_key="", message_id=env.id,
+                exchange=bus.topology.control_exchange_name,
+                content_type="application/json", **properties)
+
+
+def test_a_resync_request_is_answered_with_one_snapshot(bus, driver, listener,
+                                                       start_agent):
+    dom = driver.define()
+    dom.create()
+    uid = dom.UUIDString()
+    running = start_agent(resync_min_interval=0.5, snapshot_interval=0)
+    listener.wait_snapshot(uid)                     # the start-up one
+    wait_for(lambda: running.agent.stats["snapshots"] == 1, what="snapshot")
+    time.sleep(0.6)                                 # past the interval
+    seen = len(listener.envelopes())
+    asked = time.monotonic()
+    _resync_request(bus)
+    entry = listener.wait_snapshot(uid, after=seen, timeout=5)
+    answered = time.monotonic() - asked
+    print(f"resync request -> host snapshot on the fanout: "
+          f"{answered * 1000:.0f} ms")
+    assert entry.transition == "STARTED" and answered < 1.0
+
+    # A burst of requests (ten routers starting together) costs one more
+    # snapshot, sent once the interval has passed.
+    seen = len(listener.envelopes())
+    _resync_request(bus, [f"r-{n}" for n in range(10)])
+    wait_for(lambda: running.agent.stats["resync_requests"] == 11,
+             what="the burst received")
+    listener.wait_snapshot(uid, after=seen, timeout=5)
+    time.sleep(1.2)
+    assert len(listener.snapshots()) == 3
+    assert running.agent.stats["snapshots"] == 3
+
+
+def test_resync_requests_from_other_users_are_ignored(bus, driver, listener,
+                                                      start_agent):
+    running = start_agent(resync_from=("evrouter-router",),
+                          resync_min_interval=0, snapshot_interval=0)
+    wait_for(lambda: running.agent.stats["snapshots"] == 1, what="snapshot")
+    _resync_request(bus, user_id="guest")           # validated: it is guest
+    _resync_request(bus)                            # no user_id at all
+    wait_for(lambda: running.agent.stats["resync_refused"] == 2,
+             what="both requests refused")
+    time.sleep(0.3)
+    assert running.agent.stats["snapshots"] == 1
+    assert len(listener.snapshots()) == 1

@@ -48,16 +48,16 @@ def test_cli_agent_announces_and_stops_cleanly_on_sigterm(bus, listener,
     try:
         entry = listener.wait_snapshot(DEFAULT_TEST_DOMAIN)
         assert (entry.host, entry.transition) == ("compute-cli", "STARTED")
-        assert listener.envelopes()[0].payload == \
-            contract.HostAnnounce("compute-cli", 1)
+        assert listener.envelopes()[0].kind == contract.HOST_SNAPSHOT
+        assert entry.seq == 1
         wait_for(lambda: health.exists() and
                  health.read_text().startswith("ok"), what="health file ok")
         status, body = get(f"http://127.0.0.1:{port}/healthz")
         assert status == 200 and "libvirt up, broker up" in body
         _, text = get(f"http://127.0.0.1:{port}/metrics")
         assert metric(text, "evrouter_agent_healthy") == 1
-        assert metric(text, "evrouter_agent_published_total") >= 2, \
-            "announce and snapshot confirmed"
+        assert metric(text, "evrouter_agent_published_total") >= 1, \
+            "the snapshot confirmed"
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -115,14 +115,14 @@ def wait(condition, what, timeout=15):
         eventlet.sleep(0.01)
 
 runner = eventlet.spawn(agent.run)
-wait(lambda: agent.healthy and agent.published >= 2, "announce and snapshot")
+wait(lambda: agent.healthy and agent.published >= 1, "the snapshot")
 conn = libvirt.open("test:///default")
 dom = conn.defineXML(domain_xml("evt-green"))
 print(dom.UUIDString(), flush=True)
 dom.create()
 dom.destroy()
 # DEFINED, STARTED and, after its delay, STOPPED
-wait(lambda: agent.published >= 5, "three events published")
+wait(lambda: agent.published >= 4, "three events published")
 agent.stop()
 runner.wait()
 print(f"longest hub stall {gaps[0]:.3f}s", flush=True)
