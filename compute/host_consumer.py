@@ -10,6 +10,7 @@ that harmless.
 """
 
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from compute import events
 from router import acks
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
-from router.bus import contract, publishing, topology
+from router.bus import contract, inbound, publishing, topology
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
@@ -39,6 +40,16 @@ class HostConsumerSettings:
     drain_timeout: float = 5.0
     heartbeat: int = 30
     ssl: object = False
+    # Deliveries of one message that never got settled before it is
+    # dead-lettered poison (counted here; quorum queues count themselves).
+    redelivery_limit: int = 5
+
+
+# A consumer thread that failed is started again after this long (doubling
+# up to the maximum while it keeps failing).
+_RESTART_DELAY = 0.5
+_RESTART_MAX = 30.0
+_REDELIVERY_MEMORY = 10_000
 
 
 class _Lost(Exception):
@@ -49,21 +60,72 @@ class HostConsumer:
     """Feeds ``deliver(event, message_id)`` (InstanceEvents.deliver) from
     this host's queue. Run ``run()`` on a thread of its own."""
 
-    def __init__(self, settings, deliver):
+    def __init__(self, settings, deliver, *, on_failure=None):
         self.settings = settings
         self.deliver = deliver
+        # InstanceEvents.deliver tells a late event of a finished wait by
+        # the envelope's created_at; a plain callable may not take it.
+        self.deliver_takes_created_at = _accepts(deliver, "created_at")
         self.stats = collections.Counter()
         self.ready = threading.Event()      # set while consuming
         # The current session's kombu Connection, for diagnostics and fault
         # tests; None between sessions.
         self.connection = None
+        # on_failure(exc): told each time the consumer failed unexpectedly
+        # and is about to be restarted (the embedding service's hook).
+        self.on_failure = on_failure
+        self.last_failure = None            # (monotonic time, repr)
         self._stop = threading.Event()
+        # message key -> unsettled deliveries seen; survives restarts
+        self._redeliveries = collections.OrderedDict()
 
     def stop(self):
         """Finish what is in hand and return from run(). Signal-safe."""
         self._stop.set()
 
+    def start(self, name=None):
+        """run() on a daemon thread of its own; returns the thread."""
+        thread = threading.Thread(
+            target=self.run, daemon=True,
+            name=name or f"evrouter-host-consumer-{self.settings.host}")
+        thread.start()
+        return thread
+
+    def health(self):
+        """(ok, why) for the embedding service's health check."""
+        if self.ready.is_set():
+            return True, "consuming"
+        if self.last_failure is not None:
+            return False, f"restarting after: {self.last_failure[1]}"
+        return False, "not connected to the broker"
+
     def run(self):
+        """Consume until stop(): supervised, so a bug restarts the consumer
+        (logged at ERROR, reported to on_failure) instead of ending it."""
+        delay = _RESTART_DELAY
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._consume()
+                return
+            except Exception as exc:
+                self.stats["failures"] += 1
+                self.last_failure = (time.monotonic(),
+                                     f"{type(exc).__name__}: {exc}"[:300])
+                LOG.error("host consumer %s failed; restarting in %.1fs",
+                          self.settings.host, delay, exc_info=True)
+                if self.on_failure is not None:
+                    try:
+                        self.on_failure(exc)
+                    except Exception:
+                        LOG.exception("host consumer %s: on_failure hook "
+                                      "raised", self.settings.host)
+                if time.monotonic() - started > _RESTART_MAX:
+                    delay = _RESTART_DELAY      # it had been running fine
+                self._stop.wait(delay)
+                delay = min(delay * 2, _RESTART_MAX)
+
+    def _consume(self):
         s = self.settings
         conn = bus_connection.connection(s.transport_url,
                                          heartbeat=s.heartbeat, ssl_opts=s.ssl)
@@ -186,9 +248,35 @@ class _Session:
 
     def _handle(self, message):
         self.window.open(message.delivery_tag)
-        msg_id = message.properties.get("message_id") or "-"
         try:
-            env = contract.decode(message.body, self.s.max_body_bytes)
+            self._handle_one(message)
+        except self.errors:
+            raise
+        except Exception as exc:
+            # Whatever this message did to us, it does not stop the host.
+            LOG.exception("event %s on host %s: unexpected error",
+                          inbound.loggable(self._message_id(message)),
+                          self.s.host)
+            self._dead_letter(message, self._message_id(message),
+                              contract.REASON_INTERNAL,
+                              f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _message_id(message):
+        props = getattr(message, "properties", None)
+        return props.get("message_id") if type(props) is dict else None
+
+    def _handle_one(self, message):
+        props = inbound.properties_of(message)
+        msg_id = props.get("message_id")
+        seen = self._redelivered(message, props)
+        if seen >= self.s.redelivery_limit:
+            return self._dead_letter(
+                message, msg_id, contract.REASON_POISON,
+                f"delivered {seen + 1} times without being settled")
+        try:
+            env = inbound.decode_message(message.body, props,
+                                         self.s.max_body_bytes)
         except contract.ContractError as exc:
             return self._dead_letter(message, msg_id, exc.reason, str(exc))
         if env.kind != contract.INSTANCE_EVENT:
@@ -196,7 +284,11 @@ class _Session:
                                      f"kind: {env.kind} does not belong on a "
                                      f"host queue")
         try:
-            outcome = self.owner.deliver(env.payload, env.id)
+            if self.owner.deliver_takes_created_at:
+                outcome = self.owner.deliver(env.payload, env.id,
+                                             created_at=env.created_at)
+            else:
+                outcome = self.owner.deliver(env.payload, env.id)
         except Exception:
             # A fault of ours, not of the message; rejecting without requeue
             # lets the broker dead-letter it instead of looping on it.
@@ -217,27 +309,60 @@ class _Session:
         self.window.settle(message.delivery_tag, True)
         self.stats[outcome] += 1
 
+    def _redelivered(self, message, props):
+        """Unsettled deliveries of this message before this one.
+
+        Only this host reads its queue, so this consumer can count them
+        itself, across its own restarts; a quorum queue's x-delivery-count
+        also covers restarts of the whole process.
+        """
+        info = message.delivery_info
+        if not (type(info) is dict and info.get("redelivered")):
+            return 0
+        key = (inbound.safe_shortstr(props.get("message_id")),
+               hash(inbound.raw_body(message.body)))
+        counts = self.owner._redeliveries
+        seen = counts.pop(key, 0) + 1
+        counts[key] = seen
+        if len(counts) > _REDELIVERY_MEMORY:
+            counts.popitem(last=False)
+        return max(seen, inbound.delivery_count(
+            props.get("application_headers")))
+
     def _dead_letter(self, message, msg_id, reason, detail):
+        """The last line of defence: must work on any message."""
+        msg_id = inbound.safe_shortstr(msg_id)
         if not self.dead_letter_exchange:
             # Publishing to a missing exchange would close the channel and
             # bring the same poison back forever.
-            LOG.error("event %s on host %s rejected (%s): %s", msg_id,
-                      self.s.host, reason, detail)
+            LOG.error("event %s on host %s rejected (%s): %s",
+                      inbound.loggable(msg_id), self.s.host, reason, detail)
             self.window.settle(message.delivery_tag, False, requeue=False)
             self.stats["rejected"] += 1
             return
-        headers = dict(message.headers or {})
-        headers[contract.HEADER_REASON] = reason
-        headers[contract.HEADER_DETAIL] = detail[:1000]
-        headers[HEADER_HOST] = self.s.host
-        self.publisher.publish(self.topo.dead_letter_exchange_name, reason,
-                               message.body, message,
-                               message_id=None if msg_id == "-" else msg_id,
-                               headers=headers,
-                               content_type=message.content_type)
+        try:
+            headers = inbound.safe_headers(getattr(message, "headers", None))
+            headers[contract.HEADER_REASON] = reason
+            headers[contract.HEADER_DETAIL] = inbound.clip(detail)
+            headers[HEADER_HOST] = self.s.host
+            self.publisher.publish(
+                self.topo.dead_letter_exchange_name, reason,
+                inbound.raw_body(message.body), message, message_id=msg_id,
+                headers=headers, content_type=inbound.safe_shortstr(
+                    getattr(message, "content_type", None)))
+        except self.errors:
+            raise
+        except Exception:
+            LOG.exception("event %s on host %s could not be dead-lettered "
+                          "(%s); rejected without requeue",
+                          inbound.loggable(msg_id), self.s.host, reason)
+            self.window.settle(message.delivery_tag, False, requeue=False)
+            self.stats["rejected"] += 1
+            return
         self._dead_letters_in_flight += 1
-        LOG.warning("event %s on host %s dead-lettered (%s): %s", msg_id,
-                    self.s.host, reason, detail)
+        LOG.warning("event %s on host %s dead-lettered (%s): %s",
+                    inbound.loggable(msg_id), self.s.host, reason,
+                    inbound.clip(detail, 300))
 
     def _settle_dead_letter(self, message, outcome):
         self._dead_letters_in_flight -= 1
@@ -252,3 +377,12 @@ class _Session:
                   "original instead", self.s.host, outcome)
         self.window.settle(message.delivery_tag, False, requeue=False)
         self.stats["rejected"] += 1
+
+
+def _accepts(func, name):
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -23,6 +23,8 @@ class PlacementTable:
     def __init__(self, max_instances=1_000_000):
         # instance uuid -> {host: last transition}, most recently used last
         self._hosts = collections.OrderedDict()
+        # host -> the instances it reported (for snapshots that replace it)
+        self._by_host = collections.defaultdict(set)
         # instances whose last host let go: known, but on no host (bounded)
         self._hostless = collections.OrderedDict()
         self._max = max_instances
@@ -32,28 +34,52 @@ class PlacementTable:
 
     def observe(self, event):
         """Apply one LifecycleEvent."""
-        uuid, host, transition = event.instance_uuid, event.host, event.transition
-        hosts = self._hosts.get(uuid)
-        leaving = transition == "UNDEFINED" or (
-            transition == "STOPPED" and event.detail == STOPPED_MIGRATED)
+        leaving = event.transition == "UNDEFINED" or (
+            event.transition == "STOPPED" and event.detail == STOPPED_MIGRATED)
         if leaving:
-            if hosts is not None:
-                hosts.pop(host, None)
-                if not hosts:
-                    del self._hosts[uuid]
-                    self._hostless[uuid] = None
-                    if len(self._hostless) > self._max:
-                        self._hostless.popitem(last=False)
-            return
+            self._leave(event.instance_uuid, event.host)
+        else:
+            self._place(event.instance_uuid, event.host, event.transition)
+
+    def replace_host(self, host, instances):
+        """Apply a host snapshot: ``instances`` ((uuid, transition), ...) is
+        everything on ``host`` now; instances it no longer has let go of it."""
+        now = {uuid: transition for uuid, transition in instances}
+        for uuid in self._by_host.get(host, set()) - now.keys():
+            self._leave(uuid, host)
+        for uuid, transition in now.items():
+            self._place(uuid, host, transition)
+
+    def _place(self, uuid, host, transition):
         self._hostless.pop(uuid, None)
+        hosts = self._hosts.get(uuid)
         if hosts is None:
             hosts = self._hosts[uuid] = {}
             if len(self._hosts) > self._max:
-                self._hosts.popitem(last=False)
+                old, old_hosts = self._hosts.popitem(last=False)
+                for h in old_hosts:
+                    self._by_host[h].discard(old)
         else:
             self._hosts.move_to_end(uuid)
             hosts.pop(host, None)   # keep dict order = order of last report
         hosts[host] = transition
+        self._by_host[host].add(uuid)
+
+    def _leave(self, uuid, host):
+        on_host = self._by_host.get(host)
+        if on_host is not None:
+            on_host.discard(uuid)
+            if not on_host:
+                del self._by_host[host]
+        hosts = self._hosts.get(uuid)
+        if hosts is None:
+            return
+        hosts.pop(host, None)
+        if not hosts:
+            del self._hosts[uuid]
+            self._hostless[uuid] = None
+            if len(self._hostless) > self._max:
+                self._hostless.popitem(last=False)
 
     def hosts_for(self, instance_uuid):
         """The hosts an event for this instance goes to (may be empty).
@@ -62,6 +88,8 @@ class PlacementTable:
         are copied in one step under the GIL before they are looked at.
         """
         hosts = self._hosts.get(instance_uuid)
+        if hosts is None and type(instance_uuid) is str:
+            hosts = self._hosts.get(instance_uuid.lower())
         if not hosts:
             return ()
         items = list(hosts.items())
@@ -72,4 +100,6 @@ class PlacementTable:
 
     def is_hostless(self, instance_uuid):
         """Known, but every host it was on has let it go."""
+        if type(instance_uuid) is str:
+            instance_uuid = instance_uuid.lower()
         return instance_uuid in self._hostless

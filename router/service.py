@@ -25,7 +25,7 @@ from kombu import Consumer
 from router import acks, routing
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
-from router.bus import contract, publishing, topology
+from router.bus import contract, inbound, publishing, topology
 from router.bus.topology import Topology
 from router.metrics import LatencyHistogram
 from router.placement import PlacementTable
@@ -34,6 +34,15 @@ LOG = logging.getLogger(__name__)
 
 _HOST_COPY, _RETRY, _DEAD = "host", "retry", "dead"
 _NEGATIVE_HOST_TTL = 2.0
+# A host exchange seen to exist is checked again after this long, so one
+# deleted since (a decommissioned host) does not close the publish channel.
+_POSITIVE_HOST_TTL = 60.0
+
+# How often a message came back to a router without being settled, counted
+# by the routers themselves on classic queues (the broker's x-delivery-count
+# does it on quorum queues). Trusted only on copies the router user sent.
+HEADER_REDELIVERIES = "x-evrouter-redeliveries"
+HEADER_HOST = "x-evrouter-host"
 
 
 @dataclass
@@ -47,6 +56,9 @@ class RouterSettings:
     heartbeat: int = 30
     ssl: object = False
     name: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Deliveries of one message that never got settled (its router died
+    # or lost its connection each time) before it is dead-lettered poison.
+    redelivery_limit: int = 5
 
 
 class _Inflight:
@@ -198,28 +210,52 @@ class _Session:
     # --- placement ----------------------------------------------------------
     def _observe(self, message):
         try:
-            env = contract.decode(message.body, self.s.max_body_bytes)
+            self._observe_one(message)
+        except self._broker_errors:
+            raise
+        except Exception:
+            # Consumed without ack: nothing comes back to loop on, and one
+            # compute host's bad message must not stop every router.
+            self.stats["lifecycle_errors"] += 1
+            LOG.exception("lifecycle message %s: unexpected error; ignored",
+                          inbound.loggable(_property(message, "message_id")))
+
+    def _observe_one(self, message):
+        try:
+            env = inbound.decode_message(message.body,
+                                         inbound.properties_of(message),
+                                         self.s.max_body_bytes)
         except contract.ContractError as exc:
             self.stats["lifecycle_invalid"] += 1
-            LOG.warning("lifecycle message %s ignored: %s",
-                        message.properties.get("message_id"), exc)
+            LOG.warning("lifecycle message %s ignored (%s): %s",
+                        inbound.loggable(_property(message, "message_id")),
+                        exc.reason, exc)
             return
         p = env.payload
-        user_id = message.properties.get("user_id")
+        if env.kind == contract.RESYNC_REQUEST:
+            return      # another router asking the agents; not for us
+        user_id = _property(message, "user_id")
         if not routing.lifecycle_sender_ok(user_id, p.host, self.s.policy):
             self.stats["lifecycle_forged"] += 1
             LOG.warning("lifecycle message %s ignored: user %s may not speak "
                         "for host %s", env.id, user_id, p.host)
             return
-        self._known[p.host] = (True, 0.0)
         if env.kind == contract.LIFECYCLE_EVENT:
             self.service.placement.observe(p)
             self.stats["lifecycle_seen"] += 1
+        elif env.kind == contract.HOST_SNAPSHOT:
+            self.service.placement.replace_host(p.host, p.instances)
+            self.stats["snapshots_seen"] += 1
+            LOG.info("host %s snapshot %s: %d instance(s)", p.host, env.id,
+                     len(p.instances))
+        # A host that announces itself is not yet a host whose exchange
+        # exists (its consumer may start later): routing checks that.
 
     def _is_known_host(self, host):
         known, checked = self._known.get(host, (None, 0.0))
-        if known or (known is False and
-                     time.monotonic() - checked < _NEGATIVE_HOST_TTL):
+        age = time.monotonic() - checked
+        if (known and age < _POSITIVE_HOST_TTL) or (
+                known is False and age < _NEGATIVE_HOST_TTL):
             return known
         # A passive declare that fails closes the channel: it has its own.
         try:
@@ -242,37 +278,59 @@ class _Session:
             # A bug must not stop the service or lose the message: park it
             # in the dead-letter queue, where an operator can replay it.
             tag = message.delivery_tag
+            msg_id = _property(message, "message_id")
             LOG.exception("event %s: unexpected error while routing",
-                          message.properties.get("message_id"))
+                          inbound.loggable(msg_id))
             # Copies already published report to the dropped entry, harmlessly.
             self._inflight.pop(tag, None)
-            self._dead_letter(tag, message, message.properties.get(
-                "message_id") or "-", contract.REASON_INTERNAL,
-                f"{type(exc).__name__}: {exc}")
+            self._dead_letter_or_drop(tag, message, msg_id,
+                                      contract.REASON_INTERNAL,
+                                      f"{type(exc).__name__}: {exc}")
+
+    def _dead_letter_or_drop(self, tag, message, msg_id, reason, detail):
+        """The last line of defence: it must work on any message."""
+        try:
+            self._dead_letter(tag, message, msg_id, reason, detail)
+        except self._broker_errors:
+            raise
+        except Exception:
+            self._inflight.pop(tag, None)
+            self.window.settle(tag, False, requeue=False)
+            self.stats["dropped"] += 1
+            LOG.exception("event %s could not be dead-lettered (%s); rejected "
+                          "without requeue", inbound.loggable(msg_id), reason)
 
     def _route(self, message):
         tag = message.delivery_tag
         self.window.open(tag)
-        props = message.properties
         self.stats["in"] += 1
-        body = message.body
-        if type(body) is str:
-            # py-amqp decodes bodies that declare a content_encoding.
-            message.body = body = body.encode(message.content_encoding or "utf-8")
+        props = inbound.properties_of(message)
+        headers = props.get("application_headers")
+        user_id = props.get("user_id")
+        ours = not self.memory and user_id is not None and user_id == self.user
+        seen, count_it = self._redeliveries(message, headers, ours)
+        if seen >= self.s.redelivery_limit:
+            return self._dead_letter(
+                tag, message, props.get("message_id"), contract.REASON_POISON,
+                f"delivered {seen + 1} times without being settled")
         try:
-            env = contract.decode(body, self.s.max_body_bytes)
+            env = inbound.decode_message(message.body, props,
+                                         self.s.max_body_bytes)
         except contract.ContractError as exc:
-            msg_id = props.get("message_id") or "-"
-            return self._dead_letter(tag, message, msg_id, exc.reason, str(exc))
-        headers = message.headers or {}
-        publisher = props.get("user_id")
+            return self._dead_letter(tag, message, props.get("message_id"),
+                                     exc.reason, str(exc))
+        publisher = user_id
         attempt, first_seen = 0, time.time()
-        if contract.HEADER_PUBLISHER in headers and (
-                self.memory or (publisher and publisher == self.user)):
+        if ours or (self.memory and type(headers) is dict):
             # Our own retry: carries the original, broker-validated publisher.
-            publisher = headers[contract.HEADER_PUBLISHER]
-            attempt = headers.get(contract.HEADER_ATTEMPT, 0)
-            first_seen = headers.get(contract.HEADER_FIRST_SEEN, first_seen)
+            publisher = inbound.header(headers, contract.HEADER_PUBLISHER,
+                                       str, publisher)
+            attempt = inbound.header(headers, contract.HEADER_ATTEMPT, int, 0)
+            first_seen = inbound.header(headers, contract.HEADER_FIRST_SEEN,
+                                        float, first_seen)
+        if count_it:
+            return self._requeue_counted(tag, message, env, publisher, seen,
+                                         attempt, first_seen)
         decision = routing.decide(
             env, publisher=publisher,
             hosts_for=self.service.placement.hosts_for,
@@ -286,6 +344,42 @@ class _Session:
             self._dead_letter(tag, message, env.id, decision.reason,
                               decision.detail)
 
+    def _redeliveries(self, message, headers, ours):
+        """(unsettled deliveries before this one, whether we must count it).
+
+        Quorum queues count for us (x-delivery-count). Classic queues only
+        flag a redelivery, so a router counts it in a copy of the message
+        (HEADER_REDELIVERIES) sent back to the queue before the original is
+        acknowledged: whatever keeps killing routers on this message, the
+        count survives them and ends in a poison dead-letter.
+        """
+        if self.memory:
+            return 0, False
+        info = message.delivery_info
+        if not (type(info) is dict and info.get("redelivered")):
+            return 0, False
+        broker = inbound.delivery_count(headers)
+        if broker:
+            return broker, False
+        counted = (inbound.header(headers, HEADER_REDELIVERIES, int, 0)
+                   if ours else 0)
+        return counted + 1, True
+
+    def _requeue_counted(self, tag, message, env, publisher, seen, attempt,
+                         first_seen):
+        entry = self._track(tag, message, env.id, 1)
+        headers = {HEADER_REDELIVERIES: seen,
+                   contract.HEADER_ATTEMPT: attempt,
+                   contract.HEADER_FIRST_SEEN: first_seen,
+                   contract.HEADER_PUBLISHER: publisher or ""}
+        self.publisher.publish("", self.topo.router_queue_name,
+                               inbound.raw_body(message.body),
+                               (entry, _RETRY, None), message_id=env.id,
+                               headers=headers, user_id=self.user)
+        self.stats["redelivered"] += 1
+        LOG.info("event %s redelivered (%d): counted and put back", env.id,
+                 seen)
+
     def _track(self, tag, message, env_id, copies):
         entry = self._inflight[tag] = _Inflight(tag, message, env_id)
         entry.remaining = copies
@@ -295,9 +389,10 @@ class _Session:
         entry = self._track(tag, message, env.id, len(hosts))
         key = topology.instance_routing_key(env.payload.name)
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
+        body = inbound.raw_body(message.body)
         for host in hosts:
             self.publisher.publish(self.topo.host_exchange_name(host), key,
-                                   message.body, (entry, _HOST_COPY, host),
+                                   body, (entry, _HOST_COPY, host),
                                    message_id=env.id, headers=headers)
         LOG.debug("event %s %s for %s routed to %s", env.id,
                   env.payload.name, env.payload.server_uuid, ",".join(hosts))
@@ -312,12 +407,14 @@ class _Session:
             # The memory transport has no TTLs to park a message with: keep
             # it here (it has no durability to lose) and put it back later.
             heapq.heappush(self._parked, (time.monotonic() + delay / 1000,
-                                          next(self._tokens), message.body,
+                                          next(self._tokens),
+                                          inbound.raw_body(message.body),
                                           env, headers))
             self._outcomes.append(((entry, _RETRY, None), publishing.ACK))
         else:
             self.publisher.publish("", self.topo.retry_queue_name(delay),
-                                   message.body, (entry, _RETRY, None),
+                                   inbound.raw_body(message.body),
+                                   (entry, _RETRY, None),
                                    message_id=env.id, headers=headers,
                                    user_id=self.user)
         self.stats["retried"] += 1
@@ -325,23 +422,35 @@ class _Session:
                  delay, decision.detail)
 
     def _dead_letter(self, tag, message, msg_id, reason, detail, *,
-                     track=True):
+                     track=True, extra_headers=None):
+        """Send the message to the dead-letter exchange with a reason.
+
+        Everything taken from the message is untrusted: the id, headers and
+        content type are passed through inbound's safe_* filters, so this
+        step cannot fail on what a sender put there.
+        """
+        msg_id = inbound.safe_shortstr(msg_id)
         if track:
-            entry = self._track(tag, message, msg_id, 1)
+            entry = self._track(tag, message, msg_id or "-", 1)
         else:
             entry = self._inflight[tag]
             entry.remaining += 1
-        headers = dict(message.headers or {})
+        headers = inbound.safe_headers(_property(message,
+                                                 "application_headers"))
         headers[contract.HEADER_REASON] = reason
-        headers[contract.HEADER_DETAIL] = detail[:1000]
+        headers[contract.HEADER_DETAIL] = inbound.clip(detail)
         headers["x-evrouter-router"] = self.s.name
-        self.publisher.publish(self.topo.dead_letter_exchange_name, reason,
-                               message.body, (entry, _DEAD, None),
-                               message_id=msg_id if msg_id != "-" else None,
-                               headers=headers,
-                               content_type=message.content_type)
+        if extra_headers:
+            headers.update(extra_headers)
+        self.publisher.publish(
+            self.topo.dead_letter_exchange_name, reason,
+            inbound.raw_body(message.body), (entry, _DEAD, None),
+            message_id=msg_id, headers=headers,
+            content_type=inbound.safe_shortstr(
+                _property(message, "content_type")))
         self.stats[f"dead_lettered:{reason}"] += 1
-        LOG.warning("event %s dead-lettered (%s): %s", msg_id, reason, detail)
+        LOG.warning("event %s dead-lettered (%s): %s", inbound.loggable(msg_id),
+                    reason, inbound.clip(detail, 300))
 
     def _settle(self, token, outcome):
         if token is None:       # a parked retry put back on ingress
@@ -351,12 +460,15 @@ class _Session:
         if self._inflight.get(tag) is not entry:
             return
         if outcome == publishing.RETURNED and kind == _HOST_COPY:
-            # The host exchange exists but nothing is bound to it.
+            # The host exchange exists but nothing is bound to it. Only this
+            # host's copy is dead-lettered, saying which host it was for:
+            # the other hosts' copies were delivered.
             self._known.pop(host, None)
             self._dead_letter(tag, entry.message, entry.env_id,
                               contract.REASON_UNROUTABLE,
                               f"no queue bound to {self.topo.host_exchange_name(host)}",
-                              track=False)
+                              track=False,
+                              extra_headers={HEADER_HOST: host})
         elif outcome != publishing.ACK:
             entry.ok = False
             LOG.error("event %s: broker %s for %s copy (host %s); requeueing",
@@ -368,3 +480,14 @@ class _Session:
             del self._inflight[tag]
             self.window.settle(tag, entry.ok)
             self.service.latency.observe(time.monotonic() - entry.started)
+
+
+def _property(message, name):
+    """One AMQP property of a kombu message, whatever the transport."""
+    props = getattr(message, "properties", None)
+    if name == "application_headers":
+        return getattr(message, "headers", None)
+    if name == "content_type":
+        return getattr(message, "content_type", None)
+    return props.get(name) if type(props) is dict else None
+

@@ -59,7 +59,7 @@ def decode_message(body, properties, max_bytes=contract.DEFAULT_MAX_BODY_BYTES):
         # A transport that decoded the body by its label (py-amqp's
         # auto_decode; ours turns it off): back to the bytes that were sent.
         try:
-            body = body.encode(encoding or "utf-8", "surrogateescape")
+            body = body.encode(encoding or "utf-8", "surrogatepass")
         except (LookupError, UnicodeError, TypeError) as exc:
             raise contract.ContractError(
                 contract.REASON_MALFORMED, "", f"body cannot be read back as "
@@ -67,6 +67,17 @@ def decode_message(body, properties, max_bytes=contract.DEFAULT_MAX_BODY_BYTES):
     elif body is None:
         body = b""
     return contract.decode(body, max_bytes)
+
+
+def raw_body(body):
+    """The body as bytes to publish again, whatever a transport handed over."""
+    if type(body) is bytes:
+        return body
+    if type(body) is str:
+        return body.encode("utf-8", "surrogatepass")
+    if type(body) in (bytearray, memoryview):
+        return bytes(body)
+    return b""
 
 
 def _check_content_type(value):
@@ -111,6 +122,12 @@ def safe_shortstr(value):
     except UnicodeEncodeError:
         return None
     return value if len(encoded) <= _MAX_SHORTSTR else None
+
+
+def clip(text, limit=1000):
+    """A detail text for a header or a log line: bounded, always encodable."""
+    text = text if type(text) is str else repr(text)
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def loggable(value, limit=80):
