@@ -13,6 +13,20 @@ is acknowledged only after its events are safe (confirmed or spooled); when
 publishing fails (spool full, or no spool and no broker), it is requeued
 after a pause, and the translator is left as it was so the requeued copy is
 judged the same way.
+
+A notification is judged before anything of it is published: translated
+and each event checked against the contract. One that fails there -- or
+anywhere oslo.messaging looks at it before us -- is the notification's
+fault, and requeueing it would bring it back for ever (oslo.messaging
+requeues whatever raises). It is logged with its id and the reason and
+acknowledged; the next one flows. It is not dead-lettered: the network
+service's notification is not an evrouter envelope, and the network user
+may write only events to the ingress exchange.
+
+Each event's message id is derived from the notification's own
+``message_id`` (see notifications.event_message_id): a notification
+redelivered after its events went out -- an adapter killed before its ack
+-- publishes the same ids again, and the waiter drops the copies.
 """
 
 import logging
@@ -21,8 +35,15 @@ from dataclasses import dataclass, field
 
 import oslo_messaging
 from oslo_config import cfg
+from oslo_messaging.notify import dispatcher as notify_dispatcher
+from oslo_messaging.notify import listener as notify_listener
 
-from network.notifications import EVENT_TYPE_PATTERN, NotificationTranslator
+from network.notifications import (
+    EVENT_TYPE_PATTERN,
+    NotificationTranslator,
+    event_message_id,
+)
+from router.bus import contract
 
 LOG = logging.getLogger(__name__)
 
@@ -44,22 +65,33 @@ class PortNotificationEndpoint:
     filter_rule = oslo_messaging.NotificationFilter(
         event_type=EVENT_TYPE_PATTERN)
 
-    def __init__(self, translator, publish, *, requeue_delay=2.0, stop=None):
+    def __init__(self, translator, publish, *, requeue_delay=2.0, stop=None,
+                 producer="network-adapter"):
         self.translator = translator
         self.publish = publish
         self.requeue_delay = requeue_delay
+        self.producer = producer
         self._stop = stop or threading.Event()
         self.handled = 0
+        self.dropped = 0
 
     def info(self, ctxt, publisher_id, event_type, payload, metadata):
-        events, remember = self.translator.translate(event_type, payload)
-        message_id = (metadata or {}).get("message_id")
+        message_id = (metadata if isinstance(metadata, dict) else {}).get(
+            "message_id")
         try:
-            for event in events:
-                self.publish(event)
+            events, remember = self.translator.translate(event_type, payload)
+            named = [(event, self._checked_id(message_id, event))
+                     for event in events]
         except Exception as exc:
-            # The events published before the failure go out again with the
-            # requeued notification (at-least-once; the waiter dedups).
+            return self.drop(message_id, event_type, publisher_id, exc)
+        try:
+            for event, event_id in named:
+                self.publish(event, message_id=event_id)
+        except Exception as exc:
+            # Not the notification's fault (it was judged above): the
+            # publisher could not make the events safe. The events published
+            # before the failure go out again with the requeued notification,
+            # under the same ids, so the waiter drops them.
             LOG.error("notification %s %s from %s requeued: %s", message_id,
                       event_type, publisher_id, exc)
             self._stop.wait(self.requeue_delay)
@@ -67,8 +99,62 @@ class PortNotificationEndpoint:
         remember()
         self.handled += 1
         LOG.debug("notification %s %s from %s: %d event(s)", message_id,
-                  event_type, publisher_id, len(events))
+                  event_type, publisher_id, len(named))
         return oslo_messaging.NotificationResult.HANDLED
+
+    def _checked_id(self, message_id, event):
+        """The event's derived id, once the contract accepts event and id
+        (the same check the publisher and the router make)."""
+        event_id = event_message_id(message_id, event)
+        contract.decode(contract.encode(
+            contract.envelope(event, self.producer, message_id=event_id)))
+        return event_id
+
+    def drop(self, message_id, event_type, publisher_id, exc):
+        """Acknowledge a notification that can never be handled, loudly."""
+        self.dropped += 1
+        reason = (contract.REASON_INVALID
+                  if isinstance(exc, contract.ContractError)
+                  else contract.REASON_INTERNAL)
+        LOG.warning("notification %s %s from %s dropped (%s): %s",
+                    _printable(message_id), _printable(event_type),
+                    _printable(publisher_id), reason, _describe(exc))
+        return oslo_messaging.NotificationResult.HANDLED
+
+
+class ContainedDispatcher(notify_dispatcher.NotificationDispatcher):
+    """oslo.messaging's dispatcher, minus requeue-for-ever.
+
+    oslo.messaging requeues a notification when anything raises while it is
+    dispatched, before an endpoint sees it (a priority that is not a string
+    is enough) or inside one; with requeue allowed, that copy comes back at
+    once, again and again. Here it goes to `on_drop` (log, count,
+    acknowledge). Endpoints still ask for a requeue by returning REQUEUE.
+    """
+
+    def __init__(self, endpoints, on_drop, serializer=None):
+        super().__init__(endpoints, serializer)
+        self._on_drop = on_drop
+
+    def dispatch(self, incoming):
+        try:
+            return super().dispatch(incoming)
+        except Exception as exc:
+            message = getattr(incoming, "message", None)
+            if not isinstance(message, dict):
+                message = {}
+            return self._on_drop(message.get("message_id"),
+                                 message.get("event_type"),
+                                 message.get("publisher_id"), exc)
+
+
+def _printable(value, limit=200):
+    text = value if isinstance(value, str) else repr(value)
+    return text[:limit]
+
+
+def _describe(exc):
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class NetworkAdapter:
@@ -93,9 +179,11 @@ class NetworkAdapter:
             conf, url=s.transport_url)
         targets = [oslo_messaging.Target(exchange=s.exchange, topic=topic)
                    for topic in s.topics]
-        self._listener = oslo_messaging.get_notification_listener(
-            self._transport, targets, [self.endpoint], executor="threading",
-            allow_requeue=True, pool=s.pool)
+        # What get_notification_listener builds, with our dispatcher.
+        self._listener = notify_listener.NotificationServer(
+            self._transport, targets,
+            ContainedDispatcher([self.endpoint], self.endpoint.drop),
+            executor="threading", allow_requeue=True, pool=s.pool)
         self._listener.start(override_pool_size=1)
         LOG.info("network adapter listening on exchange %s topics %s "
                  "(pool %s)", s.exchange, ",".join(s.topics), s.pool)

@@ -11,11 +11,19 @@ transition.
 ``remember`` callable to call once they are safely published, so a
 notification that is requeued after a failed publish is judged against the
 same previous state when it comes back.
+
+``event_message_id`` names each event after the notification it came from,
+so a redelivered notification yields the same message ids and the waiter
+drops the copies.
 """
 
 import collections
+import uuid
 
 from network import transitions
+
+# Fixed for ever: changing it changes every derived message id.
+_ID_NAMESPACE = uuid.UUID("5b0f3c2e-8a41-5d7e-9c6b-2f1e0d9a4b37")
 
 PORT_EVENTS = ("port.create.end", "port.update.end", "port.delete.end")
 FLOATING_IP_EVENTS = ("floatingip.create.end", "floatingip.update.end",
@@ -30,6 +38,21 @@ _KEPT = ("id", "device_id", "device_owner", "status", "fixed_ips",
 
 def _nothing():
     pass
+
+
+def event_message_id(notification_id, event):
+    """The envelope id of `event` derived from its notification's id.
+
+    None when the notification has no usable id (the publisher then picks
+    a fresh one). One notification can yield several events (an address
+    change of two ports, an unplug and an address change of one), so the
+    event's key and status are part of the name.
+    """
+    if not isinstance(notification_id, str) or not notification_id:
+        return None
+    name = "\x1f".join((notification_id, event.name, event.server_uuid,
+                        event.tag or "", event.status))
+    return uuid.uuid5(_ID_NAMESPACE, name).hex
 
 
 class NotificationTranslator:

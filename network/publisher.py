@@ -131,16 +131,21 @@ class InstanceEventPublisher:
     def __exit__(self, *exc):
         self.close()
 
-    def publish(self, event, *, timeout=None):
+    def publish(self, event, *, timeout=None, message_id=None):
         """Publish one InstanceEvent; a Receipt once it is safe.
 
-        Raises ContractError (a ValueError) for an event the contract
-        refuses, SpoolFull, BrokerUnavailable (no spool) or PublishRefused.
+        `message_id` names the envelope; give one derived from the source
+        event so that publishing it again (a redelivered notification, a
+        retried command) makes a duplicate the waiter drops. Default: a new
+        id. Raises ContractError (a ValueError) for an event or id the
+        contract refuses, SpoolFull, BrokerUnavailable (no spool) or
+        PublishRefused.
         """
         owner = self._thread
         if owner is None or self._stopping.is_set():
             raise RuntimeError("publisher is not running")
-        env = contract.envelope(event, self.settings.producer)
+        env = contract.envelope(event, self.settings.producer,
+                                message_id=message_id)
         body = contract.encode(env)
         contract.decode(body)       # refuse here what the router would refuse
         future = concurrent.futures.Future()

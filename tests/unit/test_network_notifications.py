@@ -133,7 +133,7 @@ class Publish:
     def __init__(self, fail=False):
         self.events, self.fail = [], fail
 
-    def __call__(self, event):
+    def __call__(self, event, message_id=None):
         if self.fail:
             raise RuntimeError("spool full")
         self.events.append(event)
