@@ -4,11 +4,20 @@ Least privilege per role, as regular expressions on resource names
 (RabbitMQ checks configure/write/read per exchange and queue):
 - network user: write the ingress exchange only, and there only routing
   keys `instance.*` (topic permission);
-- router: declare the central topology and its private placement queue,
-  read ingress and lifecycle, write host exchanges, dead-letter, and the
+- router: declare the central topology (`evrouter topology --declare`
+  runs as this user) and its private placement queue, read ingress and
+  lifecycle, write host exchanges, dead-letter, the control fanout
+  (resync requests: only routers may ask agents for snapshots) and the
   default exchange (retry parking);
-- compute host H: declare, bind and read only its own exchange and queue;
-  write only the lifecycle fanout and the dead-letter exchange.
+- compute host H: declare, bind and read only its own exchange and queue
+  (its host consumer, or `evrouter topology --declare --host H` run as
+  this user, creates them) and its agent's control queue, bound to the
+  control fanout; write only the lifecycle fanout and the dead-letter
+  exchange. It may configure no central entity: its agent and consumer
+  only check those passively.
+Why the host's entities are the compute user's to declare, not the
+router's: declaring a queue with a dead-letter exchange needs read on the
+queue, and nobody but H may read H's queue.
 Who published an instance event is the broker-validated user_id; the
 router trusts lifecycle events of compute user <prefix><host> only for
 <host>.
@@ -41,22 +50,25 @@ def grants(d):
     yield (d.network_user, "^$", _names(p, "ingress"), "^$",
            [(f"{p}.ingress", r"^instance\.", "^$")])
     yield (d.router_user,
-           _names(p, "ingress", "lifecycle", "dead-letter", "router",
-                  r"retry\..*", r"placement\..*"),
+           _names(p, "ingress", "lifecycle", "dead-letter", "control",
+                  "router", r"retry\..*", r"placement\..*"),
            # ingress: retry queues dead-letter into it, and declaring a queue
            # with a dead-letter exchange needs write on that exchange.
            "^(amq\\.default|" + _names(p, "ingress", r"host\..*", "dead-letter",
-                                       "router", r"retry\..*",
+                                       "control", "router", r"retry\..*",
                                        r"placement\..*")[1:-1] + ")$",
            _names(p, "ingress", "router", "lifecycle", "dead-letter",
                   r"retry\..*", r"placement\..*"),
            [])
     for host in d.hosts:
         own = re.escape(f"host.{host}")
+        control = re.escape(f"agent.{host}.control")
         yield (d.compute_user(host),
-               _names(p, own, own + r"\.events"),
-               _names(p, own + r"\.events", "lifecycle", "dead-letter"),
-               _names(p, own, own + r"\.events"),
+               _names(p, own, own + r"\.events", control),
+               # binding a queue needs write on it and read on the exchange
+               _names(p, own + r"\.events", control, "lifecycle",
+                      "dead-letter"),
+               _names(p, own, own + r"\.events", control, "control"),
                [])
 
 

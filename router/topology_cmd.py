@@ -1,18 +1,60 @@
-"""`evrouter topology`: show the bus topology, or declare it."""
+"""`evrouter topology`: show the bus topology, or declare it.
 
+Under least privilege nobody may configure everything (router/permissions.py):
+the router user declares the central topology, compute host H's user
+declares H's exchange and queue. So `--declare` declares each entity the
+connecting user may configure and only checks, passively, that the others
+exist; a missing one it may not create is an error that says who can:
+
+    evrouter topology --declare                  # as the router user
+    evrouter topology --declare --host cmp-1     # as cmp-1's compute user
+"""
+
+import amqp.exceptions
+from kombu import Queue
 from oslo_config import cfg
 
 from router import options
-from router.bus import connection, topology
+from router.bus import connection
 from router.service_entry import fail, parse
 
 cli_opts = [
     cfg.BoolOpt("declare", default=False,
-                help="Declare everything on the broker (idempotent)."),
+                help="Declare everything the broker user may configure "
+                     "(idempotent) and check that the rest exists."),
     cfg.MultiStrOpt("host", default=[],
                     help="Also show/declare this compute host's exchange and "
-                         "queue (repeatable)."),
+                         "queue (repeatable; under least privilege, run as "
+                         "that host's compute user)."),
 ]
+
+DECLARED, CHECKED, MISSING = "declared", "exists (not this user's to declare)", \
+    "missing"
+
+
+_OWNER = {"central": "the router user",
+          "host": "that host's compute user"}
+
+
+def declare_or_check(conn, entity):
+    """Declare `entity` (a kombu Exchange or Queue); if this user may not
+    configure it, check passively that it exists. DECLARED, CHECKED or
+    MISSING."""
+    try:
+        entity(conn.channel()).declare()
+        return DECLARED
+    except amqp.exceptions.AccessRefused:
+        pass
+    # A refused declare closed its channel: the check gets a fresh one.
+    channel = conn.channel()
+    try:
+        if isinstance(entity, Queue):
+            channel.queue_declare(entity.name, passive=True)
+        else:
+            channel.exchange_declare(entity.name, entity.type, passive=True)
+    except amqp.exceptions.NotFound:
+        return MISSING
+    return CHECKED
 
 
 def main(argv):
@@ -25,14 +67,26 @@ def main(argv):
     if not conf.declare:
         return 0
     url = options.transport_url(conf)
+    parts = [("central", topo.central())]
+    parts += [(f"host {host}", topo.for_host(host)) for host in conf.host]
+    missing = []
     with connection.connection(url, ssl_opts=options.ssl_from(conf)) as conn:
         try:
             connection.connect_once(conn)
         except conn.connection_errors as exc:
             return fail(f"cannot reach the broker at {connection.display(conn)}: {exc}", 1)
-        ch = conn.channel()
-        topology.declare(ch, *topo.central())
-        for host in conf.host:
-            topology.declare(ch, *topo.for_host(host))
+        who = connection.user_of(conn) or "this user"
+        for part, (exchanges, queues) in parts:
+            for entity in [*exchanges, *queues]:
+                outcome = declare_or_check(conn, entity)
+                print(f"{entity.name}: {outcome}")
+                if outcome == MISSING:
+                    missing.append((part, entity.name))
+    if missing:
+        lines = [f"  {name} ({part}: declare it as "
+                 f"{_OWNER['central' if part == 'central' else 'host']}, or "
+                 f"as an administrator)" for part, name in missing]
+        return fail(f"{who} may not declare these and they do not exist:\n"
+                    + "\n".join(lines), 1)
     print(f"declared on {connection.display(conn)}")
     return 0

@@ -115,14 +115,17 @@ class SnapshotEntry(collections.namedtuple("SnapshotEntry",
 class RunningAgent:
     """A LifecycleAgent on its own thread, publishing to a Bus's topology."""
 
-    def __init__(self, bus, *, url=None, opener=None, **settings):
+    def __init__(self, bus, *, url=None, opener=None, declare=True,
+                 **settings):
         settings.setdefault("reconnect_max", 0.2)
-        # The central exchanges the agent needs; in a deployment `evrouter
-        # topology --declare` makes them (an agent's user may not).
-        exchanges = [bus.topology.lifecycle_exchange(),
-                     bus.topology.control_exchange()]
-        topology.declare(bus.channel(), exchanges, [])
-        bus.own(exchanges=[e.name for e in exchanges])
+        if declare:
+            # The central exchanges the agent needs; in a deployment
+            # `evrouter topology --declare` makes them (an agent's user
+            # may not).
+            exchanges = [bus.topology.lifecycle_exchange(),
+                         bus.topology.control_exchange()]
+            topology.declare(bus.channel(), exchanges, [])
+            bus.own(exchanges=[e.name for e in exchanges])
         self.agent = LifecycleAgent(AgentSettings(
             transport_url=url or bus.url, topology=bus.topology, **settings),
             opener=opener)
