@@ -1,0 +1,144 @@
+"""Neutron 29's real ML2 plugin (its own unit-test DB base, SQLite) with
+evrouter's service plugin loaded as neutron.conf loads it, publishing to the
+real RabbitMQ through the router to the bound host's queue.
+"""
+
+import threading
+
+from neutron.plugins.ml2 import rpc as ml2_rpc
+from neutron.tests.unit.plugins.ml2 import test_plugin as ml2_test
+from neutron_lib import constants
+from neutron_lib import context as n_context
+from neutron_lib.plugins import directory
+
+from network import neutron_plugin
+from router.bus import contract
+from tests.conftest import BROKER_URL, Bus, RunningRouter, collect
+from tests.openstack import deploy_config
+
+HOST = "host-ovs-no_filter"   # a host the ML2 test mechanism driver binds
+SERVER = "9ed3bb9a-0c57-4a53-8e0f-1f3f7a4c0d11"
+
+
+class RecordingPublisher:
+    """Wraps the real publisher: what was published, in order."""
+
+    def __init__(self, real):
+        self.real = real
+        self.published = []
+        self.lock = threading.Lock()
+
+    def publish(self, event, **kwargs):
+        with self.lock:
+            self.published.append((event, kwargs.get("message_id")))
+        return self.real.publish(event, **kwargs)
+
+    def close(self, timeout=30.0):
+        self.real.close(timeout)
+
+
+class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
+    """ML2 + evrouter's plugin, as `service_plugins = evrouter` loads it."""
+
+    def get_additional_service_plugins(self):
+        # The entry point name, resolved the way Neutron resolves it.
+        return {"evrouter": deploy_config.neutron_service_plugin_name()}
+
+    def setUp(self):
+        super().setUp()
+        self.bus = Bus(BROKER_URL)
+        self.addCleanup(self.bus.cleanup)
+        self.bus.declare_central()
+        self.bus.declare_host(HOST)
+        self.router = RunningRouter(self.bus)
+        self.addCleanup(self.router.stop)
+        conf = deploy_config.neutron_conf()
+        self.plugin_evr = directory.get_plugin("evrouter")
+        self.assertIsInstance(self.plugin_evr, neutron_plugin.EvrouterNotifierPlugin)
+        self.plugin_evr.conf.set_override(
+            "topology_prefix", self.bus.prefix, group="evrouter")
+        self.plugin_evr.conf.set_override(
+            "transport_url", conf["evrouter"]["transport_url"], group="evrouter")
+        self.recorder = None
+        real_factory = self.plugin_evr._new_publisher
+
+        def factory():
+            self.recorder = RecordingPublisher(real_factory())
+            return self.recorder
+
+        self.plugin_evr._publisher_factory = factory
+        self.addCleanup(self.plugin_evr.stop)
+        self.ctx = n_context.get_admin_context()
+
+    def _compute_port(self, host=HOST):
+        net = self._make_network(self.fmt, "net", True)
+        self._make_subnet(self.fmt, net, "10.0.0.1", "10.0.0.0/24")
+        return self._make_port(
+            self.fmt, net["network"]["id"], as_admin=True,
+            arg_list=("device_owner", "device_id", "binding:host_id"),
+            device_owner="compute:nova", device_id=SERVER,
+            **{"binding:host_id": host})["port"]
+
+    def _host_events(self, count, timeout=15):
+        messages = collect(self.bus.url, self.bus.topology.host_queue_name(HOST),
+                           count, timeout)
+        return [contract.decode(m.body).payload for m in messages]
+
+    def test_agent_reports_device_up_publishes_vif_plugged_to_the_bound_host(self):
+        port = self._compute_port()
+        self.assertEqual(constants.PORT_STATUS_DOWN, port["status"])
+        # What an L2 agent does when it has wired the port on its host.
+        ml2_rpc.RpcCallbacks(None, None).update_device_up(
+            self.ctx, agent_id="ovs-agent-cmp-1", device=port["id"], host=HOST)
+        self.assertEqual(constants.PORT_STATUS_ACTIVE,
+                         self.plugin.get_port(self.ctx, port["id"])["status"])
+        got = self._host_events(1)
+        self.assertEqual(1, len(got), "no event reached the host's queue")
+        event = got[0]
+        self.assertEqual((contract.VIF_PLUGGED, SERVER, port["id"], "completed", HOST),
+                         (event.name, event.server_uuid, event.tag, event.status,
+                          event.host))
+
+    def test_status_to_error_is_a_failed_plug_and_active_to_down_an_unplug(self):
+        port = self._compute_port()
+        self.plugin.update_port_status(self.ctx, port["id"], "ERROR", HOST)
+        self.plugin.update_port_status(self.ctx, port["id"], "DOWN", HOST)
+        self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
+        self.plugin.update_port_status(self.ctx, port["id"], "DOWN", HOST)
+        names = [(e.name, e.status) for e, _ in self.recorder.published]
+        self.assertEqual([(contract.VIF_PLUGGED, "failed"),
+                          (contract.VIF_PLUGGED, "completed"),
+                          (contract.VIF_UNPLUGGED, "completed")], names)
+        self.assertEqual(3, len(self._host_events(3)))
+
+    def test_nothing_for_a_port_no_instance_owns(self):
+        with self.port() as port:
+            self.plugin.update_port_status(self.ctx, port["port"]["id"], "ACTIVE")
+        self.assertIsNone(self.recorder)
+
+    def test_api_update_is_network_changed_and_delete_vif_deleted(self):
+        port = self._compute_port()
+        self._update("ports", port["id"], {"port": {"name": "renamed"}},
+                     as_admin=True)
+        self._delete("ports", port["id"], as_admin=True)
+        names = [e.name for e, _ in self.recorder.published]
+        self.assertEqual([contract.NETWORK_CHANGED, contract.VIF_DELETED], names)
+        got = self._host_events(2)
+        self.assertEqual([contract.NETWORK_CHANGED, contract.VIF_DELETED],
+                         [e.name for e in got])
+
+    def test_message_ids_are_stable_per_port_revision(self):
+        port = self._compute_port()
+        self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
+        (event, mid), = self.recorder.published
+        latest = self.plugin.get_port(self.ctx, port["id"])
+        self.assertEqual(mid, neutron_plugin.message_id(
+            latest, event.name, event.status))
+
+    def test_live_migration_suppression_is_honoured(self):
+        from neutron.notifiers import nova as nova_notifier
+        port = self._compute_port()
+        notifier = nova_notifier.Notifier.__new__(nova_notifier.Notifier)
+        with notifier.context_enabled(False):
+            self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
+        self.assertIsNone(self.recorder)
