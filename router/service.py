@@ -349,9 +349,12 @@ class _Session:
 
         Quorum queues count for us (x-delivery-count). Classic queues only
         flag a redelivery, so a router counts it in a copy of the message
-        (HEADER_REDELIVERIES) sent back to the queue before the original is
-        acknowledged: whatever keeps killing routers on this message, the
-        count survives them and ends in a poison dead-letter.
+        (HEADER_REDELIVERIES) parked in a retry queue, and acknowledges the
+        original once the copy is confirmed: whatever keeps killing routers
+        on this message, the count survives them and ends in a poison
+        dead-letter. Parking (rather than putting the copy straight back)
+        gives the original's acknowledgement time to leave before the copy
+        can strike again, so a crash cannot leave both behind.
         """
         if self.memory:
             return 0, False
@@ -372,13 +375,14 @@ class _Session:
                    contract.HEADER_ATTEMPT: attempt,
                    contract.HEADER_FIRST_SEEN: first_seen,
                    contract.HEADER_PUBLISHER: publisher or ""}
-        self.publisher.publish("", self.topo.router_queue_name,
+        delay = self.topo.retry_delay_ms(seen)
+        self.publisher.publish("", self.topo.retry_queue_name(delay),
                                inbound.raw_body(message.body),
                                (entry, _RETRY, None), message_id=env.id,
                                headers=headers, user_id=self.user)
         self.stats["redelivered"] += 1
-        LOG.info("event %s redelivered (%d): counted and put back", env.id,
-                 seen)
+        LOG.info("event %s redelivered (%d): counted, back in %dms", env.id,
+                 seen, delay)
 
     def _track(self, tag, message, env_id, copies):
         entry = self._inflight[tag] = _Inflight(tag, message, env_id)

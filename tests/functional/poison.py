@@ -1,0 +1,143 @@
+"""Hostile AMQP messages for the poison suites (no tests here).
+
+Whatever a client can put on the wire: any body, any properties, and
+content headers py-amqp cannot even decode (written as raw bytes). Each
+case names the dead-letter reason a consumer must give it.
+"""
+
+import json
+import struct
+import urllib.parse
+import uuid
+
+import amqp
+
+from router.bus import contract
+
+MALFORMED = contract.REASON_MALFORMED
+
+
+class RawMessage(amqp.Message):
+    """A message whose content header is sent exactly as given."""
+
+    def __init__(self, body, raw_properties):
+        super().__init__(body)
+        self._raw = raw_properties
+
+    def _serialize_properties(self):
+        return self._raw
+
+
+def _shortstr(data):
+    return struct.pack(">B", len(data)) + data
+
+
+def raw_properties(*, message_id=None, headers=None, correlation_id=None):
+    """Basic properties as bytes: message_id/correlation_id raw bytes,
+    headers a raw encoded table body."""
+    flags, fields = 0, b""
+    if headers is not None:
+        flags |= 0x2000
+        fields += struct.pack(">I", len(headers)) + headers
+    if correlation_id is not None:
+        flags |= 0x0400
+        fields += _shortstr(correlation_id)
+    if message_id is not None:
+        flags |= 0x0080
+        fields += _shortstr(message_id)
+    return struct.pack(">H", flags) + fields
+
+
+def raw_timestamp_header(name=b"t", value=2 ** 63 - 1):
+    """A table entry 'T' (timestamp) that no datetime can hold."""
+    return _shortstr(name) + b"T" + struct.pack(">Q", value)
+
+
+class RawPublisher:
+    """Confirmed publishing with py-amqp alone: nothing of evrouter's."""
+
+    def __init__(self, url, userid=None, password=None):
+        parts = urllib.parse.urlsplit(url)
+        vhost = urllib.parse.unquote(parts.path[1:]) or "/"
+        self.conn = amqp.Connection(
+            f"{parts.hostname}:{parts.port or 5672}",
+            userid=userid or parts.username or "guest",
+            password=password or parts.password or "guest",
+            virtual_host=vhost)
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        self.channel.confirm_select()
+
+    def publish(self, exchange, routing_key, body, **properties):
+        message = amqp.Message(body, delivery_mode=2, **properties)
+        self.channel.basic_publish_confirm(message, exchange=exchange,
+                                           routing_key=routing_key)
+
+    def publish_raw(self, exchange, routing_key, body, raw):
+        self.channel.basic_publish_confirm(RawMessage(body, raw),
+                                           exchange=exchange,
+                                           routing_key=routing_key)
+
+    def close(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+
+def event_body(host, server=None, **overrides):
+    doc = json.loads(contract.encode(contract.envelope(contract.InstanceEvent(
+        contract.VIF_PLUGGED, server or str(uuid.uuid4()), "port-1",
+        contract.COMPLETED, host), "poison-test")))
+    doc.update(overrides)
+    return json.dumps(doc).encode()
+
+
+def cases(host):
+    """(name, body, properties or None, raw property bytes or None, reason).
+
+    Every failure found by trying the system as a user would is here, with
+    the reason it must be dead-lettered for (issue: nothing a sender does
+    can stop a service).
+    """
+    valid = event_body(host)
+    deep = b"[" * 30_000 + b"]" * 30_000
+    return [
+        ("empty body labelled binary", b"", {"content_encoding": "binary"},
+         None, MALFORMED),
+        ("empty body, no labels", b"", {}, None, MALFORMED),
+        ("valid event labelled idna", valid, {"content_encoding": "idna"},
+         None, MALFORMED),
+        ("valid event labelled gzip", valid, {"content_encoding": "gzip"},
+         None, MALFORMED),
+        ("valid event labelled msgpack", valid,
+         {"content_type": "application/x-msgpack"}, None, MALFORMED),
+        ("valid event, charset latin-1", valid,
+         {"content_type": "application/json; charset=latin-1"}, None,
+         MALFORMED),
+        ("JSON nested 30,000 deep (61 KiB)", deep, {}, None, MALFORMED),
+        ("JSON nested 20 deep", b'{"a":' * 20 + b"1" + b"}" * 20, {}, None,
+         MALFORMED),
+        ("duplicate keys", b'{"version":"1.0","version":"1.0"}', {}, None,
+         MALFORMED),
+        # json.dumps writes the lone surrogate as the escape \ud800
+        ("lone surrogate in a field", event_body(host, producer="\ud800"),
+         {}, None, MALFORMED),
+        ("created_at 1e999", valid.replace(b'"created_at":', b'"created_at":1e999,"x":'),
+         {}, None, contract.REASON_INVALID),
+        ("an integer of 5,000 digits", b'{"version":"1.0","n":' + b"9" * 5000 + b"}",
+         {}, None, MALFORMED),
+        ("invalid UTF-8 body", b'{"version":"\xff"}', {}, None, MALFORMED),
+        ("body over the size limit", b'{"pad":"' + b"x" * 70_000 + b'"}', {},
+         None, contract.REASON_TOO_LARGE),
+        ("message_id that is not UTF-8", valid, None,
+         raw_properties(message_id=b"\xff\xfe-id"), MALFORMED),
+        ("timestamp header out of range", valid, None,
+         raw_properties(headers=raw_timestamp_header()), MALFORMED),
+        ("headers of every type, bad body", b"{nope",
+         {"application_headers": {
+             "list": [1, "two", [3.5, None]], "table": {"a": {"b": True}},
+             "bytes": b"\x00\xff", "neg": -2 ** 40, "void": None}},
+         None, MALFORMED),
+        ("no message id, not JSON", b"\x00\x01", {}, None, MALFORMED),
+    ]
