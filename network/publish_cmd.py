@@ -3,6 +3,11 @@
 Exit 0 once the broker confirmed it, 2 on bad input (naming the field), 1
 when the broker did not confirm. It never spools: an operator's command
 answers now, and its exit status is the only receipt.
+
+Each run is a new event with a new message id, unless ``--message-id``
+names one: a script that retries after exit 1 (the broker may have taken
+the event without the confirm reaching us) gives the id of its first try,
+or one derived from its own source event, and the waiter drops the copy.
 """
 
 from oslo_config import cfg
@@ -24,12 +29,17 @@ cli_opts = [
                help="Hint: the compute host the instance is on."),
     cfg.FloatOpt("timeout", default=5.0, min=0,
                  help="Seconds to keep trying before giving up."),
+    cfg.StrOpt("message-id", metavar="ID",
+               help="The event's message id (default: a new one). Reuse "
+                    "the id of an earlier attempt, or derive it from the "
+                    "source event, to make a retry harmless: the waiter "
+                    "ignores an id it has seen."),
 ]
 
 # contract field -> the flag the user typed
-_FLAGS = {"payload.name": "NAME", "payload.server_uuid": "--server",
-          "payload.tag": "--tag", "payload.status": "--status",
-          "payload.host": "--host"}
+_FLAGS = {"id": "--message-id", "payload.name": "NAME",
+          "payload.server_uuid": "--server", "payload.tag": "--tag",
+          "payload.status": "--status", "payload.host": "--host"}
 
 
 def event_from(conf):
@@ -41,7 +51,7 @@ def event_from(conf):
     event = contract.InstanceEvent(name=conf.name, server_uuid=conf.server,
                                    tag=conf.tag, status=conf.status,
                                    host=conf.host)
-    env = contract.envelope(event, "cli")
+    env = contract.envelope(event, "cli", message_id=conf.message_id)
     try:
         contract.from_document(contract.to_document(env))
     except contract.ContractError as exc:
@@ -68,7 +78,7 @@ def main(argv):
         connect_timeout=max(min(conf.timeout, 2.0), 0.5))
     try:
         with InstanceEventPublisher(settings) as publisher:
-            receipt = publisher.publish(event)
+            receipt = publisher.publish(event, message_id=conf.message_id)
     except (BrokerUnavailable, PublishRefused) as exc:
         return fail(f"not published: {exc}", 1)
     print(f"published {receipt.message_id}: {event.name} {event.status} for "

@@ -35,6 +35,23 @@ def test_publish_reaches_the_host_and_prints_the_message_id(bus, router):
     assert message.headers[contract.HEADER_PUBLISHER] == "guest"
 
 
+def test_a_retry_with_the_same_message_id_is_a_duplicate(bus, router):
+    """A script retrying after an unclear outcome reuses the id; the
+    waiter then sees the second copy as what it is."""
+    bus.declare_host(HOST)
+    server = str(uuid.uuid4())
+    message_id = uuid.uuid5(uuid.NAMESPACE_URL, f"my-tool/{server}/1").hex
+    for _ in range(2):
+        done = evrouter("publish", "network-vif-plugged", "--server", server,
+                        "--tag", "port-9", "--host", HOST,
+                        "--message-id", message_id,
+                        "--transport-url", BROKER_URL, "--bus-prefix",
+                        bus.prefix)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"published {message_id}:")
+    assert [env.id for _, env in host_events(bus, 2, HOST)] == [message_id] * 2
+
+
 def test_unreachable_broker_exits_1_and_says_so():
     started = time.monotonic()
     done = evrouter("publish", "network-vif-plugged", "--server",

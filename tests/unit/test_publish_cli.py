@@ -20,6 +20,8 @@ SERVER = "8d5f3a1e-4c2b-4f6a-9e7d-1a2b3c4d5e6f"
       "--status", "done"], "--status: unknown value 'done'"),
     (["network-vif-plugged", "--server", SERVER, "--tag", "p",
       "--host", "bad host"], "--host: 'bad host' does not match"),
+    (["network-vif-plugged", "--server", SERVER, "--tag", "p",
+      "--message-id", "not an id"], "--message-id: 'not an id' does not match"),
 ])
 def test_bad_input_exits_2_naming_the_field(argv, message, capsys):
     assert cli.main(["publish", *argv]) == 2
