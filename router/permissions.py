@@ -1,5 +1,8 @@
 """Broker users and permissions of a deployment. Pure: it plans, never runs.
 
+As rabbitmqctl commands (``plan``) or as a definitions document for a
+broker that loads them at boot (``definitions``).
+
 Least privilege per role, as regular expressions on resource names
 (RabbitMQ checks configure/write/read per exchange and queue):
 - network user: write the ingress exchange only, and there only routing
@@ -23,6 +26,9 @@ router trusts lifecycle events of compute user <prefix><host> only for
 <host>.
 """
 
+import base64
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -86,3 +92,35 @@ def plan(d, password=None):
             commands.append(["set_topic_permissions", "-p", d.vhost, user,
                              exchange, t_write, t_read])
     return commands
+
+
+def password_hash(password, salt):
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + pw))."""
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return base64.b64encode(salt + digest).decode()
+
+
+def definitions(d, password, salt=None):
+    """The deployment as a RabbitMQ definitions document (load_definitions).
+
+    For a broker that starts with its users in place (docker-compose),
+    where nobody runs rabbitmqctl. One password for every user: meant for
+    development; give each user its own in production.
+    """
+    users, permissions, topic_permissions = [], [], []
+    for user, configure, write, read, topics in grants(d):
+        users.append({"name": user, "tags": "",
+                      "hashing_algorithm": "rabbit_password_hashing_sha256",
+                      "password_hash": password_hash(
+                          password, salt if salt is not None
+                          else os.urandom(4))})
+        permissions.append({"user": user, "vhost": d.vhost,
+                            "configure": configure, "write": write,
+                            "read": read})
+        for exchange, t_write, t_read in topics:
+            topic_permissions.append({"user": user, "vhost": d.vhost,
+                                      "exchange": exchange, "write": t_write,
+                                      "read": t_read})
+    return {"users": users, "vhosts": [{"name": d.vhost}],
+            "permissions": permissions,
+            "topic_permissions": topic_permissions}

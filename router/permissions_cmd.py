@@ -1,11 +1,12 @@
 """`evrouter permissions`: print, or apply, the deployment's broker security."""
 
+import json
 import shlex
 import subprocess
 
 from oslo_config import cfg
 
-from router.permissions import Deployment, plan
+from router.permissions import Deployment, definitions, plan
 from router.service_entry import fail, parse
 
 cli_opts = [
@@ -22,6 +23,9 @@ cli_opts = [
                     "and tests; in production create users your own way)."),
     cfg.BoolOpt("apply", default=False,
                 help="Run the commands with rabbitmqctl instead of printing."),
+    cfg.BoolOpt("definitions", default=False,
+                help="Print a RabbitMQ definitions document (JSON, for "
+                     "load_definitions) instead; needs --password."),
 ]
 
 
@@ -34,6 +38,11 @@ def main(argv):
                             router_user=conf.router_user,
                             compute_user_prefix=conf.compute_user_prefix,
                             hosts=tuple(conf.host))
+    if conf.definitions:
+        if not conf.password:
+            return fail("--definitions needs --password (the users' password)")
+        print(json.dumps(definitions(deployment, conf.password), indent=2))
+        return 0
     commands = plan(deployment, conf.password)
     if not conf.apply:
         for args in commands:

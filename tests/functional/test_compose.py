@@ -2,14 +2,22 @@
 
 Each evrouter service's command from the compose file runs as a local
 process with the environment and mounted configuration the file gives it,
-against the local RabbitMQ. What a container provides differently is
-adapted explicitly and only that: the broker's host name (rabbitmq ->
-127.0.0.1), a unique bus prefix and notification names per test run, and
-one local port per replica for the operations endpoint. Then the health
-endpoints are scraped and one event goes end to end: a network service
-notification -> adapter -> routers -> the compute host's queue.
+against the local RabbitMQ, each as the broker user the file gives it
+(least privilege: the users and permissions of `evrouter permissions`,
+which deploy/rabbitmq/definitions.json loads into the compose broker).
+What a container provides differently is adapted explicitly and only
+that: the broker's host name (rabbitmq -> 127.0.0.1) and a virtual host of
+the test's own (where `evrouter permissions --apply` gives the compose
+file's users their rights), a unique bus prefix, compute host name and
+notification names per test run (the network service's notifications go
+to the test's guest vhost), and one local port per replica for the
+operations endpoint. Then the health endpoints are scraped and one event
+goes end to end: a network service notification -> adapter -> routers ->
+the compute host's queue.
 """
 
+import functools
+import json
 import os
 import pathlib
 import re
@@ -18,12 +26,17 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 import yaml
 
 from router.bus import contract
 from router.cli import COMMANDS
 from tests.conftest import collect, wait_for
-from tests.functional.test_network_adapter import network_service, port  # noqa: F401
+from tests.functional.test_network_adapter import (  # noqa: F401
+    OSLO_URL,
+    network_service,
+    port,
+)
 from tests.functional.test_router_ops import free_port, get
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -31,10 +44,13 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 EVROUTER = {name: svc for name, svc in SERVICES.items() if "build" in svc}
 HEALTH_PORT = re.compile(r"127\.0\.0\.1:(\d+)/healthz")
+USER = re.compile(r"^rabbit://(.+):[^:@]+@")
+BROKER = "@rabbitmq:5672/"
 
 
 def test_compose_file_is_consistent_with_the_code():
-    assert set(EVROUTER) == {"topology", "router", "agent", "network-adapter"}
+    assert set(EVROUTER) == {"topology", "compute-topology", "router", "agent",
+                             "network-adapter"}
     assert SERVICES["router"]["deploy"]["replicas"] == 2
     assert "healthcheck" in SERVICES["rabbitmq"]
     for name, svc in EVROUTER.items():
@@ -52,13 +68,23 @@ def test_compose_file_is_consistent_with_the_code():
             listen = [v for k, v in svc.get("environment", {}).items()
                       if k.endswith("__OPS_LISTEN")]
             assert listen and listen[0].endswith(":" + port_), name
+    # Every service logs in as the user of its role.
+    users = {name: USER.search(svc["environment"]["OS_DEFAULT__TRANSPORT_URL"])[1]
+             for name, svc in EVROUTER.items()}
+    compute = "evrouter-compute-${COMPUTE_HOST:-compute-1}"
+    assert users == {"topology": "evrouter-router", "router": "evrouter-router",
+                     "compute-topology": compute, "agent": compute,
+                     "network-adapter": "evrouter-network"}
+    assert SERVICES["agent"]["environment"]["OS_AGENT__RESYNC_FROM"] == \
+        "evrouter-router"
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("router", "compute", "network"):
         assert f"COPY {package} {package}" in dockerfile
 
 
-def local(name, svc, overrides, tmp_path, extra_env=None):
-    """The service's compose command as a local process."""
+def local(name, svc, overrides, tmp_path, extra_env=None, *, vhost="/"):
+    """The service's compose command as a local process (the broker at
+    127.0.0.1, in `vhost`)."""
     mounts = {}
     for v in svc.get("volumes", []):
         src, dst = v.split(":")[:2]
@@ -75,8 +101,12 @@ def local(name, svc, overrides, tmp_path, extra_env=None):
                 env[key] = host_path + value[len(container_path):]
     env.update(overrides)
     env.update(extra_env or {})
-    argv = [re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1], m[2]), a)
-            for a in svc["command"]]
+    expand = functools.partial(re.sub, r"\$\{(\w+):-([^}]*)\}",
+                               lambda m: env.get(m[1], m[2]))
+    for key in svc.get("environment") or {}:
+        if key not in overrides and key not in (extra_env or {}):
+            env[key] = expand(env[key]).replace(BROKER, f"@127.0.0.1:5672/{vhost}")
+    argv = [expand(a) for a in svc["command"]]
     argv = [mounts.get(a, a) for a in argv]
     return subprocess.Popen([sys.executable, "-m", "router.cli", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -89,42 +119,74 @@ def libvirtd_available():
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 
+def test_broker_definitions_are_the_deployments_permissions():
+    from router.permissions import Deployment, grants
+    defs = json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
+    ours = {g[0]: g[1:4] for g in grants(Deployment(hosts=("compute-1",)))}
+    loaded = {p["user"]: (p["configure"], p["write"], p["read"])
+              for p in defs["permissions"] if p["user"] in ours}
+    assert loaded == ours
+    assert {u["name"] for u in defs["users"]} == set(ours) | {"openstack"}
+    rabbitmq = SERVICES["rabbitmq"]["volumes"]
+    assert any(v.startswith("./deploy/rabbitmq/definitions.json:") for v in rabbitmq)
+
+
+@pytest.fixture
+def vhost():
+    """A virtual host of the test's own where the compose file's users get
+    their rights; users this test created go with it."""
+    name = f"evt-compose-{uuid.uuid4().hex[:8]}"
+    before = _users()
+    yield name
+    subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True)
+    for user in _users() - before:
+        subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True)
+
+
+def _users():
+    done = subprocess.run(["rabbitmqctl", "list_users", "-q", "--no-table-headers"],
+                          capture_output=True, text=True, check=True)
+    return {line.split("\t")[0] for line in done.stdout.splitlines() if line}
+
+
 def test_compose_services_run_as_local_processes(bus, network_service,  # noqa: F811
-                                                 tmp_path):
+                                                 vhost, tmp_path):
     notifier, names = network_service
     host = f"compose-{uuid.uuid4().hex[:6]}"
-    bus.own(exchanges=[bus.topology.host_exchange_name(host)],
-            queues=[bus.topology.host_queue_name(host)])
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "permissions", "--apply", "--vhost", vhost,
+         "--bus-prefix", bus.prefix, "--host", host, "--password", "evrouter-dev"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     overrides = {
-        "OS_DEFAULT__TRANSPORT_URL": "rabbit://guest:guest@127.0.0.1:5672/",
+        # the network service's own bus: the test's guest vhost
+        "OS_NETWORK_ADAPTER__NOTIFICATION_TRANSPORT_URL": OSLO_URL,
         "OS_BUS__PREFIX": bus.prefix,
         "OS_NETWORK_ADAPTER__EXCHANGE": names["exchange"],
         "OS_NETWORK_ADAPTER__TOPICS": names["topic"],
         "OS_NETWORK_ADAPTER__POOL": names["pool"],
         "COMPUTE_HOST": host,
     }
-    conf = (ROOT / "deploy" / "evrouter.conf").read_text()
-    assert "transport_url = rabbit://guest:guest@rabbitmq:5672/" in conf
     procs = []
     try:
-        setup = local("topology", EVROUTER["topology"], overrides, tmp_path)
-        out, _ = setup.communicate(timeout=60)
-        assert setup.returncode == 0, out
-        # the compute host's queue (the waiter's consumer declares it in production)
-        bus.declare_host(host)
+        for name in ("topology", "compute-topology"):
+            setup = local(name, EVROUTER[name], overrides, tmp_path, vhost=vhost)
+            out, _ = setup.communicate(timeout=60)
+            assert setup.returncode == 0, out
 
         router_ports = [free_port() for _ in range(SERVICES["router"]["deploy"]["replicas"])]
         for p in router_ports:
             procs.append(local("router", EVROUTER["router"], overrides, tmp_path,
-                               {"OS_ROUTER__OPS_LISTEN": f"127.0.0.1:{p}"}))
+                               {"OS_ROUTER__OPS_LISTEN": f"127.0.0.1:{p}"}, vhost=vhost))
         procs.append(local("network-adapter", EVROUTER["network-adapter"], overrides,
-                           tmp_path))
+                           tmp_path, vhost=vhost))
         health = [f"http://127.0.0.1:{p}/healthz" for p in router_ports]
         available, why = libvirtd_available()
         if available:
             agent_port = free_port()
             procs.append(local("agent", EVROUTER["agent"], overrides, tmp_path,
-                               {"OS_AGENT__OPS_LISTEN": f"127.0.0.1:{agent_port}"}))
+                               {"OS_AGENT__OPS_LISTEN": f"127.0.0.1:{agent_port}"},
+                               vhost=vhost))
             health.append(f"http://127.0.0.1:{agent_port}/healthz")
         else:
             print(f"\nCOMPOSE AGENT NOT STARTED: no libvirtd here ({why})")
@@ -148,7 +210,8 @@ def test_compose_services_run_as_local_processes(bus, network_service,  # noqa: 
                         for s in ("DOWN", "ACTIVE"))
         notifier.info(ctxt, "port.create.end", {"port": down})
         notifier.info(ctxt, "port.update.end", {"port": active})
-        [m] = collect(bus.url, bus.topology.host_queue_name(host), 1, timeout=30)
+        compute_url = f"amqp://evrouter-compute-{host}:evrouter-dev@127.0.0.1:5672/{vhost}"
+        [m] = collect(compute_url, bus.topology.host_queue_name(host), 1, timeout=30)
         event = contract.decode(m.body).payload
         assert (event.name, event.server_uuid, event.host) == \
             ("network-vif-plugged", server, host)
