@@ -1,0 +1,136 @@
+"""The one total decode of whole AMQP messages, without a broker."""
+
+import datetime
+import decimal
+import struct
+
+import amqp.serialization
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.bus import contract, inbound
+from router.bus.transport import _TotalMessage
+from tests.functional import poison
+
+HOST = "cmp-unit"
+
+
+def _decode(body, props):
+    try:
+        return inbound.decode_message(body, props)
+    except contract.ContractError as exc:
+        return exc
+
+
+def _properties_from(case):
+    """What a consumer sees: properties as evrouter's transport decodes them."""
+    _, _, props, raw, _ = case
+    if raw is None:
+        raw = amqp.Message(b"", **props)._serialize_properties()
+    message = _TotalMessage()
+    message._load_properties(60, raw, 0)
+    return message.properties
+
+
+@pytest.mark.parametrize("case", poison.cases(HOST), ids=lambda c: c[0])
+def test_every_poison_case_gets_its_reason(case):
+    result = _decode(case[1], _properties_from(case))
+    assert isinstance(result, contract.ContractError), case[0]
+    assert result.reason == case[4]
+
+
+def test_a_good_message_decodes_with_any_plain_label():
+    body = poison.event_body(HOST)
+    for props in ({}, {"content_type": "application/json",
+                       "content_encoding": "utf-8"},
+                  {"content_type": "application/data", "content_encoding": "binary"},
+                  {"content_type": "application/json; charset=UTF-8"},
+                  {"content_type": None, "content_encoding": None}, None, "junk"):
+        env = inbound.decode_message(body, props)
+        assert env.payload.host == HOST
+
+
+def test_a_body_a_transport_decoded_to_str_is_read_back():
+    body = poison.event_body(HOST)
+    assert inbound.decode_message(body.decode(), {}).payload.host == HOST
+    assert _decode("", {"content_encoding": "binary"}).reason == contract.REASON_MALFORMED
+    assert _decode(None, {}).reason == contract.REASON_MALFORMED
+    assert _decode(12, {}).reason == contract.REASON_MALFORMED
+
+
+def test_undecodable_properties_are_malformed_not_a_crash():
+    raw = poison.raw_properties(message_id=b"\xff", headers=poison.raw_timestamp_header())
+    message = _TotalMessage()
+    message._load_properties(60, raw, 0)
+    assert set(message.properties) == {inbound.UNDECODABLE}
+    err = _decode(poison.event_body(HOST), message.properties)
+    assert err.reason == contract.REASON_MALFORMED and err.field == "properties"
+
+
+def test_nesting_is_measured_outside_strings():
+    assert contract.nesting_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}') == 1
+    assert contract.nesting_depth(b"[" * 40 + b"]" * 40) == 40
+    assert contract.nesting_depth(b'["\\"[[[[[[[[[[[[[[[[[[[[[[[[[["]') == 1
+
+
+def test_safe_headers_keep_what_serialises_and_count_the_rest():
+    headers = {"ok": "x", "n": 2 ** 70, "f": float("inf"), "d": decimal.Decimal("1.5"),
+               "t": datetime.datetime(2020, 1, 1), "nested": {"a": [1, {"b": None}]},
+               "bad-str": "\ud800", b"\xff": 1, "bytes": b"\x00"}
+    clean = inbound.safe_headers(headers)
+    assert clean["ok"] == "x" and clean["nested"] == {"a": [1, {"b": None}]}
+    assert clean["bytes"] == b"\x00"
+    assert clean["x-evrouter-dropped-headers"] == 6
+    amqp.serialization.dumps("F", [clean])
+    assert inbound.safe_headers("not a table") == {"x-evrouter-dropped-headers": 1}
+
+
+def test_typed_header_reads_refuse_other_types():
+    assert inbound.header({"a": "7"}, "a", int, 0) == 0
+    assert inbound.header({"a": True}, "a", int, 0) == 0
+    assert inbound.header({"a": 7}, "a", float, 0.0) == 7.0
+    assert inbound.header({"a": float("nan")}, "a", float, 1.0) == 1.0
+    assert inbound.header([], "a", int, 3) == 3
+    assert inbound.delivery_count({"x-delivery-count": -4}) == 0
+
+
+# --- hypothesis: any (body, properties) is an Envelope or a ContractError ----
+
+_any_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+              st.text(max_size=30), st.binary(max_size=30),
+              st.decimals(allow_nan=True), st.datetimes()),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.one_of(st.text(max_size=10),
+                                                      st.binary(max_size=4)),
+                                            inner, max_size=4)),
+    max_leaves=12)
+_props = st.one_of(_any_value, st.dictionaries(
+    st.sampled_from(["content_type", "content_encoding", "application_headers",
+                     "message_id", "user_id", inbound.UNDECODABLE]), _any_value))
+_bodies = st.one_of(st.binary(max_size=300), st.text(max_size=100),
+                    st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n),
+                    st.builds(lambda: poison.event_body(HOST)), st.none())
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_bodies, props=_props)
+def test_decode_message_is_total(body, props):
+    result = _decode(body, props)
+    assert isinstance(result, (contract.Envelope, contract.ContractError))
+    if isinstance(result, contract.ContractError):
+        assert result.reason in (contract.REASON_MALFORMED, contract.REASON_INVALID,
+                                 contract.REASON_TOO_LARGE,
+                                 contract.REASON_UNSUPPORTED_VERSION)
+    headers = props.get("application_headers") if type(props) is dict else props
+    amqp.serialization.dumps("F", [inbound.safe_headers(headers)])
+    assert isinstance(inbound.loggable(props), str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_any_content_header_decodes_or_is_marked(raw):
+    message = _TotalMessage()
+    message._load_properties(60, struct.pack(">H", 0xFFFC) + raw, 0)
+    assert isinstance(message.properties, dict)
