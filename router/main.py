@@ -27,6 +27,15 @@ router_opts = [
     cfg.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to wait for in-flight messages "
                       "to be confirmed before closing."),
+    cfg.IntOpt("redelivery_limit", default=5, min=1,
+               help="Deliveries of one ingress message that never got settled "
+                    "(its router died or lost the broker each time) before "
+                    "it is dead-lettered with reason poison."),
+    cfg.FloatOpt("resync_window", default=5.0, min=0,
+                 help="Seconds after connecting during which the router "
+                      "waits for the agents' snapshots; meanwhile the REST "
+                      "endpoint answers 503 (retry) rather than 404 for an "
+                      "instance it does not know yet."),
     cfg.StrOpt("name", help="This router process's name in logs and "
                             "dead-letter headers (default: random)."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
@@ -57,6 +66,8 @@ def settings_from(conf):
         prefetch=conf.router.prefetch,
         max_body_bytes=conf.bus.max_body_bytes,
         drain_timeout=conf.router.drain_timeout,
+        redelivery_limit=conf.router.redelivery_limit,
+        resync_window=conf.router.resync_window,
         heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf),
         name=conf.router.name or uuid.uuid4().hex[:12])

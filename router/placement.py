@@ -11,6 +11,7 @@ detail (the source side of a finished migration).
 """
 
 import collections
+import time
 
 # Values of libvirt's VIR_DOMAIN_EVENT_STOPPED_MIGRATED; kept here so the
 # router does not need libvirt installed.
@@ -28,9 +29,18 @@ class PlacementTable:
         # instances whose last host let go: known, but on no host (bounded)
         self._hostless = collections.OrderedDict()
         self._max = max_instances
+        self._warm_at = 0.0
 
     def __len__(self):
         return len(self._hosts)
+
+    def warm_up(self, seconds, clock=time.monotonic):
+        """Placement is incomplete for `seconds` (agents are resyncing)."""
+        self._warm_at = clock() + seconds
+
+    def is_warming(self, clock=time.monotonic):
+        """True while an unknown instance may just not be reported yet."""
+        return clock() < self._warm_at
 
     def observe(self, event):
         """Apply one LifecycleEvent."""

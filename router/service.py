@@ -59,6 +59,9 @@ class RouterSettings:
     # Deliveries of one message that never got settled (its router died
     # or lost its connection each time) before it is dead-lettered poison.
     redelivery_limit: int = 5
+    # Seconds after (re)connecting during which placement is incomplete
+    # (agents are answering the resync request): REST says "try again".
+    resync_window: float = 5.0
 
 
 class _Inflight:
@@ -151,7 +154,11 @@ class _Session:
                 self._outcomes.append((token, outcome)))
             self.check_ch = conn.channel()
             self.window = AckWindow(multiple=not self.memory)
-            placement_q = self.topo.placement_queue(self.s.name)
+            # A new name per session: after a half-open connection the old
+            # exclusive queue lingers until the broker reaps it, and
+            # declaring the same name would fail RESOURCE_LOCKED.
+            placement_q = self.topo.placement_queue(
+                f"{self.s.name}.{uuid.uuid4().hex[:8]}")
             self.lifecycle_consumer = Consumer(
                 conn.channel(), [placement_q], no_ack=True,
                 on_message=self._lifecycle.append)
@@ -162,6 +169,8 @@ class _Session:
                                      on_message=self._deliveries.append)
             self.consumer.qos(prefetch_count=self.s.prefetch)
             self.consumer.consume()
+            self._ask_for_snapshots()
+            self.stats["sessions"] += 1
             self.service.ready.set()
             LOG.info("router %s consuming %s (prefetch %d)", self.s.name,
                      self.topo.router_queue_name, self.s.prefetch)
@@ -208,6 +217,21 @@ class _Session:
         acks.send(self.consume_ch, self.window.flush())
 
     # --- placement ----------------------------------------------------------
+    def _ask_for_snapshots(self):
+        """Every agent answers with its host's whole placement: a router that
+        (re)connects knows it within seconds instead of learning it from
+        whatever lifecycle events happen next."""
+        self.service.placement.warm_up(self.s.resync_window)
+        if self.memory:
+            return      # the memory transport's agents snapshot on start
+        request = contract.envelope(contract.ResyncRequest(self.s.name),
+                                    f"router@{self.s.name}")
+        self.publisher.publish(self.topo.control_exchange_name, "",
+                               contract.encode(request), None,
+                               message_id=request.id, mandatory=False)
+        LOG.info("router %s asked the agents for snapshots (%s)", self.s.name,
+                 request.id)
+
     def _observe(self, message):
         try:
             self._observe_one(message)

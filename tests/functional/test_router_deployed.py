@@ -1,0 +1,145 @@
+"""The router as deployed: ghost hosts, restarts, snapshots, UUID case,
+lingering placement queues, partly returned events (real broker)."""
+
+import uuid
+
+import kombu
+import pytest
+
+from router.bus import contract
+from router.bus.publishing import BlockingPublisher
+from router.service import HEADER_HOST
+from tests.conftest import RunningRouter, collect, queue_depth, wait_for
+from tests.functional.waiter_harness import get_dead_letter
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _publish(bus, exchange, env, key=None):
+    with kombu.Connection(bus.url) as conn:
+        BlockingPublisher(conn).publish(
+            exchange, key if key is not None else
+            f"instance.{getattr(env.payload, 'name', 'x')}",
+            contract.encode(env), message_id=env.id,
+            mandatory=exchange == bus.topology.ingress_exchange_name)
+
+
+def _lifecycle(bus, payload):
+    env = contract.envelope(payload, "agent")
+    _publish(bus, bus.topology.lifecycle_exchange_name, env, key="")
+    return env
+
+
+def _event(server, host=None, name=contract.VIF_PLUGGED):
+    return contract.envelope(contract.InstanceEvent(name, server, "port-1",
+                                                    contract.COMPLETED, host), "test")
+
+
+def test_an_announced_host_without_an_exchange_does_not_kill_the_session(bus, router):
+    """Agent started before its host consumer: announced, no exchange yet."""
+    bus.declare_host("cmp-real")
+    _lifecycle(bus, contract.HostAnnounce("cmp-ghost", 1))
+    ghost_server = str(uuid.uuid4())
+    _lifecycle(bus, contract.LifecycleEvent(ghost_server, "cmp-ghost", "STARTED",
+                                            2, 0, 2))
+    wait_for(lambda: router.service.placement.hosts_for(ghost_server), 10,
+             what="placement of the ghost host's instance")
+    sessions = router.service.stats["sessions"]
+    for _ in range(3):
+        _publish(bus, bus.topology.ingress_exchange_name, _event(ghost_server))
+        _publish(bus, bus.topology.ingress_exchange_name,
+                 _event(ghost_server, host="cmp-ghost"))
+    good = _event(str(uuid.uuid4()), host="cmp-real")
+    _publish(bus, bus.topology.ingress_exchange_name, good)
+    [m] = collect(bus.url, bus.topology.host_queue_name("cmp-real"), 1)
+    assert m.properties["message_id"] == good.id
+    # The ghost's events wait for its exchange (parked), the session lives.
+    wait_for(lambda: router.service.stats["retried"] >= 6, 10, what="ghost events parked")
+    assert router.service.stats["sessions"] == sessions
+    assert router.service.ready.is_set()
+    # Once the host's consumer declares its exchange and queue, they get there.
+    bus.declare_host("cmp-ghost")
+    got = collect(bus.url, bus.topology.host_queue_name("cmp-ghost"), 6, timeout=30)
+    assert len(got) == 6
+
+
+def test_upper_case_server_uuids_find_their_host(bus, router):
+    bus.declare_host("cmp-case")
+    server = str(uuid.uuid4())
+    _lifecycle(bus, contract.LifecycleEvent(server.upper(), "cmp-case", "STARTED",
+                                            2, 0, 1))
+    wait_for(lambda: router.service.placement.hosts_for(server), 10,
+             what="placement")
+    env = _event(server.upper())
+    _publish(bus, bus.topology.ingress_exchange_name, env)
+    [m] = collect(bus.url, bus.topology.host_queue_name("cmp-case"), 1)
+    assert contract.decode(m.body).payload.server_uuid == server
+    assert router.service.placement.hosts_for(server.upper()) == ("cmp-case",)
+
+
+def test_a_router_asks_the_agents_for_snapshots_when_it_connects(bus):
+    bus.declare_central()
+    with kombu.Connection(bus.url) as conn:
+        ch = conn.channel()
+        q = kombu.Queue(f"{bus.prefix}.test-control", kombu.Exchange(
+            bus.topology.control_exchange_name, "fanout", no_declare=True),
+            exclusive=True)(ch)
+        q.declare()
+        r = RunningRouter(bus, name="router-snap")
+        try:
+            msg = wait_for(lambda: q.get(no_ack=True), 10, what="a resync request")
+            env = contract.decode(msg.body)
+            assert env.kind == contract.RESYNC_REQUEST
+            assert env.payload.router == "router-snap"
+            assert r.service.placement.is_warming()
+        finally:
+            r.stop()
+
+
+def test_a_host_snapshot_replaces_what_the_router_knew_of_the_host(bus, router):
+    bus.declare_host("cmp-snap")
+    gone, kept, new = (str(uuid.uuid4()) for _ in range(3))
+    for n, server in enumerate((gone, kept), 1):
+        _lifecycle(bus, contract.LifecycleEvent(server, "cmp-snap", "STARTED", 2, 0, n))
+    wait_for(lambda: router.service.placement.hosts_for(kept), 10, what="placement")
+    _lifecycle(bus, contract.HostSnapshot("cmp-snap", 3, ((kept, "PAUSED"),
+                                                          (new, "STARTED"))))
+    wait_for(lambda: router.service.placement.hosts_for(new), 10, what="snapshot")
+    assert router.service.placement.hosts_for(gone) == ()
+    assert router.service.placement.is_hostless(gone)
+    assert router.service.placement.hosts_for(kept) == ("cmp-snap",)
+
+
+def test_a_lingering_placement_queue_does_not_lock_the_router_out(bus):
+    """A half-open old connection still holds the router's exclusive
+    placement queue: the restarted router must consume at once anyway."""
+    bus.declare_central()
+    name = "router-fixed"
+    with kombu.Connection(bus.url) as old:
+        held = bus.topology.placement_queue(name)(old.channel())
+        held.declare()
+        r = RunningRouter(bus, name=name)
+        try:
+            assert r.service.ready.is_set()
+        finally:
+            r.stop()
+
+
+def test_one_returned_copy_dead_letters_only_that_hosts_copy(bus, router):
+    bus.declare_host("cmp-ok")
+    # cmp-noq has an exchange but nothing bound to it: copies come back.
+    with kombu.Connection(bus.url) as conn:
+        kombu.Exchange(bus.topology.host_exchange_name("cmp-noq"), "topic",
+                       durable=True)(conn.channel()).declare()
+    bus.own(exchanges=[bus.topology.host_exchange_name("cmp-noq")])
+    server = str(uuid.uuid4())
+    _lifecycle(bus, contract.LifecycleEvent(server, "cmp-noq", "STARTED", 2, 0, 1))
+    wait_for(lambda: router.service.placement.hosts_for(server), 10, what="placement")
+    env = _event(server, host="cmp-ok")
+    _publish(bus, bus.topology.ingress_exchange_name, env)
+    [m] = collect(bus.url, bus.topology.host_queue_name("cmp-ok"), 1)
+    assert m.properties["message_id"] == env.id
+    dead = get_dead_letter(bus)
+    assert dead.headers[contract.HEADER_REASON] == contract.REASON_UNROUTABLE
+    assert dead.headers[HEADER_HOST] == "cmp-noq"
+    assert queue_depth(bus.url, bus.topology.router_queue_name) == 0
