@@ -237,7 +237,9 @@ class LifecycleAgent:
                         env.kind)
             return
         allowed = self.settings.resync_from
-        if allowed and user_id not in allowed:
+        # Without a user_id the broker vouches for nothing, but only the
+        # router user may write the control exchange (permissions).
+        if allowed and user_id and user_id not in allowed:
             self.stats["resync_refused"] += 1
             LOG.warning("resync request %s from router %s ignored: sent by "
                         "broker user %s, not one of %s", env.id,

@@ -58,8 +58,8 @@ agent_opts = [
                       "seconds (requests in between are answered together)."),
     cfg.ListOpt("resync_from", default=[],
                 help="Broker users whose resync requests are answered (the "
-                     "router user, e.g. evrouter-router); a request from "
-                     "another user, or without a user_id, is ignored. Empty: "
+                     "router user, e.g. evrouter-router); a request with "
+                     "another broker-validated user_id is ignored. Empty: "
                      "whoever may write the control exchange, which the "
                      "permissions of `evrouter permissions` give the router "
                      "user only."),
