@@ -42,7 +42,7 @@ from compute.handoff import Handoff, blocking_call
 from compute.lifecycle import LifecycleTranslator, SnapshotPacer
 from compute.lifecycle_publisher import LifecyclePublisher, Outbox, Outgoing
 from router.bus import connection as bus_connection
-from router.bus import contract
+from router.bus import contract, inbound
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
@@ -224,12 +224,24 @@ class LifecycleAgent:
                  if deferred else "")
         self._queue([snapshot])
 
-    def _on_resync(self, body, user_id, message_id):
+    def _on_resync(self, body, properties):
         try:
-            env = contract.decode(body)
+            self._resync_requested(body, properties)
+        except Exception:
+            # Anyone who can reach the control queue must not stop the agent.
+            self.stats["resync_invalid"] += 1
+            LOG.exception("control message %s: unexpected error; ignored",
+                          inbound.loggable(properties.get("message_id")))
+
+    def _resync_requested(self, body, properties):
+        user_id = properties.get("user_id")
+        message_id = inbound.loggable(properties.get("message_id"))
+        try:
+            env = inbound.decode_message(body, properties)
         except contract.ContractError as exc:
             self.stats["resync_invalid"] += 1
-            LOG.warning("control message %s ignored: %s", message_id, exc)
+            LOG.warning("control message %s ignored (%s): %s", message_id,
+                        exc.reason, exc)
             return
         if env.kind != contract.RESYNC_REQUEST:
             self.stats["resync_invalid"] += 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from kombu import Consumer, Exchange
 
 from router.bus import connection as bus_connection
-from router.bus import publishing, topology
+from router.bus import inbound, publishing, topology
 
 LOG = logging.getLogger(__name__)
 
@@ -236,12 +236,9 @@ class LifecyclePublisher:
 
     def _hand_over_control(self):
         for message in bus_connection.take(self._control):
-            body = message.body
-            if type(body) is str:
-                body = body.encode("utf-8", "surrogateescape")
-            props = message.properties
-            self._on_control(body, props.get("user_id"),
-                             props.get("message_id"))
+            # Undecoded: the whole AMQP message is the receiver's to judge
+            # (inbound.decode_message), body and properties alike.
+            self._on_control(message.body, inbound.properties_of(message))
 
     def _publish_until_closed(self, conn, publisher, control):
         exchange = self._topology.lifecycle_exchange_name

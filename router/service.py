@@ -43,6 +43,8 @@ _POSITIVE_HOST_TTL = 60.0
 # does it on quorum queues). Trusted only on copies the router user sent.
 HEADER_REDELIVERIES = "x-evrouter-redeliveries"
 HEADER_HOST = "x-evrouter-host"
+_RESTART_DELAY = 0.5
+_RESTART_MAX = 30.0
 
 
 @dataclass
@@ -92,9 +94,34 @@ class RouterService:
     def health(self):
         if self.ready.is_set():
             return True, "consuming"
+        if self.last_failure is not None:
+            return False, f"restarting after: {self.last_failure}"
         return False, "not connected to the broker"
 
+    last_failure = None
+
     def run(self):
+        """Route until stop(). Supervised: a bug outside the per-message
+        containment restarts the session (logged at ERROR, with backoff);
+        whatever it held unacknowledged is redelivered, and counted."""
+        delay = _RESTART_DELAY
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._serve()
+                break
+            except Exception as exc:
+                self.stats["failures"] += 1
+                self.last_failure = f"{type(exc).__name__}: {exc}"[:300]
+                LOG.error("router %s failed; restarting in %.1fs",
+                          self.settings.name, delay, exc_info=True)
+                if time.monotonic() - started > _RESTART_MAX:
+                    delay = _RESTART_DELAY
+                self._stop.wait(delay)
+                delay = min(delay * 2, _RESTART_MAX)
+        LOG.info("router %s stopped", self.settings.name)
+
+    def _serve(self):
         s = self.settings
         conn = bus_connection.connection(s.transport_url,
                                          heartbeat=s.heartbeat, ssl_opts=s.ssl)
@@ -118,7 +145,6 @@ class RouterService:
                                     "reconnecting", s.name, exc)
                     finally:
                         self.ready.clear()
-        LOG.info("router %s stopped", s.name)
 
 
 class _Session:

@@ -396,3 +396,32 @@ def test_resync_requests_from_other_users_are_ignored(bus, driver, listener,
     time.sleep(0.3)
     assert running.agent.stats["snapshots"] == 1
     assert len(listener.snapshots()) == 1
+
+
+def test_poison_on_the_control_queue_does_not_stop_the_agent(bus, driver, listener,
+                                                             start_agent):
+    """Whoever can write the control fanout: every hostile message is
+    ignored with a reason, and the next real request is still answered."""
+    from tests.functional import poison
+
+    dom = driver.define()
+    dom.create()
+    uid = dom.UUIDString()
+    running = start_agent(resync_min_interval=0, snapshot_interval=0)
+    listener.wait_snapshot(uid)
+    cases = poison.cases(running.agent.settings.host)
+    raw = poison.RawPublisher(bus.url)
+    try:
+        for _, body, props, raw_props, _ in cases:
+            if raw_props is not None:
+                raw.publish_raw(bus.topology.control_exchange_name, "", body, raw_props)
+            else:
+                raw.publish(bus.topology.control_exchange_name, "", body, **props)
+    finally:
+        raw.close()
+    wait_for(lambda: running.agent.stats["resync_invalid"] == len(cases),
+             what="every poison message judged")
+    seen = len(listener.envelopes())
+    _resync_request(bus)
+    listener.wait_snapshot(uid, after=seen, timeout=5)
+    assert running.agent.healthy

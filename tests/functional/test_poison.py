@@ -9,7 +9,6 @@ internal-error for input that is merely bad.
 """
 
 import datetime
-import decimal
 import json
 import threading
 import uuid
@@ -415,4 +414,47 @@ def test_a_failing_host_consumer_is_restarted_and_says_so(bus, caplog):
         consumer.stop()
         thread.join(15)
     assert not thread.is_alive()
-    assert decimal  # imported for the header strategies
+
+
+class _FlakyPlacement(PlacementTable):
+    """Fails (a bug, not a broker error) while a session starts, twice."""
+
+    def __init__(self, failures):
+        super().__init__()
+        self.failures = failures
+
+    def warm_up(self, seconds, **kwargs):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("simulated bug in the router")
+        return super().warm_up(seconds, **kwargs)
+
+
+def test_a_failing_router_session_is_restarted_and_says_so(bus, caplog):
+    from router.service import RouterService, RouterSettings
+    bus.declare_central()
+    bus.declare_host("cmp-sup")
+    svc = RouterService(RouterSettings(transport_url=bus.url, topology=bus.topology),
+                        placement=_FlakyPlacement(2))
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(svc.ready.is_set, 20, what="the router after restarts")
+        assert svc.stats["failures"] == 2
+        assert svc.health() == (True, "consuming")
+        errors = [r for r in caplog.records
+                  if r.levelname == "ERROR" and "restarting" in r.getMessage()]
+        assert len(errors) == 2 and errors[0].exc_info is not None
+        good = _good("cmp-sup")
+        raw = poison.RawPublisher(bus.url)
+        try:
+            raw.publish(bus.topology.ingress_exchange_name, KEY,
+                        contract.encode(good), message_id=good.id)
+        finally:
+            raw.close()
+        [m] = collect(bus.url, bus.topology.host_queue_name("cmp-sup"), 1)
+        assert m.properties["message_id"] == good.id
+    finally:
+        svc.stop()
+        thread.join(20)
+    assert not thread.is_alive()

@@ -23,6 +23,7 @@ import atheris
 
 with atheris.instrument_imports():
     import amqp.serialization
+
     from router.bus import contract, inbound
     from router.bus.transport import _TotalMessage
 
