@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from kombu import Exchange, Queue
 
 QUEUE_TYPES = ("classic", "quorum")
+
+# A quorum queue dead-letters at-most-once by default: a message expiring or
+# over its delivery limit while the leader changes can vanish. at-least-once
+# keeps it in the source queue until the dead-letter target confirmed it;
+# RabbitMQ (3.10 to 4.x) accepts that only with the reject-publish overflow
+# (no max-length here, so nothing is ever refused for it). Arguments cannot
+# change on an existing queue: quorum queues declared without these must be
+# drained and re-declared (see the README, "RabbitMQ cluster").
+_AT_LEAST_ONCE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once",
+                                 "x-overflow": "reject-publish"}
 INSTANCE_BINDING = "instance.*"
 RETRY_ROUTING_KEY = "instance.retry"
 
@@ -93,6 +103,7 @@ class Topology:
                 "x-dead-letter-exchange": self.dead_letter_exchange_name}
         if self.queue_type == "quorum":
             args["x-delivery-limit"] = self.delivery_limit
+            args.update(_AT_LEAST_ONCE_DEAD_LETTERING)
         args.update(extra)
         return args
 
