@@ -10,12 +10,26 @@ so a 200 means the broker has them.
 
 ``evaluate`` is pure; ``RestIngress`` owns the one connection its worker
 thread publishes on (HTTP request threads hand events over through a queue).
+
+Hardened for a real cloud (``RestApp``, ``serve``): the compute API's
+microversion rules per event name (nova-api refuses, as a 400 for the whole
+request, a name newer than the request's microversion: volume-extended
+2.51, power-update 2.76, accelerator-request-bound 2.82, volume-reimaged
+2.93; no header means 2.1, "latest" the newest), Keystone authentication by
+keystonemiddleware (``[keystone_authtoken]`` of the service's config) and
+the caller's roles checked by oslo.policy (default: Nova's own rule for this
+API, service or admin role). ``check_exposure`` refuses an unauthenticated
+listener beyond loopback unless explicitly allowed.
 """
 
+import ipaddress
 import json
 import logging
 import queue
+import re
+import socketserver
 import threading
+import wsgiref.simple_server
 
 from router.bus import connection as bus_connection
 from router.bus import contract, publishing, topology
@@ -24,13 +38,68 @@ LOG = logging.getLogger(__name__)
 PATH = "/v2.1/os-server-external-events"
 PUBLISHER = "os-server-external-events"
 
+# nova-api's rules (nova 34: api/openstack/compute/schemas/server_external_events.py)
+EVENT_MIN_MICROVERSION = {
+    "volume-extended": (2, 51),
+    "power-update": (2, 76),
+    "accelerator-request-bound": (2, 82),
+    "volume-reimaged": (2, 93),
+}
+MIN_MICROVERSION = (2, 1)
+MAX_MICROVERSION = (2, 104)     # nova 34.0.0
+POLICY_NAME = "os_compute_api:os-server-external-events:create"
+POLICY_DEFAULT = "role:service or role:admin"   # Nova's rule:service_or_admin
+MAX_BODY_BYTES = contract.DEFAULT_MAX_BODY_BYTES
+_VERSION_RE = re.compile(r"^([1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+
+
+class MicroversionError(ValueError):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_microversion(headers):
+    """(major, minor) asked for by ``headers`` (a dict, case-insensitive keys)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    value = None
+    for item in (lowered.get("openstack-api-version") or "").split(","):
+        service, _, version = item.strip().partition(" ")
+        if service.lower() == "compute":
+            value = version.strip()
+    if value is None:
+        value = lowered.get("x-openstack-nova-api-version")
+    if value is None or not value.strip():
+        return MIN_MICROVERSION
+    value = value.strip()
+    if value.lower() == "latest":
+        return MAX_MICROVERSION
+    match = _VERSION_RE.match(value)
+    if not match:
+        raise MicroversionError(400, f"Invalid API version request string: {value}")
+    version = (int(match[1]), int(match[2]))
+    if not MIN_MICROVERSION <= version <= MAX_MICROVERSION:
+        raise MicroversionError(
+            406, f"Version {value} is not supported by the API. Minimum is "
+                 f"{_fmt(MIN_MICROVERSION)} and maximum is {_fmt(MAX_MICROVERSION)}.")
+    return version
+
+
+def _fmt(version):
+    return f"{version[0]}.{version[1]}"
+
 
 def _bad_request(detail):
     return 400, {"badRequest": {"code": 400, "message": detail}}, []
 
 
-def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat"):
-    """(status, response document, envelopes to publish)."""
+def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
+             microversion=None):
+    """(status, response document, envelopes to publish).
+
+    With a `microversion`, an event name newer than it is refused as nova-api
+    refuses it: 400 for the whole request.
+    """
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -43,6 +112,12 @@ def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat"):
             return _bad_request(f"events[{i}] must be an object")
         payload = {k: item[k] for k in ("name", "server_uuid", "status", "tag")
                    if k in item}
+        needed = EVENT_MIN_MICROVERSION.get(payload.get("name"))
+        if microversion is not None and needed and microversion < needed:
+            return _bad_request(
+                f"Invalid input for field/attribute name. Value: "
+                f"{payload['name']}. {payload['name']!r} needs microversion "
+                f"{_fmt(needed)} or later (request: {_fmt(microversion)})")
         tag_missing = payload.get("name") in contract.TAG_REQUIRED and not payload.get("tag")
         if not tag_missing:
             try:
@@ -94,10 +169,10 @@ class RestIngress:
     def routes(self):
         return {("POST", PATH): self.handle}
 
-    def handle(self, body):
+    def handle(self, body, microversion=None):
         status, document, accepted = evaluate(
             body, hosts_for=self._placement.hosts_for,
-            is_hostless=self._placement.is_hostless)
+            is_hostless=self._placement.is_hostless, microversion=microversion)
         if accepted:
             done = queue.Queue(maxsize=1)
             self._work.put((accepted, done))
@@ -141,3 +216,161 @@ class RestIngress:
                 conn = None
         if conn is not None:
             conn.release()
+
+
+# --- the hardened HTTP side ----------------------------------------------------
+class RestApp:
+    """WSGI application of the endpoint: microversions and the policy check.
+
+    `handle(body, microversion)` answers (status, document) (RestIngress.handle).
+    `enforcer`: an oslo.policy Enforcer (``policy_enforcer``), or None for no
+    policy check (only sensible behind loopback, see check_exposure).
+    """
+
+    def __init__(self, handle, enforcer=None):
+        self._handle = handle
+        self._enforcer = enforcer
+
+    def __call__(self, environ, start_response):
+        try:
+            status, document, headers = self._respond(environ)
+        except Exception:       # never a traceback to the caller
+            LOG.exception("REST request failed")
+            status, document, headers = 500, {"computeFault": {
+                "code": 500, "message": "internal error"}}, []
+        body = json.dumps(document).encode()
+        start_response(f"{status} {_REASONS.get(status, 'Status')}",
+                       [("Content-Type", "application/json"),
+                        ("Content-Length", str(len(body))), *headers])
+        return [body]
+
+    def _respond(self, environ):
+        if environ.get("PATH_INFO", "").rstrip("/") != PATH:
+            return 404, {"itemNotFound": {"code": 404, "message": "Not found"}}, []
+        if environ.get("REQUEST_METHOD") != "POST":
+            return 405, {"error": "method not allowed"}, [("Allow", "POST")]
+        if self._enforcer is not None:
+            refused = self._authorize(environ)
+            if refused:
+                return refused
+        headers = {k[5:].replace("_", "-"): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        try:
+            version = parse_microversion(headers)
+        except MicroversionError as exc:
+            code = "badRequest" if exc.status == 400 else "notAcceptable"
+            return exc.status, {code: {"code": exc.status, "message": str(exc)}}, []
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY_BYTES:
+            return 400 if length < 0 else 413, {"badRequest": {
+                "code": 400, "message": "bad or too large Content-Length"}}, []
+        body = environ["wsgi.input"].read(length) if length else b""
+        status, document = self._handle(body, microversion=version)
+        return status, document, [
+            ("OpenStack-API-Version", f"compute {_fmt(version)}"),
+            ("X-OpenStack-Nova-API-Version", _fmt(version)),
+            ("Vary", "OpenStack-API-Version, X-OpenStack-Nova-API-Version")]
+
+    def _authorize(self, environ):
+        from oslo_policy import policy
+
+        if environ.get("HTTP_X_IDENTITY_STATUS") != "Confirmed":
+            return 401, {"error": {"code": 401, "message": "authentication required"}}, []
+        creds = {
+            "roles": [r.strip().lower() for r in
+                      environ.get("HTTP_X_ROLES", "").split(",") if r.strip()],
+            "user_id": environ.get("HTTP_X_USER_ID"),
+            "project_id": environ.get("HTTP_X_PROJECT_ID"),
+            "service_roles": [r.strip().lower() for r in
+                              environ.get("HTTP_X_SERVICE_ROLES", "").split(",")
+                              if r.strip()],
+        }
+        try:
+            self._enforcer.authorize(POLICY_NAME, {}, creds, do_raise=True)
+        except policy.PolicyNotAuthorized:
+            LOG.warning("REST request refused by policy %s: user %s, roles %s",
+                        POLICY_NAME, creds["user_id"], ",".join(creds["roles"]))
+            return 403, {"forbidden": {"code": 403, "message":
+                         f"Policy doesn't allow {POLICY_NAME} to be performed."}}, []
+        return None
+
+
+_REASONS = {200: "OK", 207: "Multi-Status", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 406: "Not Acceptable",
+            413: "Request Entity Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+def policy_enforcer(conf, rule=POLICY_DEFAULT):
+    """An oslo.policy Enforcer with this endpoint's rule as its default.
+
+    Operators override it in the policy file of `conf` ([oslo_policy]), under
+    Nova's own name for the API.
+    """
+    from oslo_policy import policy
+
+    enforcer = policy.Enforcer(conf)
+    enforcer.register_default(policy.RuleDefault(
+        POLICY_NAME, rule, description="Send external events to compute hosts"))
+    return enforcer
+
+
+def keystone_protected(app, conf):
+    """``app`` behind keystonemiddleware's auth_token, configured from the
+    ``[keystone_authtoken]`` section of `conf` (an oslo.config ConfigOpts)."""
+    from keystonemiddleware import auth_token
+
+    return auth_token.AuthProtocol(app, {"oslo_config_config": conf})
+
+
+class InsecureListen(ValueError):
+    """Unauthenticated beyond loopback, and not explicitly allowed."""
+
+
+def is_loopback(host):
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host, *, authenticated, allow_insecure=False):
+    """Refuse an unauthenticated endpoint reachable beyond this machine."""
+    if authenticated or is_loopback(host) or allow_insecure:
+        return
+    raise InsecureListen(
+        f"refusing to serve {PATH} without authentication on {host!r}: "
+        f"enable Keystone authentication, listen on loopback, or allow it "
+        f"explicitly (insecure)")
+
+
+class _Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, fmt, *args):
+        LOG.debug("REST %s", fmt % args)
+
+
+def serve(host, port, app, *, authenticated, allow_insecure=False):
+    """Serve `app` on (host, port) from a thread; returns the server.
+
+    ``server.server_address`` tells the port when 0 was asked for;
+    ``server.shutdown()`` stops it. Raises InsecureListen (see check_exposure).
+    """
+    check_exposure(host, authenticated=authenticated, allow_insecure=allow_insecure)
+    server = wsgiref.simple_server.make_server(
+        host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="rest-endpoint",
+                     daemon=True).start()
+    LOG.info("REST compatibility endpoint on %s:%d (%s)", host,
+             server.server_address[1],
+             "Keystone authentication" if authenticated else "no authentication")
+    return server

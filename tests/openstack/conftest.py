@@ -8,7 +8,8 @@ Nova is not installed.
 Nova and Neutron cannot share one test process: nova-compute 34 runs on
 native threads and forbids eventlet, which Neutron's test base imports. One
 pytest run covers one side: EVROUTER_OPENSTACK_SIDE=nova|neutron, or the
-side the command line names (test_neutron_* → neutron, otherwise nova).
+side the command line names (test_neutron_* → neutron, otherwise nova). The
+REST endpoint's Keystone tests (test_rest_*) run with the neutron side.
 """
 
 import importlib.util
@@ -30,7 +31,8 @@ def pytest_configure(config):
     if not _importable("nova.monkey_patch"):
         return
     side = os.environ.get("EVROUTER_OPENSTACK_SIDE") or (
-        "neutron" if any("neutron" in str(a) for a in config.args) else "nova")
+        "neutron" if any(w in str(a) for a in config.args
+                         for w in ("neutron", "test_rest")) else "nova")
     if side == "nova":
         # Before any other Nova or Neutron module (Neutron's package imports
         # futurist, which imports eventlet): Nova chooses its concurrency
@@ -41,6 +43,6 @@ def pytest_configure(config):
 
         monkey_patch.patch()
         if _importable("nova.compute.manager"):
-            collect_ignore_glob = ["test_neutron_*.py"]
+            collect_ignore_glob = ["test_neutron_*.py", "test_rest_*.py"]
     elif _importable("neutron.plugins.ml2.plugin"):
         collect_ignore_glob = ["test_nova_*.py"]
