@@ -103,11 +103,9 @@ def _notifier_enabled():
 
 
 def _as_dict(port):
-    if port is None or isinstance(port, dict):
-        return port
-    # A DB object (AFTER_CREATE of some paths): the fields the mapping reads.
-    return {k: port[k] for k in ("id", "device_id", "device_owner", "status")
-            if k in port} | {"binding:host_id": getattr(port, "binding:host_id", None)}
+    # ML2 publishes port dicts (with binding:host_id) in AFTER_CREATE and
+    # AFTER_UPDATE; anything else is not a port this plugin can judge.
+    return port if isinstance(port, dict) else None
 
 
 class EvrouterNotifierPlugin(service_base.ServicePluginBase):
@@ -142,8 +140,9 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
     # --- registry callbacks ------------------------------------------------------
     def _port_created(self, resource, event, trigger, payload):
         port = _as_dict(payload.latest_state)
-        self._publish(payload.context, port,
-                      transitions.port_created(port) if _notifier_enabled() else [])
+        if port is None or not _notifier_enabled():
+            return
+        self._publish(payload.context, port, transitions.port_created(port))
 
     def _port_updated(self, resource, event, trigger, payload):
         if not _notifier_enabled():
@@ -171,7 +170,7 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
                 return
             self._publish(payload.context, port, found, extra=action)
             return
-        original = payload.states[0] or {}
+        original = (payload.states[0] if payload.states else None) or {}
         returned = (payload.latest_state or {}).get("floatingip") or {}
         if action not in ("create_floatingip", "update_floatingip",
                           "delete_floatingip"):
@@ -180,9 +179,8 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
         after = returned.get("port_id")
         if action == "delete_floatingip":
             before, after = before or after, None
-        plugin = trigger if hasattr(trigger, "get_port") else None
         for port_id in {p for p in (before, after) if p}:
-            port = self._port(plugin, port_id)
+            port = self._port(port_id)
             if port is not None:
                 self._publish(payload.context, port,
                               transitions.network_changed(port),
@@ -190,7 +188,7 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
                                     f"|{returned.get('revision_number')}")
 
     @staticmethod
-    def _port(plugin, port_id):
+    def _port(port_id):
         from neutron_lib import context as n_context
         from neutron_lib import exceptions as n_exc
         from neutron_lib.plugins import directory
