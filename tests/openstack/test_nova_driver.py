@@ -34,7 +34,8 @@ def wait_until(predicate, timeout=15.0, what="condition"):
         time.sleep(0.02)
 
 
-class EvrouterNovaComputeTest(test.TestCase):
+class NovaTestCase(test.TestCase):
+    """Nova's test base (SQLite DBs, conf and policy fixtures) under pytest."""
 
     def _clear_attrs(self):
         # pytest puts the test method on the instance and deletes it after;
@@ -43,6 +44,9 @@ class EvrouterNovaComputeTest(test.TestCase):
         super()._clear_attrs()
         if method is not None:
             setattr(self, self._testMethodName, method)
+
+
+class EvrouterNovaComputeTest(NovaTestCase):
 
     def setUp(self):
         super().setUp()
@@ -203,3 +207,19 @@ class EvrouterNovaComputeTest(test.TestCase):
         wait_until(lambda: queue_depth(
             self.bus.url, self.bus.topology.host_queue_name(HOST)) == 0, 10,
             "the host queue drained")
+
+
+class EvrouterDisabledRollbackTest(NovaTestCase):
+    """``[evrouter] enabled = false``: the real driver, Nova's own registry."""
+
+    def test_disabled_driver_leaves_nova_as_it_was(self):
+        nova_driver._conf()
+        conf = deploy_config.nova_compute_conf()
+        self.flags(compute_driver=conf["DEFAULT"]["compute_driver"], host=HOST)
+        self.flags(compute_driver="fake.SmallFakeDriver", enabled=False,
+                   group="evrouter")
+        compute = compute_manager.ComputeManager()
+        compute.driver.init_host(HOST)
+        self.addCleanup(compute.driver.cleanup_host, HOST)
+        self.assertIsNone(compute.driver._evrouter)
+        self.assertIs(type(compute.instance_events), compute_manager.InstanceEvents)
