@@ -70,9 +70,10 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
         self.addCleanup(self.plugin_evr.stop)
         self.ctx = n_context.get_admin_context()
 
-    def _compute_port(self, host=HOST):
-        net = self._make_network(self.fmt, "net", True)
-        self._make_subnet(self.fmt, net, "10.0.0.1", "10.0.0.0/24")
+    def _compute_port(self, host=HOST, net=None):
+        if net is None:
+            net = self._make_network(self.fmt, "net", True)
+            self._make_subnet(self.fmt, net, "10.0.0.1", "10.0.0.0/24")
         return self._make_port(
             self.fmt, net["network"]["id"], as_admin=True,
             arg_list=("device_owner", "device_id", "binding:host_id"),
@@ -142,3 +143,39 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
         with notifier.context_enabled(False):
             self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
         self.assertIsNone(self.recorder)
+
+    def _api(self, method, resource, data, id=None):
+        if method == "POST":
+            req = self.new_create_request(resource, data, self.fmt, as_admin=True)
+        else:
+            req = self.new_update_request(resource, data, id, as_admin=True)
+        res = req.get_response(self.api)
+        self.assertLess(res.status_int, 300, res.body)
+        return self.deserialize(self.fmt, res)
+
+    def test_floating_ip_association_and_move_are_network_changed(self):
+        from neutron_lib.plugins import constants as plugin_constants
+        l3 = directory.get_plugin(plugin_constants.L3)
+        ext = self._make_network(self.fmt, "ext", True, as_admin=True,
+                                 arg_list=("router:external",),
+                                 **{"router:external": True})
+        self._make_subnet(self.fmt, ext, "172.16.0.1", "172.16.0.0/24")
+        net = self._make_network(self.fmt, "net", True)
+        subnet = self._make_subnet(self.fmt, net, "10.0.0.1", "10.0.0.0/24")
+        port_a = self._compute_port(net=net)
+        port_b = self._compute_port(net=net)
+        router = l3.create_router(self.ctx, {"router": {
+            "name": "r", "admin_state_up": True, "tenant_id": self._project_id,
+            "external_gateway_info": {"network_id": ext["network"]["id"]}}})
+        l3.add_router_interface(self.ctx, router["id"],
+                                {"subnet_id": subnet["subnet"]["id"]})
+        fip = self._api("POST", "floatingips", {"floatingip": {
+            "floating_network_id": ext["network"]["id"],
+            "port_id": port_a["id"], "tenant_id": self._project_id}})["floatingip"]
+        self._api("PUT", "floatingips", {"floatingip": {"port_id": port_b["id"]}},
+                  fip["id"])
+        tags = [e.tag for e, _ in self.recorder.published
+                if e.name == contract.NETWORK_CHANGED]
+        # Associated with A; moved from A to B: both told, as Neutron's notifier.
+        self.assertEqual(sorted([port_a["id"], port_a["id"], port_b["id"]]),
+                         sorted(tags))
