@@ -159,7 +159,7 @@ class NovaEventBridge:
             for key in [k for k in self._prepared if k[0] == uuid]:
                 del self._prepared[key]
         self.registry.clear(instance.uuid)
-        self._arrivals.queue.clear()
+        self._hand_over()       # takes the cleared ones out; Nova has cleared its own
 
     # --- the bus side ----------------------------------------------------------
     def deliver(self, event, message_id, *, created_at=None):

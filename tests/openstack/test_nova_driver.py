@@ -199,6 +199,20 @@ class EvrouterNovaComputeTest(NovaTestCase):
         self.assertEqual("stale", outcome)
         self.assertRaises(exception.InstanceEventTimeout, self._wait_briefly, inst)
 
+    def test_novas_clear_for_an_instance_clears_evrouters_side(self):
+        inst = self._instance()
+        other = self._instance()
+        events = self.compute.instance_events
+        events.prepare_for_instance_event(inst, contract.VIF_PLUGGED, PORT)
+        events.prepare_for_instance_event(other, contract.VIF_PLUGGED, PORT)
+        self.assertEqual(2, self.hostbus.bridge.registry.pending)
+        events.clear_events_for_instance(inst)      # what Nova does on delete
+        self.assertEqual(1, self.hostbus.bridge.registry.pending)
+        self.assertEqual(1, len(self.hostbus.bridge._prepared))
+        with self.compute.virtapi.wait_for_instance_event(
+                other, [(contract.VIF_PLUGGED, PORT)], timeout=20):
+            self._publish(other)
+
     def test_host_queue_is_drained(self):
         inst = self._instance()
         with self.compute.virtapi.wait_for_instance_event(
