@@ -21,6 +21,10 @@ class AckWindow:
     def __len__(self):
         return len(self._order)
 
+    def holds(self, tag):
+        """True until `tag`'s acknowledgement or reject has been flushed."""
+        return tag in self._settled or tag in self._order
+
     def open(self, tag):
         self._order.append(tag)
 

@@ -57,14 +57,16 @@ def grants(d):
            [(f"{p}.ingress", r"^instance\.", "^$")])
     yield (d.router_user,
            _names(p, "ingress", "lifecycle", "dead-letter", "control",
-                  "router", r"retry\..*", r"placement\..*"),
+                  "router", r"router\.probation", r"retry\..*",
+                  r"placement\..*"),
            # ingress: retry queues dead-letter into it, and declaring a queue
            # with a dead-letter exchange needs write on that exchange.
            "^(amq\\.default|" + _names(p, "ingress", r"host\..*", "dead-letter",
-                                       "control", "router", r"retry\..*",
+                                       "control", "router",
+                                       r"router\.probation", r"retry\..*",
                                        r"placement\..*")[1:-1] + ")$",
-           _names(p, "ingress", "router", "lifecycle", "dead-letter",
-                  r"retry\..*", r"placement\..*"),
+           _names(p, "ingress", "router", r"router\.probation", "lifecycle",
+                  "dead-letter", r"retry\..*", r"placement\..*"),
            [])
     for host in d.hosts:
         own = re.escape(f"host.{host}")

@@ -66,12 +66,27 @@ class RouterSettings:
     resync_window: float = 5.0
 
 
-class _Inflight:
-    __slots__ = ("tag", "message", "env_id", "remaining", "ok", "started")
+class _Lane:
+    """One consuming channel, its acknowledgement window and prefetch."""
 
-    def __init__(self, tag, message, env_id):
+    __slots__ = ("name", "channel", "consumer", "window")
+
+    def __init__(self, name, channel, consumer, window):
+        self.name = name
+        self.channel = channel
+        self.consumer = consumer
+        self.window = window
+
+
+class _Inflight:
+    __slots__ = ("lane", "tag", "key", "message", "env_id", "remaining", "ok",
+                 "started")
+
+    def __init__(self, lane, tag, message, env_id):
         self.started = time.monotonic()
+        self.lane = lane
         self.tag = tag
+        self.key = (lane.name, tag)     # delivery tags are per channel
         self.message = message
         self.env_id = env_id
         self.remaining = 0
@@ -157,9 +172,14 @@ class _Session:
         self.conn = conn
         self.stats = service.stats
         self._deliveries = []
+        self._probation = []
         self._outcomes = []
         self._lifecycle = []
         self._inflight = {}
+        # ingress tags whose counted copy went to probation: that copy is
+        # routed only once their acknowledgements have left (see _pump)
+        self._probation_blockers = set()
+        self.probation = None
         self._known = {}            # host -> (known, checked at)
         self._tokens = itertools.count()
         self._parked = []           # memory transport only: (due, n, ...)
@@ -179,7 +199,6 @@ class _Session:
                 self.publish_ch, lambda token, outcome:
                 self._outcomes.append((token, outcome)))
             self.check_ch = conn.channel()
-            self.window = AckWindow(multiple=not self.memory)
             # A new name per session: after a half-open connection the old
             # exclusive queue lingers until the broker reaps it, and
             # declaring the same name would fail RESOURCE_LOCKED.
@@ -189,12 +208,12 @@ class _Session:
                 conn.channel(), [placement_q], no_ack=True,
                 on_message=self._lifecycle.append)
             self.lifecycle_consumer.consume()
-            self.consume_ch = conn.channel()
-            self.consumer = Consumer(self.consume_ch,
-                                     [self.topo.router_queue()],
-                                     on_message=self._deliveries.append)
-            self.consumer.qos(prefetch_count=self.s.prefetch)
-            self.consumer.consume()
+            self.main = self._lane("main", self.topo.router_queue(),
+                                   self._deliveries, self.s.prefetch)
+            if not self.memory:
+                self.probation = self._lane("probation",
+                                            self.topo.probation_queue(),
+                                            self._probation, 1)
             self._ask_for_snapshots()
             self.stats["sessions"] += 1
             self.service.ready.set()
@@ -204,6 +223,14 @@ class _Session:
         finally:
             conn.release()
 
+    def _lane(self, name, queue, into, prefetch):
+        channel = self.conn.channel()
+        consumer = Consumer(channel, [queue], on_message=into.append)
+        consumer.qos(prefetch_count=prefetch)
+        consumer.consume()
+        return _Lane(name, channel, consumer,
+                     AckWindow(multiple=not self.memory))
+
     # --- the loop -----------------------------------------------------------
     def _loop(self):
         stopping_since = None
@@ -211,11 +238,14 @@ class _Session:
         while True:
             if self.service._stop.is_set() and stopping_since is None:
                 stopping_since = time.monotonic()
-                self.consumer.cancel()
+                self.main.consumer.cancel()
+                if self.probation is not None:
+                    self.probation.consumer.cancel()
                 LOG.info("router %s stopping: %d in flight", self.s.name,
                          len(self._inflight) + len(self._deliveries))
             if stopping_since is not None:
-                idle = not (self._inflight or self._deliveries or self._outcomes)
+                idle = not (self._inflight or self._deliveries or
+                            self._outcomes or self._probation)
                 if idle or time.monotonic() - stopping_since > self.s.drain_timeout:
                     return
             bus_connection.drain(self.conn, 0.25)
@@ -236,11 +266,30 @@ class _Session:
             for message in bus_connection.take(self._lifecycle):
                 self._observe(message)
             for message in bus_connection.take(self._deliveries):
-                self._route_safely(message)
+                self._route_safely(message, self.main)
             self.publisher.pump()
             for token, outcome in bus_connection.take(self._outcomes):
                 self._settle(token, outcome)
-        acks.send(self.consume_ch, self.window.flush())
+        acks.send(self.main.channel, self.main.window.flush())
+        if self.probation is not None:
+            if self._probation:
+                self._route_probation()
+            acks.send(self.probation.channel, self.probation.window.flush())
+
+    def _route_probation(self):
+        """Route the redelivered message in hand, alone.
+
+        Not before the acknowledgements of the originals it was counted
+        from have left: if it is the one that kills routers, its original
+        must not come back as well and start a second count.
+        """
+        window = self.main.window
+        self._probation_blockers = {
+            t for t in self._probation_blockers if window.holds(t)}
+        if self._probation_blockers:
+            return
+        for message in bus_connection.take(self._probation):
+            self._route_safely(message, self.probation)
 
     # --- placement ----------------------------------------------------------
     def _ask_for_snapshots(self):
@@ -319,9 +368,9 @@ class _Session:
         return known
 
     # --- routing ------------------------------------------------------------
-    def _route_safely(self, message):
+    def _route_safely(self, message, lane):
         try:
-            self._route(message)
+            self._route(message, lane)
         except self._broker_errors:
             raise
         except Exception as exc:
@@ -332,43 +381,44 @@ class _Session:
             LOG.exception("event %s: unexpected error while routing",
                           inbound.loggable(msg_id))
             # Copies already published report to the dropped entry, harmlessly.
-            self._inflight.pop(tag, None)
-            self._dead_letter_or_drop(tag, message, msg_id,
+            self._inflight.pop((lane.name, tag), None)
+            self._dead_letter_or_drop(lane, tag, message, msg_id,
                                       contract.REASON_INTERNAL,
                                       f"{type(exc).__name__}: {exc}")
 
-    def _dead_letter_or_drop(self, tag, message, msg_id, reason, detail):
+    def _dead_letter_or_drop(self, lane, tag, message, msg_id, reason, detail):
         """The last line of defence: it must work on any message."""
         try:
-            self._dead_letter(tag, message, msg_id, reason, detail)
+            self._dead_letter(lane, tag, message, msg_id, reason, detail)
         except self._broker_errors:
             raise
         except Exception:
-            self._inflight.pop(tag, None)
-            self.window.settle(tag, False, requeue=False)
+            self._inflight.pop((lane.name, tag), None)
+            lane.window.settle(tag, False, requeue=False)
             self.stats["dropped"] += 1
             LOG.exception("event %s could not be dead-lettered (%s); rejected "
                           "without requeue", inbound.loggable(msg_id), reason)
 
-    def _route(self, message):
+    def _route(self, message, lane):
         tag = message.delivery_tag
-        self.window.open(tag)
+        lane.window.open(tag)
         self.stats["in"] += 1
         props = inbound.properties_of(message)
         headers = props.get("application_headers")
         user_id = props.get("user_id")
         ours = not self.memory and user_id is not None and user_id == self.user
-        seen, count_it = self._redeliveries(message, headers, ours)
+        seen = self._redeliveries(message, headers, ours)
         if seen >= self.s.redelivery_limit:
             return self._dead_letter(
-                tag, message, props.get("message_id"), contract.REASON_POISON,
+                lane, tag, message, props.get("message_id"), contract.REASON_POISON,
                 f"delivered {seen + 1} times without being settled")
         try:
             env = inbound.decode_message(message.body, props,
                                          self.s.max_body_bytes)
         except contract.ContractError as exc:
-            return self._dead_letter(tag, message, props.get("message_id"),
-                                     exc.reason, str(exc))
+            return self._dead_letter(lane, tag, message,
+                                     props.get("message_id"), exc.reason,
+                                     str(exc))
         publisher = user_id
         attempt, first_seen = 0, time.time()
         if ours or (self.memory and type(headers) is dict):
@@ -378,69 +428,70 @@ class _Session:
             attempt = inbound.header(headers, contract.HEADER_ATTEMPT, int, 0)
             first_seen = inbound.header(headers, contract.HEADER_FIRST_SEEN,
                                         float, first_seen)
-        if count_it:
-            return self._requeue_counted(tag, message, env, publisher, seen,
-                                         attempt, first_seen)
+        if seen:
+            return self._to_probation(lane, tag, message, env, publisher,
+                                      seen, attempt, first_seen)
         decision = routing.decide(
             env, publisher=publisher,
             hosts_for=self.service.placement.hosts_for,
             is_known_host=self._is_known_host, attempt=attempt,
             first_seen=first_seen, now=time.time(), policy=self.s.policy)
         if type(decision) is routing.Deliver:
-            self._deliver(tag, message, env, decision.hosts, publisher)
+            self._deliver(lane, tag, message, env, decision.hosts, publisher)
         elif type(decision) is routing.Retry:
-            self._retry(tag, message, env, decision, publisher, first_seen)
+            self._retry(lane, tag, message, env, decision, publisher,
+                        first_seen)
         else:
-            self._dead_letter(tag, message, env.id, decision.reason,
+            self._dead_letter(lane, tag, message, env.id, decision.reason,
                               decision.detail)
 
     def _redeliveries(self, message, headers, ours):
-        """(unsettled deliveries before this one, whether we must count it).
+        """Unsettled deliveries of this message before this one, or 0.
 
-        Quorum queues count for us (x-delivery-count). Classic queues only
-        flag a redelivery, so a router counts it in a copy of the message
-        (HEADER_REDELIVERIES) parked in a retry queue, and acknowledges the
-        original once the copy is confirmed: whatever keeps killing routers
-        on this message, the count survives them and ends in a poison
-        dead-letter. Parking (rather than putting the copy straight back)
-        gives the original's acknowledgement time to leave before the copy
-        can strike again, so a crash cannot leave both behind.
+        A redelivered message is not routed with the others: a router
+        counts it in a copy (HEADER_REDELIVERIES) sent to the probation
+        queue, acknowledges the original once the copy is confirmed, and
+        routes probation messages one at a time. Whatever keeps killing
+        routers on one message, its count survives them and ends in a
+        poison dead-letter, while the messages that were merely in flight
+        beside it are each routed alone and never counted with it again
+        (a quorum queue's own x-delivery-count counts them all alike).
         """
         if self.memory:
-            return 0, False
+            return 0
         info = message.delivery_info
         if not (type(info) is dict and info.get("redelivered")):
-            return 0, False
-        broker = inbound.delivery_count(headers)
-        if broker:
-            return broker, False
+            return 0
         counted = (inbound.header(headers, HEADER_REDELIVERIES, int, 0)
                    if ours else 0)
-        return counted + 1, True
+        return max(counted + 1, inbound.delivery_count(headers))
 
-    def _requeue_counted(self, tag, message, env, publisher, seen, attempt,
-                         first_seen):
-        entry = self._track(tag, message, env.id, 1)
+    def _to_probation(self, lane, tag, message, env, publisher, seen, attempt,
+                      first_seen):
+        entry = self._track(lane, tag, message, env.id, 1)
         headers = {HEADER_REDELIVERIES: seen,
                    contract.HEADER_ATTEMPT: attempt,
                    contract.HEADER_FIRST_SEEN: first_seen,
                    contract.HEADER_PUBLISHER: publisher or ""}
-        delay = self.topo.retry_delay_ms(seen)
-        self.publisher.publish("", self.topo.retry_queue_name(delay),
+        self.publisher.publish("", self.topo.probation_queue_name,
                                inbound.raw_body(message.body),
                                (entry, _RETRY, None), message_id=env.id,
                                headers=headers, user_id=self.user)
+        if lane is self.main:
+            # The probation lane takes one message at a time: the broker
+            # sends the copy only after this original is acknowledged.
+            self._probation_blockers.add(tag)
         self.stats["redelivered"] += 1
-        LOG.info("event %s redelivered (%d): counted, back in %dms", env.id,
-                 seen, delay)
+        LOG.info("event %s redelivered (%d): to probation", env.id, seen)
 
-    def _track(self, tag, message, env_id, copies):
-        entry = self._inflight[tag] = _Inflight(tag, message, env_id)
+    def _track(self, lane, tag, message, env_id, copies):
+        entry = _Inflight(lane, tag, message, env_id)
+        self._inflight[entry.key] = entry
         entry.remaining = copies
         return entry
 
-    def _deliver(self, tag, message, env, hosts, publisher):
-        entry = self._track(tag, message, env.id, len(hosts))
+    def _deliver(self, lane, tag, message, env, hosts, publisher):
+        entry = self._track(lane, tag, message, env.id, len(hosts))
         key = topology.instance_routing_key(env.payload.name)
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
         body = inbound.raw_body(message.body)
@@ -451,8 +502,9 @@ class _Session:
         LOG.debug("event %s %s for %s routed to %s", env.id,
                   env.payload.name, env.payload.server_uuid, ",".join(hosts))
 
-    def _retry(self, tag, message, env, decision, publisher, first_seen):
-        entry = self._track(tag, message, env.id, 1)
+    def _retry(self, lane, tag, message, env, decision, publisher,
+               first_seen):
+        entry = self._track(lane, tag, message, env.id, 1)
         delay = self.topo.retry_delay_ms(decision.attempt)
         headers = {contract.HEADER_ATTEMPT: decision.attempt,
                    contract.HEADER_FIRST_SEEN: first_seen,
@@ -475,7 +527,7 @@ class _Session:
         LOG.info("event %s retry %d in %dms: %s", env.id, decision.attempt,
                  delay, decision.detail)
 
-    def _dead_letter(self, tag, message, msg_id, reason, detail, *,
+    def _dead_letter(self, lane, tag, message, msg_id, reason, detail, *,
                      track=True, extra_headers=None):
         """Send the message to the dead-letter exchange with a reason.
 
@@ -485,9 +537,9 @@ class _Session:
         """
         msg_id = inbound.safe_shortstr(msg_id)
         if track:
-            entry = self._track(tag, message, msg_id or "-", 1)
+            entry = self._track(lane, tag, message, msg_id or "-", 1)
         else:
-            entry = self._inflight[tag]
+            entry = self._inflight[(lane.name, tag)]
             entry.remaining += 1
         headers = inbound.safe_headers(_property(message,
                                                  "application_headers"))
@@ -510,16 +562,15 @@ class _Session:
         if token is None:       # a parked retry put back on ingress
             return
         entry, kind, host = token
-        tag = entry.tag
-        if self._inflight.get(tag) is not entry:
+        if self._inflight.get(entry.key) is not entry:
             return
         if outcome == publishing.RETURNED and kind == _HOST_COPY:
             # The host exchange exists but nothing is bound to it. Only this
             # host's copy is dead-lettered, saying which host it was for:
             # the other hosts' copies were delivered.
             self._known.pop(host, None)
-            self._dead_letter(tag, entry.message, entry.env_id,
-                              contract.REASON_UNROUTABLE,
+            self._dead_letter(entry.lane, entry.tag, entry.message,
+                              entry.env_id, contract.REASON_UNROUTABLE,
                               f"no queue bound to {self.topo.host_exchange_name(host)}",
                               track=False,
                               extra_headers={HEADER_HOST: host})
@@ -531,8 +582,8 @@ class _Session:
             self.stats["out"] += 1
         entry.remaining -= 1
         if entry.remaining == 0:
-            del self._inflight[tag]
-            self.window.settle(tag, entry.ok)
+            del self._inflight[entry.key]
+            entry.lane.window.settle(entry.tag, entry.ok)
             self.service.latency.observe(time.monotonic() - entry.started)
 
 

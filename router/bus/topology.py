@@ -64,6 +64,10 @@ class Topology:
         return f"{self.prefix}.router"
 
     @property
+    def probation_queue_name(self):
+        return f"{self.prefix}.router.probation"
+
+    @property
     def lifecycle_exchange_name(self):
         return f"{self.prefix}.lifecycle"
 
@@ -127,6 +131,18 @@ class Topology:
                      routing_key=INSTANCE_BINDING, durable=True,
                      queue_arguments=self._queue_arguments())
 
+    def probation_queue(self):
+        """Where redelivered ingress messages are routed one at a time.
+
+        A message that came back unsettled (its router died) waits here,
+        with its redeliveries counted, and each router takes one at a time
+        (prefetch 1): if it is the one that kills routers, nothing else is
+        in flight beside it to be counted with it. Fed through the default
+        exchange, so it has no binding.
+        """
+        return Queue(self.probation_queue_name, exchange=None, durable=True,
+                     queue_arguments=self._queue_arguments())
+
     def dead_letter_queue(self):
         return Queue(self.dead_letter_queue_name, self.dead_letter_exchange(),
                      routing_key="", durable=True,
@@ -182,7 +198,8 @@ class Topology:
         """Everything the router needs, in declaration order."""
         return ([self.ingress_exchange(), self.lifecycle_exchange(),
                  self.dead_letter_exchange(), self.control_exchange()],
-                [self.dead_letter_queue(), self.router_queue()]
+                [self.dead_letter_queue(), self.router_queue(),
+                 self.probation_queue()]
                 + [self.retry_queue(d) for d in sorted(set(self.retry_delays_ms))])
 
     def for_host(self, host):
