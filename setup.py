@@ -30,6 +30,8 @@ setup(
     extras_require={
         # ORM hooks for a network service with its own SQLAlchemy port table
         "orm": ["SQLAlchemy>=1.4"],
+        # Keystone authentication of the router's REST compatibility endpoint
+        "keystone": ["keystonemiddleware>=10.0", "oslo.policy>=4.0"],
         # python -m tests.fuzz: coverage-guided fuzzing, outside the test run
         "fuzz": ["atheris>=2.3"],
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80",
