@@ -31,6 +31,8 @@ import socketserver
 import threading
 import wsgiref.simple_server
 
+from oslo_config import cfg
+
 from router.bus import connection as bus_connection
 from router.bus import contract, publishing, topology
 
@@ -374,3 +376,54 @@ def serve(host, port, app, *, authenticated, allow_insecure=False):
              server.server_address[1],
              "Keystone authentication" if authenticated else "no authentication")
     return server
+
+
+# --- configuration (group [router]), parsed at the service's edge ------------
+OPTS = [
+    cfg.StrOpt("rest_listen", default="",
+               help="host:port of the REST compatibility endpoint with "
+                    "Keystone authentication, policy and microversions "
+                    "(needs the 'keystone' extra). Empty: none."),
+    cfg.StrOpt("rest_auth_strategy", default="keystone",
+               choices=["keystone", "noauth"],
+               help="keystone: tokens validated by keystonemiddleware "
+                    "([keystone_authtoken]) and the caller's roles checked "
+                    "against the policy os_compute_api:os-server-external-"
+                    "events:create (default: service or admin role). noauth: "
+                    "refused beyond loopback unless rest_allow_insecure."),
+    cfg.BoolOpt("rest_allow_insecure", default=False,
+                help="Serve the REST endpoint without authentication on a "
+                     "non-loopback address (insecure: anyone who reaches it "
+                     "can wake or fail any instance's waits)."),
+]
+
+
+def list_opts():
+    return [("router", OPTS)]
+
+
+def parse_host_port(listen):
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def serve_from_conf(conf, handle):
+    """The endpoint as [router] rest_* configure it; None if rest_listen is empty.
+
+    `handle` is RestIngress.handle. Raises InsecureListen, or ValueError for a
+    bad rest_listen.
+    """
+    opts = conf.router
+    if not opts.rest_listen:
+        return None
+    host, port = parse_host_port(opts.rest_listen)
+    authenticated = opts.rest_auth_strategy == "keystone"
+    check_exposure(host, authenticated=authenticated,
+                   allow_insecure=opts.rest_allow_insecure)
+    app = RestApp(handle, policy_enforcer(conf) if authenticated else None)
+    if authenticated:
+        app = keystone_protected(app, conf)
+    return serve(host, port, app, authenticated=authenticated,
+                 allow_insecure=opts.rest_allow_insecure)

@@ -35,7 +35,9 @@ class RestKeystoneTest(testtools.TestCase):
         self.addCleanup(self.router.stop)
         self.auth = self.useFixture(ksm_fixture.AuthTokenFixture())
 
+        # The guide's configuration file, as `evrouter router` would read it.
         conf = cfg.ConfigOpts()
+        conf.register_opts(rest.OPTS, group="router")
         conf([], project="evrouter", default_config_files=[
             str(deploy_config.DEPLOY / "evrouter-rest.conf")])
         # The router's own placement, as `evrouter router` wires it; learnt
@@ -45,10 +47,9 @@ class RestKeystoneTest(testtools.TestCase):
         self.ingress = rest.RestIngress(self.bus.url, self.bus.topology,
                                         placement).start()
         self.addCleanup(self.ingress.stop)
-        app = rest.keystone_protected(
-            rest.RestApp(self.ingress.handle, rest.policy_enforcer(conf)), conf)
         # Beyond loopback (all interfaces), allowed because authenticated.
-        self.server = rest.serve("0.0.0.0", 0, app, authenticated=True)
+        self.assertEqual("keystone", conf.router.rest_auth_strategy)
+        self.server = rest.serve_from_conf(conf, self.ingress.handle)
         self.addCleanup(self.server.server_close)
         self.addCleanup(self.server.shutdown)
         self.port = self.server.server_address[1]

@@ -142,3 +142,41 @@ def test_serve_refuses_before_binding():
     except rest.InsecureListen:
         return
     raise AssertionError("served")
+
+
+def rest_conf(**values):
+    from oslo_config import cfg
+    conf = cfg.ConfigOpts()
+    conf.register_opts(rest.OPTS, group="router")
+    conf([])
+    for name, value in values.items():
+        conf.set_override(name, value, group="router")
+    return conf
+
+
+def test_serve_from_conf_noauth_on_loopback_serves_with_microversions():
+    import http.client
+    server = rest.serve_from_conf(
+        rest_conf(rest_listen="127.0.0.1:0", rest_auth_strategy="noauth"),
+        lambda body, microversion: (200, {"seen": list(microversion)}))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                          timeout=10)
+        conn.request("POST", rest.PATH, b"{}",
+                     {"OpenStack-API-Version": "compute 2.82"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read()) == {"seen": [2, 82]}
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_from_conf_refuses_noauth_beyond_loopback_and_empty_is_off():
+    assert rest.serve_from_conf(rest_conf(), None) is None
+    try:
+        rest.serve_from_conf(rest_conf(rest_listen="0.0.0.0:0",
+                                       rest_auth_strategy="noauth"), None)
+    except rest.InsecureListen:
+        return
+    raise AssertionError("served")
