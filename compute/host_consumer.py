@@ -78,6 +78,11 @@ class HostConsumer:
         self._stop = threading.Event()
         # message key -> unsettled deliveries seen; survives restarts
         self._redeliveries = collections.OrderedDict()
+        # After a session that ended badly, the next one takes one message
+        # at a time until it has settled a prefetch's worth (or emptied the
+        # queue): if one of them keeps killing the consumer, it is alone in
+        # flight when it does, and the others are not counted with it.
+        self._cautious = False
 
     def stop(self):
         """Finish what is in hand and return from run(). Signal-safe."""
@@ -109,6 +114,7 @@ class HostConsumer:
                 self._consume()
                 return
             except Exception as exc:
+                self._cautious = True
                 self.stats["failures"] += 1
                 self.last_failure = (time.monotonic(),
                                      f"{type(exc).__name__}: {exc}"[:300])
@@ -140,6 +146,7 @@ class HostConsumer:
                     with attempt:
                         _Session(self, conn.clone(), errors).run()
             except _Lost as lost:
+                self._cautious = True
                 self.stats["reconnects"] += 1
                 LOG.warning("%s: connection lost (%s), reconnecting", what,
                             lost.__cause__)
@@ -186,7 +193,10 @@ class _Session:
                 self._outcomes.append((token, outcome)))
             self.consumer = Consumer(conn.channel(), queues,
                                      on_message=self._deliveries.append)
-            self.consumer.qos(prefetch_count=self.s.prefetch)
+            self._settled = 0
+            self._quiet_since = time.monotonic()
+            self.consumer.qos(prefetch_count=1 if owner._cautious
+                              else self.s.prefetch)
             self.consumer.consume()
             owner.connection = conn
             owner.ready.set()
@@ -244,7 +254,26 @@ class _Session:
             for message, outcome in bus_connection.take(self._outcomes):
                 self._settle_dead_letter(message, outcome)
         # One multiple-ack for the batch: fewer frames for us and the broker.
-        acks.send(self.consumer.channel, self.window.flush())
+        frames = self.window.flush()
+        acks.send(self.consumer.channel, frames)
+        if self.owner._cautious and not self.memory:
+            self._leave_caution(len(frames))
+
+    def _leave_caution(self, settled):
+        """Back to the full prefetch after a prefetch's worth of messages
+        settled one by one, or once the queue has been quiet for a second."""
+        now = time.monotonic()
+        if settled:
+            self._settled += settled
+            self._quiet_since = now
+        elif self._deliveries or self._outcomes or len(self.window):
+            self._quiet_since = now
+        quiet = now - self._quiet_since > 1.0
+        if self._settled >= self.s.prefetch or quiet:
+            self.consumer.qos(prefetch_count=self.s.prefetch)
+            self.owner._cautious = False
+            LOG.info("host consumer %s: back to prefetch %d", self.s.host,
+                     self.s.prefetch)
 
     def _handle(self, message):
         self.window.open(message.delivery_tag)
@@ -289,14 +318,14 @@ class _Session:
                                              created_at=env.created_at)
             else:
                 outcome = self.owner.deliver(env.payload, env.id)
-        except Exception:
-            # A fault of ours, not of the message; rejecting without requeue
-            # lets the broker dead-letter it instead of looping on it.
-            LOG.exception("event %s: delivery to the registry failed; "
-                          "rejected to the dead-letter exchange", env.id)
+        except Exception as exc:
+            # A fault of the registry, not of the message: set aside with
+            # the cause, for an operator to replay, rather than looped on.
+            LOG.exception("event %s: delivery to the registry failed", env.id)
             self.stats["deliver_errors"] += 1
-            self.window.settle(message.delivery_tag, False, requeue=False)
-            return
+            return self._dead_letter(message, env.id, contract.REASON_INTERNAL,
+                                     f"delivery failed: {type(exc).__name__}: "
+                                     f"{exc}")
         if outcome == events.CLOSED:
             # The registry is shut down: the event belongs to the next
             # process on this host, and consuming on would only spin.

@@ -10,6 +10,7 @@ internal-error for input that is merely bad.
 
 import datetime
 import json
+import socket
 import threading
 import uuid
 
@@ -458,3 +459,40 @@ def test_a_failing_router_session_is_restarted_and_says_so(bus, caplog):
         svc.stop()
         thread.join(20)
     assert not thread.is_alive()
+
+
+def test_a_message_that_keeps_killing_a_host_consumer_is_poison_alone(bus, raw):
+    """The messages in flight beside it are not counted with it: after a
+    session that ended badly the consumer takes one message at a time."""
+    bus.declare_central()
+    deadly = str(uuid.uuid4())
+    delivered = []
+
+    def deliver(event, message_id, **kwargs):
+        if event.server_uuid == deadly:
+            # What a message that kills its consumer does, without a crash:
+            # the connection dies before the message is acknowledged.
+            h.consumer.connection.connection.sock.shutdown(socket.SHUT_RDWR)
+            return "delivered"
+        delivered.append(message_id)
+        return "delivered"
+
+    h = HostEvents(bus, deliver=deliver, redelivery_limit=3)
+    try:
+        exchange = bus.topology.host_exchange_name(h.host)
+        bad = contract.envelope(contract.InstanceEvent(
+            contract.VIF_PLUGGED, deadly, "port-1", contract.COMPLETED, h.host),
+            "poison-test")
+        raw.publish(exchange, KEY, contract.encode(bad), message_id=bad.id)
+        goods = [_good(h.host) for _ in range(5)]
+        for g in goods:
+            raw.publish(exchange, KEY, contract.encode(g), message_id=g.id)
+        dead = get_dead_letter(bus, timeout=60)
+        assert _reason(dead) == contract.REASON_POISON
+        assert dead.properties["message_id"] == bad.id
+        wait_for(lambda: set(delivered) == {g.id for g in goods}, 30,
+                 what="every good event delivered")
+        assert h.consumer.stats["dead_lettered"] == 1
+        wait_for(lambda: h.queue_depth() == 0, 10, what="an empty host queue")
+    finally:
+        h.stop()
