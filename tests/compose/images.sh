@@ -7,9 +7,9 @@
 # a container cannot verify the package index's TLS here), for the
 # Dockerfile to install with --no-index.
 #
-# Idempotent: an image that exists is kept (FORCE=1 rebuilds), the wheels
-# are refreshed every time (pip reuses its cache). Prints the variables the
-# compose file takes to use these images.
+# Idempotent: an image that exists is kept, and so are wheels newer than
+# every source file (FORCE=1 rebuilds all). Prints the variables the compose
+# file takes to use these images.
 #
 #   tests/compose/images.sh
 set -euo pipefail
@@ -45,11 +45,16 @@ if ! have "$RABBITMQ_IMAGE"; then
     build --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" -t "$RABBITMQ_IMAGE" tests/compose/rabbitmq
 fi
 
-log "wheels of evrouter and its dependencies -> $WHEELS/"
-rm -rf "$WHEELS"
-# setuptools and wheel too: the image builds evrouter itself from its
-# sources, offline, in an isolated build environment.
-.venv/bin/python -m pip wheel -q --wheel-dir "$WHEELS" . setuptools wheel
+stamp=$WHEELS/.built
+if [ -n "${FORCE:-}" ] || [ ! -f "$stamp" ] \
+        || [ -n "$(find setup.py router compute network -newer "$stamp" -print -quit)" ]; then
+    log "wheels of evrouter and its dependencies -> $WHEELS/"
+    rm -rf "$WHEELS"
+    # setuptools and wheel too: the image builds evrouter itself from its
+    # sources, offline, in an isolated build environment.
+    .venv/bin/python -m pip wheel -q --wheel-dir "$WHEELS" . setuptools wheel
+    touch "$stamp"
+fi
 
 echo "EVROUTER_PYTHON_IMAGE=$PYTHON_IMAGE"
 echo "EVROUTER_RABBITMQ_IMAGE=$RABBITMQ_IMAGE"
