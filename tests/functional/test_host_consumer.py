@@ -107,8 +107,8 @@ def test_without_a_dead_letter_queue_poison_is_rejected_not_looped(
         host.stop()
 
 
-def test_a_failing_registry_rejects_the_message_and_consumes_on(bus,
-                                                                publisher):
+def test_a_failing_registry_dead_letters_the_message_and_consumes_on(bus,
+                                                                     publisher):
     bus.declare_central()
     calls = []
 
@@ -125,9 +125,10 @@ def test_a_failing_registry_rejects_the_message_and_consumes_on(bus,
         with host.registry.wait_for_instance_event(server, [PLUG], 20):
             _to_host(publisher, host, first)
             _to_host(publisher, host, host.event(server, VIF_PLUGGED, "port-1"))
-        message = get_dead_letter(bus)   # dead-lettered by the broker
+        message = get_dead_letter(bus)
         assert message.properties.get("message_id") == first.id
-        assert contract.dead_letter_reason(message.headers) == "rejected"
+        assert contract.dead_letter_reason(message.headers) == contract.REASON_INTERNAL
+        assert "registry bug" in _header(message, contract.HEADER_DETAIL)
         assert host.consumer.stats["deliver_errors"] == 1
         wait_until(lambda: host.consumer.stats["delivered"] == 1, 5)
         _assert_all_acknowledged(host)
