@@ -12,6 +12,7 @@ noticed by the kernel within DEAD_PEER_TIMEOUT (TCP keepalive and
 TCP_USER_TIMEOUT, see keepalive_settings), not after two AMQP heartbeats.
 """
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -31,22 +32,23 @@ DEFAULT_URL = "rabbit://guest:guest@127.0.0.1:5672/"
 def kombu_url(transport_url):
     """An OpenStack transport URL as a kombu URL (';' separates failover hosts).
 
-    Plain AMQP goes through evrouter's buffered transport (scheme evamqp);
-    amqps:// (TLS) and memory:// are kombu's own.
+    AMQP, with or without TLS, goes through evrouter's transport (scheme
+    evamqp): TLS is a connection option there (see connection()), so
+    amqps:// becomes evamqp:// plus ssl. memory:// is kombu's own.
     """
     parsed = urllib.parse.urlsplit(transport_url)
     scheme = parsed.scheme
     if scheme == "memory":
         # kombu warns about every memory:// connection that names no host
         return "memory://localhost/"
-    if scheme in ("amqps", buffered.SCHEME):
+    if scheme == buffered.SCHEME:
         return transport_url
-    if scheme in ("amqp", "pyamqp"):
+    if scheme in ("amqp", "pyamqp", "amqps"):
         return ";".join(buffered.SCHEME + u[len(u.split("://")[0]):]
                         for u in transport_url.split(";"))
     if scheme != "rabbit":
         raise ValueError(f"unsupported transport URL scheme {scheme!r} "
-                         f"(use rabbit://, amqp:// or memory://)")
+                         f"(use rabbit://, amqp://, amqps:// or memory://)")
     path = parsed.path or "/"
     query = f"?{parsed.query}" if parsed.query else ""
     hosts = [h for h in parsed.netloc.split(",") if h]
@@ -55,11 +57,16 @@ def kombu_url(transport_url):
     return ";".join(f"{buffered.SCHEME}://{h}{path}{query}" for h in hosts)
 
 
+def wants_tls(transport_url):
+    """Whether the URL itself asks for TLS (amqps://)."""
+    return urllib.parse.urlsplit(transport_url).scheme == "amqps"
+
+
 def display(conn):
     """The broker URL for people: password masked, our internal scheme hidden."""
     uri = conn.as_uri()
     if uri.startswith(buffered.SCHEME + "://"):
-        uri = "amqp" + uri[len(buffered.SCHEME):]
+        uri = ("amqps" if conn.ssl else "amqp") + uri[len(buffered.SCHEME):]
     return uri
 
 
@@ -69,18 +76,64 @@ def _safe(url):
     return f"{parsed.hostname}:{parsed.port}" if parsed.hostname else url
 
 
-def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None):
-    """kombu's ssl argument from the [bus] TLS options."""
+LOGIN_PASSWORD = "password"
+LOGIN_EXTERNAL = "external"
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    """How a service speaks TLS to the broker, and how it logs in.
+
+    login "external": the SASL EXTERNAL mechanism; the broker maps the
+    client certificate (its CN, with RabbitMQ's rabbitmq_auth_mechanism_ssl
+    and ssl_cert_login_from = common_name) to the broker user, and the
+    transport URL needs no password. Holds file paths only, never their
+    contents.
+    """
+
+    ca_file: str = None
+    cert_file: str = None
+    key_file: str = None
+    login: str = LOGIN_PASSWORD
+
+    def __post_init__(self):
+        if self.login not in (LOGIN_PASSWORD, LOGIN_EXTERNAL):
+            raise ValueError(f"unknown TLS login {self.login!r}")
+        if self.login == LOGIN_EXTERNAL and not self.cert_file:
+            raise ValueError("[bus] ssl_login = external needs a client "
+                             "certificate ([bus] ssl_cert_file)")
+
+    def kombu_ssl(self):
+        """kombu's ssl argument, as transport.tls_context takes it."""
+        options = {"ca_certs": self.ca_file, "certfile": self.cert_file,
+                   "keyfile": self.key_file}
+        return {k: v for k, v in options.items() if v}
+
+    @property
+    def login_method(self):
+        return "EXTERNAL" if self.login == LOGIN_EXTERNAL else None
+
+
+def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None,
+                login=LOGIN_PASSWORD):
+    """The [bus] TLS options as a TLS (False: plain TCP)."""
     if not enabled:
+        if login == LOGIN_EXTERNAL:
+            raise ValueError("[bus] ssl_login = external needs [bus] ssl = true")
         return False
-    options = {"cert_reqs": ssl.CERT_REQUIRED}
-    if ca_file:
-        options["ca_certs"] = ca_file
-    if cert_file:
-        options["certfile"] = cert_file
-    if key_file:
-        options["keyfile"] = key_file
-    return options
+    return TLS(ca_file or None, cert_file or None, key_file or None, login)
+
+
+def certificate_user(cert_file):
+    """The CN of a certificate file: the broker user EXTERNAL logs in as."""
+    # The stdlib's only certificate decoder that needs no connection; it
+    # has served CPython's own test suite since 2.7.
+    decoded = ssl._ssl._test_decode_cert(cert_file)
+    for rdn in decoded.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    raise ValueError(f"certificate {cert_file} has no common name")
 
 
 # Seconds of silence from the broker's TCP stack after which a connection
@@ -138,7 +191,20 @@ class HostRotation:
 
 def connection(transport_url, *, heartbeat=30, ssl_opts=False,
                dead_peer_timeout=DEAD_PEER_TIMEOUT):
+    """A kombu Connection (not connected yet) for a transport URL.
+
+    ssl_opts: a TLS (from ssl_options), or False. An amqps:// URL means TLS
+    whatever ssl_opts says (then the system's CAs unless a TLS names one):
+    never a silent fallback to plain TCP.
+    """
     url = kombu_url(transport_url)
+    tls = ssl_opts
+    if not tls and wants_tls(transport_url):
+        tls = TLS()
+    elif tls and not isinstance(tls, TLS):
+        tls = TLS()         # ssl=True, or a dict from older callers
+    if url.startswith("memory://"):
+        tls = False
     options = {"confirm_publish": False}
     if url.startswith("memory://"):
         # kombu's in-process transport sleeps polling_interval (1 s) whenever
@@ -146,7 +212,9 @@ def connection(transport_url, *, heartbeat=30, ssl_opts=False,
         options["polling_interval"] = 0.002
     elif dead_peer_timeout:
         options["socket_settings"] = keepalive_settings(dead_peer_timeout)
-    return kombu.Connection(url, heartbeat=heartbeat, ssl=ssl_opts,
+    return kombu.Connection(url, heartbeat=heartbeat,
+                            ssl=tls.kombu_ssl() or True if tls else False,
+                            login_method=tls.login_method if tls else None,
                             transport_options=options,
                             failover_strategy=HostRotation())
 
@@ -229,8 +297,15 @@ def is_memory(conn):
 
 
 def user_of(conn):
-    """The broker user this connection logs in as (its validated user_id)."""
-    return None if is_memory(conn) else conn.userid
+    """The broker user this connection logs in as (its validated user_id).
+
+    With EXTERNAL that is the client certificate's CN, whatever the URL says.
+    """
+    if is_memory(conn):
+        return None
+    if conn.login_method == "EXTERNAL" and isinstance(conn.ssl, dict):
+        return certificate_user(conn.ssl["certfile"])
+    return conn.userid
 
 
 def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
