@@ -33,11 +33,23 @@ bus_opts = [
                              "dead-lettered with reason too-large."),
     cfg.IntOpt("heartbeat", default=30, min=0,
                help="AMQP heartbeat in seconds (0 disables)."),
-    cfg.BoolOpt("ssl", default=False, help="Connect to the broker over TLS."),
+    cfg.BoolOpt("ssl", default=False,
+                help="Connect to the broker over TLS (1.2 or later): its "
+                     "certificate must verify against ssl_ca_file and name "
+                     "the host of the transport URL. An amqps:// URL means "
+                     "TLS too. Put the TLS port (5671) in the URL."),
     cfg.StrOpt("ssl_ca_file", help="CA bundle that signed the broker's "
-                                   "certificate."),
+                                   "certificate (default: the system's)."),
     cfg.StrOpt("ssl_cert_file", help="Client certificate (TLS client auth)."),
     cfg.StrOpt("ssl_key_file", help="Client certificate's private key."),
+    cfg.StrOpt("ssl_login", default=connection.LOGIN_PASSWORD,
+               choices=(connection.LOGIN_PASSWORD, connection.LOGIN_EXTERNAL),
+               help="How to log in over TLS. password: the user and password "
+                    "of the transport URL. external: the SASL EXTERNAL "
+                    "mechanism, the broker user is the client certificate's "
+                    "CN (RabbitMQ's rabbitmq_auth_mechanism_ssl with "
+                    "ssl_cert_login_from = common_name); no password on "
+                    "this host."),
 ]
 
 
@@ -61,7 +73,7 @@ def topology_from(conf):
 def ssl_from(conf):
     b = conf.bus
     return connection.ssl_options(b.ssl, b.ssl_ca_file, b.ssl_cert_file,
-                                  b.ssl_key_file)
+                                  b.ssl_key_file, b.ssl_login)
 
 
 def list_opts():
