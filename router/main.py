@@ -52,7 +52,7 @@ router_opts = [
 
 
 def list_opts():
-    return [("router", router_opts)]
+    return [("router", router_opts + rest.OPTS)]
 
 
 def settings_from(conf):
@@ -76,27 +76,47 @@ def settings_from(conf):
 def main(argv):
     conf = parse(argv, "evrouter router",
                  "Route instance events from the ingress queue to each "
-                 "compute host's exchange.", [("router", router_opts)])
+                 "compute host's exchange.", list_opts())
     settings = settings_from(conf)
     svc = service.RouterService(settings)
-    rest_ingress = None
+    rest_ingress = rest_server = ops_server = None
+    opts = conf.router
     try:
-        if conf.router.rest_api and not ops.parse_listen(conf.router.ops_listen):
+        listen = ops.parse_listen(opts.ops_listen)
+        if opts.rest_api and not listen:
             return fail("rest_api needs ops_listen: the REST endpoint is served there")
-        if conf.router.rest_api:
+        if opts.rest_api:
+            # The ops endpoint has no authentication: loopback only, unless
+            # the operator says otherwise in so many words.
+            rest.check_exposure(listen[0], authenticated=False,
+                                allow_insecure=opts.rest_allow_insecure)
+        if opts.rest_api or opts.rest_listen:
             rest_ingress = rest.RestIngress(
                 settings.transport_url, settings.topology, svc.placement,
                 ssl_opts=settings.ssl).start()
-        ops_server = ops.serve(conf.router.ops_listen, RouterCollector(svc), svc.health,
-                               rest_ingress.routes() if rest_ingress else None)
+        if opts.rest_listen:
+            rest_server = rest.serve_from_conf(conf, rest_ingress.handle)
+        ops_server = ops.serve(opts.ops_listen, RouterCollector(svc), svc.health,
+                               rest_ingress.routes() if opts.rest_api else None)
+    except rest.InsecureListen as exc:
+        _stop_rest(rest_ingress, rest_server)
+        return fail(str(exc), 2)
     except (OSError, ValueError) as exc:
-        return fail(f"ops endpoint {conf.router.ops_listen!r}: {exc}", 1)
+        _stop_rest(rest_ingress, rest_server)
+        return fail(f"ops or REST endpoint: {exc}", 1)
     stop_on_signals(svc.stop)
     try:
         svc.run()
     finally:
         if ops_server is not None:
             ops_server.stop()
-        if rest_ingress is not None:
-            rest_ingress.stop()
+        _stop_rest(rest_ingress, rest_server)
     return 0
+
+
+def _stop_rest(ingress, server):
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if ingress is not None:
+        ingress.stop()

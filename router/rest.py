@@ -96,11 +96,14 @@ def _bad_request(detail):
 
 
 def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
-             microversion=None):
+             microversion=None, is_warming=lambda: False):
     """(status, response document, envelopes to publish).
 
     With a `microversion`, an event name newer than it is refused as nova-api
-    refuses it: 400 for the whole request.
+    refuses it: 400 for the whole request. While placement is still warming
+    up (`is_warming()`: a router that just connected and waits for the
+    agents' snapshots), an instance it does not know yet may just not be
+    reported yet: the whole request is answered 503 (retry) instead of 404.
     """
     try:
         doc = json.loads(body)
@@ -140,6 +143,9 @@ def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
         else:
             answer.update(code=404, status=contract.FAILED)
         answers.append(answer)
+    if any(a["code"] == 404 for a in answers) and is_warming():
+        return 503, {"error": "placement is warming up (agents are sending "
+                              "their snapshots); retry in a few seconds"}, []
     if not accepted:
         return 404, {"itemNotFound": {"code": 404, "message":
                                       "No instances found for any event"},
@@ -174,7 +180,8 @@ class RestIngress:
     def handle(self, body, microversion=None):
         status, document, accepted = evaluate(
             body, hosts_for=self._placement.hosts_for,
-            is_hostless=self._placement.is_hostless, microversion=microversion)
+            is_hostless=self._placement.is_hostless, microversion=microversion,
+            is_warming=getattr(self._placement, "is_warming", lambda: False))
         if accepted:
             done = queue.Queue(maxsize=1)
             self._work.put((accepted, done))

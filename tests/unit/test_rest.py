@@ -180,3 +180,20 @@ def test_serve_from_conf_refuses_noauth_beyond_loopback_and_empty_is_off():
     except rest.InsecureListen:
         return
     raise AssertionError("served")
+
+
+def test_unknown_instances_while_placement_warms_up_are_503_not_404():
+    body = json.dumps({"events": [
+        {"name": "network-vif-plugged", "server_uuid": A, "tag": "p1"},
+        {"name": "network-vif-plugged", "server_uuid": C, "tag": "p1"}]}).encode()
+    hosts = {"hosts_for": lambda u: ("cmp-1",) if u == A else (),
+             "is_hostless": lambda u: False}
+    status, doc, accepted = rest.evaluate(body, is_warming=lambda: True, **hosts)
+    assert status == 503 and accepted == [] and "retry" in doc["error"]
+    status, doc, accepted = rest.evaluate(body, is_warming=lambda: False, **hosts)
+    assert status == 207 and len(accepted) == 1
+
+
+def test_upper_case_server_uuids_are_found():
+    status, doc, accepted = run([{"name": "network-changed", "server_uuid": A.upper()}])
+    assert status == 200 and accepted[0].payload.server_uuid == A
