@@ -61,3 +61,48 @@ def test_compute_api_body_is_answered_like_the_compute_api_and_routed(bus):
     finally:
         code, out = stop(proc, signal.SIGTERM)
     assert code == 0, out
+
+
+def test_the_router_serves_the_rest_listener_with_microversions(bus):
+    bus.declare_central()
+    bus.declare_host("cmp-rest2")
+    port = free_port()
+    proc = start_router(bus, "r-rest2", extra=[
+        "--router-rest-listen", f"127.0.0.1:{port}",
+        "--router-rest-auth-strategy", "noauth"])
+    url = f"http://127.0.0.1:{port}/v2.1/os-server-external-events"
+    try:
+        wait_for(lambda: consumers(bus) == 1, what="router consuming")
+        placed = str(uuid.uuid4())
+        publish_lifecycle(bus, "cmp-rest2", "STARTED", placed)
+
+        def post_v(version, events):
+            request = urllib.request.Request(
+                url, data=json.dumps({"events": events}).encode(),
+                headers={"Content-Type": "application/json",
+                         "OpenStack-API-Version": f"compute {version}"})
+            try:
+                with urllib.request.urlopen(request, timeout=15) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        power = [{"name": "power-update", "server_uuid": placed, "tag": "POWER_ON"}]
+        wait_for(lambda: post_v("2.76", power) == 200, what="placement learned")
+        assert post_v("2.75", power) == 400
+        [m] = collect(bus.url, bus.topology.host_queue_name("cmp-rest2"), 1)
+        assert contract.decode(m.body).payload.name == "power-update"
+    finally:
+        code, out = stop(proc, signal.SIGTERM)
+    assert code == 0, out
+
+
+def test_the_router_refuses_an_unauthenticated_rest_endpoint_beyond_loopback(bus):
+    bus.declare_central()
+    for extra in (["--router-rest-listen", f"0.0.0.0:{free_port()}",
+                   "--router-rest-auth-strategy", "noauth"],
+                  ["--router-rest-api", "--router-ops-listen", f"0.0.0.0:{free_port()}"]):
+        proc = start_router(bus, "r-insecure", extra=extra)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 2, out
+        assert "without authentication" in out
