@@ -65,6 +65,10 @@ def wants_tls(transport_url):
 def display(conn):
     """The broker URL for people: password masked, our internal scheme hidden."""
     uri = conn.as_uri()
+    if conn.login_method == "EXTERNAL" and "@" in uri:
+        # kombu shows its default guest user; the certificate says who
+        scheme, rest = uri.split("://", 1)
+        uri = f"{scheme}://{rest.split('@', 1)[1]}"
     if uri.startswith(buffered.SCHEME + "://"):
         uri = ("amqps" if conn.ssl else "amqp") + uri[len(buffered.SCHEME):]
     return uri

@@ -82,6 +82,10 @@ class BrokerCertificateRefused(ssl.SSLCertVerificationError):
     file or the DNS name); the message says which broker and why.
     """
 
+    def __str__(self):
+        # SSLError's own __str__ shows the args tuple
+        return str(self.args[0]) if self.args else super().__str__()
+
 
 def tls_context(ca_certs=None, certfile=None, keyfile=None, **_ignored):
     """The client TLS context: TLS 1.2+, CA-verified, host name checked.
