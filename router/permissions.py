@@ -24,13 +24,24 @@ queue, and nobody but H may read H's queue.
 Who published an instance event is the broker-validated user_id; the
 router trusts lifecycle events of compute user <prefix><host> only for
 <host>.
+
+x509 hosts (``x509_hosts``): compute users have no password at all; they
+log in with the SASL EXTERNAL mechanism, the broker mapping the CN of the
+host's client certificate (CN = <prefix><host>) to the user. RabbitMQ's
+add_user wants a password, so the plan gives a random throwaway one and
+clears it at once.
 """
 
 import base64
 import hashlib
 import os
 import re
+import secrets
 from dataclasses import dataclass
+
+
+class Throwaway(str):
+    """A random password that is cleared right after add_user: never shown."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class Deployment:
     router_user: str = "evrouter-router"
     compute_user_prefix: str = "evrouter-compute-"
     hosts: tuple = ()
+    x509_hosts: bool = False
 
     def compute_user(self, host):
         return self.compute_user_prefix + host
@@ -85,8 +97,12 @@ def plan(d, password=None):
     commands = []
     if d.vhost != "/":
         commands.append(["add_vhost", d.vhost])
+    x509_users = {d.compute_user(h) for h in d.hosts} if d.x509_hosts else set()
     for user, configure, write, read, topics in grants(d):
-        if password is not None:
+        if user in x509_users:
+            commands.append(["add_user", user, Throwaway(secrets.token_urlsafe(24))])
+            commands.append(["clear_password", user])
+        elif password is not None:
             commands.append(["add_user", user, password])
         commands.append(["set_permissions", "-p", d.vhost, user,
                          configure, write, read])
@@ -110,10 +126,12 @@ def definitions(d, password, salt=None):
     development; give each user its own in production.
     """
     users, permissions, topic_permissions = [], [], []
+    x509_users = {d.compute_user(h) for h in d.hosts} if d.x509_hosts else set()
     for user, configure, write, read, topics in grants(d):
         users.append({"name": user, "tags": "",
                       "hashing_algorithm": "rabbit_password_hashing_sha256",
-                      "password_hash": password_hash(
+                      # an empty hash: no password login (x509 only)
+                      "password_hash": "" if user in x509_users else password_hash(
                           password, salt if salt is not None
                           else os.urandom(4))})
         permissions.append({"user": user, "vhost": d.vhost,

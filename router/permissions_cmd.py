@@ -6,7 +6,7 @@ import subprocess
 
 from oslo_config import cfg
 
-from router.permissions import Deployment, definitions, plan
+from router.permissions import Deployment, Throwaway, definitions, plan
 from router.service_entry import fail, parse
 
 cli_opts = [
@@ -21,6 +21,12 @@ cli_opts = [
     cfg.StrOpt("password", secret=True,
                help="Also create the users with this password (development "
                     "and tests; in production create users your own way)."),
+    cfg.BoolOpt("x509-hosts", default=False,
+                help="Compute hosts log in with their client certificate "
+                     "(TLS, [bus] ssl_login = external, CN <prefix>H): their "
+                     "users are created without a password."),
+    cfg.StrOpt("node", help="RabbitMQ node rabbitmqctl talks to with "
+                            "--apply (rabbitmqctl -n; default: its own)."),
     cfg.BoolOpt("apply", default=False,
                 help="Run the commands with rabbitmqctl instead of printing."),
     cfg.BoolOpt("definitions", default=False,
@@ -37,27 +43,32 @@ def main(argv):
                             network_user=conf.network_user,
                             router_user=conf.router_user,
                             compute_user_prefix=conf.compute_user_prefix,
-                            hosts=tuple(conf.host))
+                            hosts=tuple(conf.host), x509_hosts=conf.x509_hosts)
     if conf.definitions:
         if not conf.password:
             return fail("--definitions needs --password (the users' password)")
         print(json.dumps(definitions(deployment, conf.password), indent=2))
         return 0
     commands = plan(deployment, conf.password)
+    ctl = ["rabbitmqctl"] + (["-n", conf.node] if conf.node else [])
     if not conf.apply:
         for args in commands:
+            if isinstance(args[-1], Throwaway):     # cleared on the next line
+                print(shlex.join(ctl + args[:-1]) + ' "$(openssl rand -hex 24)"')
+                continue
             shown = ["<password>" if a == conf.password and conf.password else a
                      for a in args]
-            print("rabbitmqctl " + shlex.join(shown))
+            print(shlex.join(ctl + shown))
         return 0
-    existing = {"add_user": _listed("list_users"), "add_vhost": _listed("list_vhosts")}
+    existing = {"add_user": _listed(ctl, "list_users"),
+                "add_vhost": _listed(ctl, "list_vhosts")}
     if None in existing.values():
         return fail("rabbitmqctl cannot list users and vhosts: is this the broker "
                     "host, and are you allowed to run rabbitmqctl?", 1)
     for args in commands:
         if args[0] in existing and args[1] in existing[args[0]]:
             continue        # users and vhosts are created once, never reset
-        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True)
+        done = subprocess.run([*ctl, *args], capture_output=True, text=True)
         if done.returncode != 0:
             return fail(f"rabbitmqctl {args[0]} failed: "
                         f"{done.stderr.strip() or done.stdout.strip()}", 1)
@@ -66,8 +77,8 @@ def main(argv):
     return 0
 
 
-def _listed(what):
-    done = subprocess.run(["rabbitmqctl", what, "-q", "--no-table-headers"],
+def _listed(ctl, what):
+    done = subprocess.run([*ctl, what, "-q", "--no-table-headers"],
                           capture_output=True, text=True)
     if done.returncode != 0:
         return None
