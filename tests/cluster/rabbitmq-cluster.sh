@@ -80,6 +80,16 @@ kill_node() {
   for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
 }
 
+# Until node N sees all three running. A quorum queue declared before that
+# gets only the members the node saw (3.10 does not grow it later).
+await_whole() {
+  local deadline=$((SECONDS + 60))
+  until [ "$(members "$1")" = "3" ]; do
+    (( SECONDS < deadline )) || { log "c$1 does not see the whole cluster"; return 1; }
+    sleep 0.2
+  done
+}
+
 members() { ctl "$1" eval 'length(rabbit_nodes:all_running()).' 2>/dev/null || echo 0; }
 
 start() {
@@ -126,8 +136,8 @@ case "${1:-}" in
   url) url ;;
   # single-node operations for fault tests
   kill) kill_node "$2" ;;
-  run) start_node "$2"; await_node "$2" ;;            # after kill: same data, rejoins
+  run) start_node "$2"; await_node "$2"; await_whole "$2" ;;   # after kill: same data, rejoins
   stop-node) ctl "$2" stop ;;                          # the whole Erlang node, cleanly
-  start-node) start_node "$2"; await_node "$2" ;;
+  start-node) start_node "$2"; await_node "$2"; await_whole "$2" ;;
   *) echo "usage: $0 start|stop|status|url|kill N|run N|stop-node N|start-node N" >&2; exit 2 ;;
 esac
