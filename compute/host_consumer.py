@@ -22,7 +22,7 @@ from compute import events
 from router import acks
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
-from router.bus import contract, inbound, publishing, topology
+from router.bus import contract, inbound, publishing, supervision, topology
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ class HostConsumerSettings:
     redelivery_limit: int = 5
 
 
-# A consumer thread that failed is started again after this long (doubling
-# up to the maximum while it keeps failing).
-_RESTART_DELAY = 0.5
-_RESTART_MAX = 30.0
 _REDELIVERY_MEMORY = 10_000
 
 
@@ -107,29 +103,17 @@ class HostConsumer:
     def run(self):
         """Consume until stop(): supervised, so a bug restarts the consumer
         (logged at ERROR, reported to on_failure) instead of ending it."""
-        delay = _RESTART_DELAY
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._consume()
-                return
-            except Exception as exc:
-                self._cautious = True
-                self.stats["failures"] += 1
-                self.last_failure = (time.monotonic(),
-                                     f"{type(exc).__name__}: {exc}"[:300])
-                LOG.error("host consumer %s failed; restarting in %.1fs",
-                          self.settings.host, delay, exc_info=True)
-                if self.on_failure is not None:
-                    try:
-                        self.on_failure(exc)
-                    except Exception:
-                        LOG.exception("host consumer %s: on_failure hook "
-                                      "raised", self.settings.host)
-                if time.monotonic() - started > _RESTART_MAX:
-                    delay = _RESTART_DELAY      # it had been running fine
-                self._stop.wait(delay)
-                delay = min(delay * 2, _RESTART_MAX)
+        supervision.run_supervised(self._consume, self._stop,
+                                   f"host consumer {self.settings.host}",
+                                   on_failure=self._failed)
+
+    def _failed(self, exc):
+        self._cautious = True
+        self.stats["failures"] += 1
+        self.last_failure = (time.monotonic(),
+                             f"{type(exc).__name__}: {exc}"[:300])
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     def _consume(self):
         s = self.settings

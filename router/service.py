@@ -25,7 +25,7 @@ from kombu import Consumer
 from router import acks, routing
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
-from router.bus import contract, inbound, publishing, topology
+from router.bus import contract, inbound, publishing, supervision, topology
 from router.bus.topology import Topology
 from router.metrics import LatencyHistogram
 from router.placement import PlacementTable
@@ -43,8 +43,6 @@ _POSITIVE_HOST_TTL = 60.0
 # does it on quorum queues). Trusted only on copies the router user sent.
 HEADER_REDELIVERIES = "x-evrouter-redeliveries"
 HEADER_HOST = "x-evrouter-host"
-_RESTART_DELAY = 0.5
-_RESTART_MAX = 30.0
 
 
 @dataclass
@@ -119,22 +117,14 @@ class RouterService:
         """Route until stop(). Supervised: a bug outside the per-message
         containment restarts the session (logged at ERROR, with backoff);
         whatever it held unacknowledged is redelivered, and counted."""
-        delay = _RESTART_DELAY
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._serve()
-                break
-            except Exception as exc:
-                self.stats["failures"] += 1
-                self.last_failure = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.error("router %s failed; restarting in %.1fs",
-                          self.settings.name, delay, exc_info=True)
-                if time.monotonic() - started > _RESTART_MAX:
-                    delay = _RESTART_DELAY
-                self._stop.wait(delay)
-                delay = min(delay * 2, _RESTART_MAX)
+        supervision.run_supervised(self._serve, self._stop,
+                                   f"router {self.settings.name}",
+                                   on_failure=self._failed)
         LOG.info("router %s stopped", self.settings.name)
+
+    def _failed(self, exc):
+        self.stats["failures"] += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}"[:300]
 
     def _serve(self):
         s = self.settings

@@ -181,8 +181,9 @@ def _fuzz_consumer(bus, raw, exchange, host, data, alive, arrived):
     raw.publish(exchange, KEY, body, **props)
     good = _good(host)
     raw.publish(exchange, KEY, contract.encode(good), message_id=good.id)
-    wait_for(lambda: arrived(good.id), 15, interval=0.005,
-             what="the good event after a fuzzed one")
+    wait_for(lambda: arrived(good.id), 30, interval=0.005,
+             what=f"the good event after a fuzzed one: body {body[:80]!r}, "
+                  f"properties {props!r}"[:600])
     assert alive()
 
 
