@@ -1,0 +1,553 @@
+"""Boot storm over many live compute hosts, and the oslo.messaging path beside it. Not a test.
+
+    python -m tests.bench storm                      # 1,000 hosts, 2,000 instances
+    python -m tests.bench storm --hosts 20 --instances 40    # while developing
+
+Each simulated compute host runs what a compute host runs, on its own broker
+connections: a HostConsumer feeding its own waiter registry
+(compute.events.InstanceEvents), and a LifecyclePublisher with an Outbox (the
+lifecycle agent's broker side; libvirt itself is not simulated: the boot puts
+STARTED, PAUSED and RESUMED lifecycle events in the outbox, after one empty
+host-snapshot at start). Hosts are spread over --workers processes. Two
+router processes (`evrouter router`) route; the network side is one process
+with an InstanceEventPublisher (spooled, confirmed), called from --callers
+threads. Topology under a prefix of its own; host entities are declared by
+the host consumers, as in a deployment; everything is deleted afterwards.
+
+The storm (tests/bench/storm_load.py): --instances instances with 2 ports
+each boot over --spread seconds; each prepares its two network-vif-plugged
+waits (one wait_for_instance_event, --timeout), the port transitions are
+published --plug-delay after the boot started, half of them without a host
+hint (routed by the placement the routers learn from the lifecycle fanout).
+
+Then the same storm on the reference (tests/bench/storm_reference.py): the
+path OpenStack takes today on oslo.messaging, a notification -> a relay ->
+an RPC cast to topic compute, server=<host>, one RPC server per host.
+
+The machine's broker takes as many connections as its fd limit allows
+(`rabbitmq-diagnostics status`: 832 sockets with the default 1024 fds). If
+the storm needs more, it runs on a RabbitMQ node of its own started beside
+the main one with the fd limit raised (tests/bench/storm_broker.py), and
+stopped afterwards; --broker main|dedicated forces one or the other.
+
+--profile DIR records the routers, one compute worker and the network
+process with py-spy (--py-spy PATH, or on PATH) and samples the broker's CPU.
+"""
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import psutil
+
+from compute.host_consumer import HostConsumer, HostConsumerSettings
+from compute.lifecycle_publisher import LifecyclePublisher, Outbox, Outgoing
+from network.publisher import InstanceEventPublisher, PublisherSettings
+from router.bus import connection as bus_connection
+from router.bus import contract, topology
+from tests.bench import bench_router, storm_broker, storm_load
+from tests.bench.bench_router import _until, free_port, pct
+
+MAIN_URL = "rabbit://guest:guest@127.0.0.1:5672/"
+# libvirt's (event, detail) codes of what a paused boot emits
+_LIBVIRT = {"STARTED": (2, 0), "PAUSED": (3, 0), "RESUMED": (4, 0)}
+
+
+# --- evrouter's compute host and network side (built inside the workers) ---------
+
+class _EvrouterHost:
+    def __init__(self, host, deliver, url, topo):
+        self.host = host
+        self.consumer = HostConsumer(HostConsumerSettings(
+            host=host, transport_url=url, topology=topo), deliver)
+        self.thread = self.consumer.start()
+        self.outbox = Outbox(1000)
+        self.up = threading.Event()
+        self.publisher = LifecyclePublisher(
+            self.outbox, topo, lambda up, detail: self.up.set() if up else self.up.clear(),
+            transport_url=url)
+        self.publisher.start()
+        self.seq = itertools.count(1)
+        self._put(contract.HostSnapshot(host, next(self.seq), ()))
+
+    def _put(self, payload):
+        env = contract.envelope(payload, f"agent@{self.host}")
+        self.outbox.put(Outgoing(env.id, contract.encode(env), env.kind))
+
+    def ready(self):
+        return self.consumer.ready.is_set() and self.up.is_set()
+
+    def lifecycle(self, server, transition):
+        event, detail = _LIBVIRT[transition]
+        self._put(contract.LifecycleEvent(server, self.host, transition, event,
+                                          detail, next(self.seq)))
+
+    def stop(self):
+        self.consumer.stop()
+        self.outbox.close()
+
+    def join(self):
+        self.publisher.finish(5)
+        self.thread.join(10)
+
+
+class EvrouterCompute:
+    def __init__(self, url, prefix):
+        self.url, self.topo = url, topology.Topology(prefix=prefix)
+
+    def start_host(self, host, deliver):
+        return _EvrouterHost(host, deliver, self.url, self.topo)
+
+
+class EvrouterNetwork:
+    def __init__(self, url, prefix, spool_dir, warm_host):
+        self.warm_host = warm_host
+        self.publisher = InstanceEventPublisher(PublisherSettings(
+            transport_url=url, topology=topology.Topology(prefix=prefix),
+            producer="network@storm", spool_path=os.path.join(spool_dir, "spool"))).start()
+
+    def warm(self):
+        # Connects the publisher before the storm; nobody waits for this
+        # event: its host holds it, unused.
+        self.publisher.publish(contract.InstanceEvent(
+            contract.NETWORK_CHANGED, str(uuid.uuid4()), "warm-up",
+            host=self.warm_host))
+
+    def publish(self, server, port, hint):
+        self.publisher.publish(contract.InstanceEvent(
+            contract.VIF_PLUGGED, server, port, contract.COMPLETED, host=hint))
+
+    def close(self):
+        self.publisher.close()
+
+
+# --- the broker, the routers, the profiler ------------------------------------------
+
+class Broker:
+    def __init__(self, url, node):
+        self.url, self.node = url, node
+        self.process = psutil.Process(storm_broker.pid(node))
+
+    def cpu(self):
+        t = self.process.cpu_times()
+        return t.user + t.system
+
+    def memory(self):
+        return storm_broker.memory(self.node)
+
+    def connections(self):
+        return storm_broker.count(self.node, "connections")
+
+
+def choose_broker(choice, needed):
+    """The main broker if the storm's connections fit in its fd limit."""
+    used, limit = storm_broker.sockets(storm_broker.MAIN_NODE)
+    fits = needed + 50 <= limit - used
+    print(f"main broker {storm_broker.MAIN_NODE}: {used} of {limit} sockets in use; "
+          f"the storm needs about {needed} connections: "
+          f"{'fits' if fits else 'does NOT fit'}", flush=True)
+    if choice == "main" or (choice == "auto" and fits):
+        return Broker(MAIN_URL, storm_broker.MAIN_NODE), None
+    node = storm_broker.DedicatedNode()
+    t = time.monotonic()
+    node.start()
+    used, limit = storm_broker.sockets(node.node)
+    print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
+          f"{time.monotonic() - t:.0f} s, {limit} sockets", flush=True)
+    return Broker(node.url, node.node), node
+
+
+class StormRouter(bench_router.Router):
+    """bench_router's router process, on the storm's broker."""
+
+    def __init__(self, prefix, url):     # bench_router.Router is for 5672 only
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "router", "--bus-prefix", prefix,
+             "--transport-url", url, "--router-ops_listen", f"127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _until(lambda: self.metric("evrouter_router_connected") == 1, 60)
+
+
+class Profiler:
+    """py-spy record of some processes for the storm's duration (raw stacks)."""
+
+    def __init__(self, directory, py_spy):
+        self.directory, self.py_spy, self.procs = directory, py_spy, []
+        os.makedirs(directory, exist_ok=True)
+
+    def start(self, targets, seconds):
+        for name, pid in targets:
+            out = os.path.join(self.directory, f"{name}.txt")
+            self.procs.append((name, out, subprocess.Popen(
+                [self.py_spy, "record", "--pid", str(pid), "--duration",
+                 str(max(1, round(seconds))), "--rate", "50", "--nonblocking",
+                 "--format", "raw", "-o", out],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+
+    def summary(self, top=6):
+        lines = []
+        for name, out, proc in self.procs:
+            proc.wait(60)
+            leaves, total = collections.Counter(), 0
+            if os.path.exists(out):
+                with open(out) as f:
+                    for line in f:
+                        stack, _, n = line.rstrip().rpartition(" ")
+                        if not n.isdigit():
+                            continue
+                        leaf = stack.split(";")[-1]
+                        leaves[leaf] += int(n)
+                        total += int(n)
+            lines.append(f"  {name}: {total} busy samples at 50 Hz ({out})")
+            for leaf, n in leaves.most_common(top):
+                lines.append(f"    {100 * n / max(total, 1):5.1f}%  {leaf}")
+        return lines
+
+
+def _cpu(pids):
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# --- one storm ---------------------------------------------------------------------
+
+def run_phase(name, args, broker, storm, services, profiler):
+    """Start the storm's processes, measure, storm, measure; raw figures.
+
+    `services`: (label, pid) of the middle (routers, or the reference's relay).
+    """
+    out = {"name": name}
+    mem_before = broker.memory()
+    conns_before = broker.connections()
+    t = time.monotonic()
+    ready, (net_usage,) = storm.start()
+    out["startup_s"] = time.monotonic() - t
+    time.sleep(2)           # snapshots, queue declarations settle
+    out["mem_before"], out["mem_idle"] = mem_before, broker.memory()
+    out["connections"] = broker.connections() - conns_before
+    out["rss_empty"] = sum(r[0] for r in ready)
+    out["rss_idle"] = sum(r[1][0] for r in ready)
+    out["threads"] = sum(r[1][2] for r in ready)
+    workers, network = storm.pids
+    service_pids = [pid for _, pid in services]
+    cpu0 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]))
+    t0 = storm.go()
+    if profiler is not None:
+        profiler.start([(f"{name}-{label}", pid) for label, pid in services]
+                       + [(f"{name}-compute-worker", workers[0]),
+                          (f"{name}-network", network)],
+                       1 + args.spread + args.plug_delay + 4)
+    compute, (published, errors, _) = storm.wait_done(
+        args.spread + args.plug_delay + args.timeout + 120)
+    t1 = time.time()
+    cpu1 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]))
+    out["mem_storm"] = broker.memory()
+    out["cpu"] = {k: b - a for k, a, b in zip(
+        ("services", "broker", "compute", "network"), cpu0, cpu1, strict=True)}
+    out["window_s"] = t1 - t0
+    out["t0"] = t0
+    out["published"], out["publish_errors"] = published, errors
+    out["results"] = [r for c in compute for r in c[0]]
+    out["arrivals"] = {k: v for c in compute for k, v in c[1].items()}
+    out["rss_storm"] = sum(c[2][0] for c in compute)
+    return out
+
+
+def figures(raw, boots, hosts):
+    """Counts, latencies, durations and per-unit costs of one storm."""
+    pub, arr = raw["published"], raw["arrivals"]
+    events = [(b, p) for b in boots for p in b.ports]
+    lat = {True: [], False: []}
+    for b, p in events:
+        if (b.server, p) in pub and (b.server, p) in arr:
+            lat[b.hint is not None].append(arr[(b.server, p)][0] - pub[(b.server, p)][0])
+    arrived = [arr[(b.server, p)][0] for b, p in events if (b.server, p) in arr]
+    woken = [r for r in raw["results"] if r[3] == "woken"]
+    waiter_lat = []
+    for index, _, t_woken, _ in woken:
+        b = boots[index]
+        sent = [pub[(b.server, p)][0] for p in b.ports if (b.server, p) in pub]
+        if len(sent) == len(b.ports):
+            waiter_lat.append(t_woken - max(sent))
+    first_pub = min((v[0] for v in pub.values()), default=raw["t0"])
+    n = len(events)
+    f = {
+        "events": n, "published": len(pub), "arrived": len(arrived),
+        "held": sum(1 for b, p in events if arr.get((b.server, p), (0, ""))[1] == "held"),
+        "waiters": len(boots), "woken": len(woken),
+        "timeouts": sum(1 for r in raw["results"] if r[3] == "timeout"),
+        "failures": [r[3] for r in raw["results"] if r[3] not in ("woken", "timeout")][:5],
+        "publish_errors": raw["publish_errors"][:5],
+        "event_ms": _stats(lat[True] + lat[False]),
+        "hinted_ms": _stats(lat[True]), "hintless_ms": _stats(lat[False]),
+        "waiter_ms": _stats(waiter_lat),
+        "publish_call_ms": _stats([v[1] - v[0] for v in pub.values()]),
+        "storm_s": max((r[2] for r in woken), default=raw["t0"]) - raw["t0"],
+        "publishing_s": max((v[0] for v in pub.values()), default=first_pub) - first_pub,
+        "throughput": len(arrived) / max(max(arrived, default=first_pub) - first_pub, 1e-9),
+        "service_cpu_us": 1e6 * raw["cpu"]["services"] / max(len(arrived), 1),
+        "broker_cpu_us": 1e6 * raw["cpu"]["broker"] / max(len(arrived), 1),
+        "broker_cores": raw["cpu"]["broker"] / raw["window_s"],
+        "compute_cores": raw["cpu"]["compute"] / raw["window_s"],
+        "network_cpu_us": 1e6 * raw["cpu"]["network"] / max(len(pub), 1),
+        "startup_s": raw["startup_s"], "connections": raw["connections"],
+        "client_kib_per_host": (raw["rss_idle"] - raw["rss_empty"]) / len(hosts) / 1024,
+        "client_rss_mib": raw["rss_idle"] / 2**20,
+        "client_rss_storm_mib": raw["rss_storm"] / 2**20,
+        "threads_per_host": raw["threads"] / len(hosts),
+    }
+    before, idle, storm = raw["mem_before"], raw["mem_idle"], raw["mem_storm"]
+    conns = max(raw["connections"], 1)
+    f["broker_kib_per_host"] = (storm_broker.allocated(idle)
+                                - storm_broker.allocated(before)) / len(hosts) / 1024
+    f["broker_kib_per_connection"] = sum(
+        idle[k] - before[k] for k in storm_broker.CONNECTIONS) / conns / 1024
+    f["broker_queue_kib_per_host"] = sum(
+        idle[k] - before[k] for k in storm_broker.QUEUES) / len(hosts) / 1024
+    f["broker_after_storm_kib_per_host"] = (storm_broker.allocated(storm)
+                                            - storm_broker.allocated(before)) / len(hosts) / 1024
+    return f
+
+
+def _stats(samples):
+    if not samples:
+        return None
+    ms = [s * 1e3 for s in samples]
+    return {"n": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "max": max(ms)}
+
+
+def evrouter_storm(args, broker, hosts, boots, profiler):
+    prefix = f"storm-{uuid.uuid4().hex[:8]}"
+    topo = topology.Topology(prefix=prefix)
+    setup = bus_connection.connection(broker.url)
+    bus_connection.connect_once(setup)
+    topology.declare(setup.channel(), *topo.central())
+    spool = tempfile.mkdtemp(prefix="storm-spool-")
+    routers, storm = [], None
+    try:
+        routers = [StormRouter(prefix, broker.url) for _ in range(2)]
+        storm = storm_load.Storm(
+            ("tests.bench.bench_storm:EvrouterCompute",
+             {"url": broker.url, "prefix": prefix}),
+            ("tests.bench.bench_storm:EvrouterNetwork",
+             {"url": broker.url, "prefix": prefix, "spool_dir": spool,
+              "warm_host": hosts[0]}),
+            hosts, boots, workers=args.workers, timeout=args.timeout,
+            callers=args.callers, plug_delay=args.plug_delay)
+        raw = run_phase("evrouter", args, broker, storm,
+                        [(f"router{i + 1}", r.proc.pid) for i, r in enumerate(routers)],
+                        profiler)
+        metrics = {}
+        for key in ("events_in", "events_out", "retries", "lifecycle_events"):
+            metrics[key] = sum(r.metric(f"evrouter_router_{key}_total") or 0
+                               for r in routers)
+        raw["router_metrics"] = metrics
+        raw["router_rss_mib"] = [r.rss_mib() for r in routers]
+        raw["dead_letters"] = _depth(setup, topo.dead_letter_queue_name)
+        return raw
+    finally:
+        if storm is not None:
+            storm.stop()
+        for r in routers:
+            r.stop()
+        _delete(setup, topo, hosts)
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _depth(conn, queue):
+    return conn.channel().queue_declare(queue, passive=True).message_count
+
+
+def _delete(conn, topo, hosts):
+    """Every queue and exchange of the storm's topology; the broker is left clean."""
+    exchanges, queues = topo.central()
+    ch = conn.channel()
+    for q in [q.name for q in queues] + [topo.host_queue_name(h) for h in hosts]:
+        ch.queue_delete(q)
+    for e in [e.name for e in exchanges] + [topo.host_exchange_name(h) for h in hosts]:
+        ch.exchange_delete(e)
+    conn.release()
+
+
+def reference_storm(args, broker, hosts, boots, profiler):
+    import multiprocessing
+
+    from tests.bench import storm_reference
+    vhost = storm_broker.Vhost(broker.node, f"storm-ref-{uuid.uuid4().hex[:8]}")
+    url = broker.url.rstrip("/") + "/" + vhost.name
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    relay = ctx.Process(target=storm_reference.relay_process, daemon=True,
+                        args=(url, {b.server: b.host for b in boots}, child))
+    storm = None
+    try:
+        relay.start()
+        if not parent.poll(120):
+            raise RuntimeError("the reference's relay did not start")
+        parent.recv()
+        storm = storm_load.Storm(
+            ("tests.bench.storm_reference:OsloCompute", {"url": url}),
+            ("tests.bench.storm_reference:OsloNetwork", {"url": url}),
+            hosts, boots, workers=args.workers, timeout=args.timeout,
+            callers=args.callers, plug_delay=args.plug_delay)
+        raw = run_phase("reference", args, broker, storm, [("relay", relay.pid)],
+                        profiler)
+        raw["relay_rss_mib"] = psutil.Process(relay.pid).memory_info().rss / 2**20
+        return raw
+    finally:
+        if storm is not None:
+            storm.stop()
+        if relay.is_alive():
+            parent.send(("stop",))
+            relay.join(60)
+            if relay.is_alive():
+                relay.kill()
+        vhost.delete()
+
+
+# --- the report -------------------------------------------------------------------
+
+def _lat(s):
+    if s is None:
+        return "none"
+    return f"p50 {s['p50']:.1f} ms, p99 {s['p99']:.1f} ms, max {s['max']:.1f} ms (n={s['n']})"
+
+
+def report(name, f, raw):
+    ok = f["woken"] == f["waiters"] and f["arrived"] == f["events"] and not f["timeouts"]
+    lines = [
+        f"{name}:",
+        f"  waits woken: {f['arrived']:,} of {f['events']:,} events reached their prepared "
+        f"wait ({f['held']} before their prepare), {f['woken']:,} of {f['waiters']:,} "
+        f"waiters woken, {f['timeouts']} timeouts -> {'OK' if ok else 'FAILED'}",
+        f"  publish -> event at its wait: {_lat(f['event_ms'])}",
+        f"    with host hint {_lat(f['hinted_ms'])}; without {_lat(f['hintless_ms'])}",
+        f"  last event published -> waiter running: {_lat(f['waiter_ms'])}",
+        f"  network publish call (handed over -> accepted): {_lat(f['publish_call_ms'])}",
+        f"  storm: {f['storm_s']:.2f} s from the first boot to the last waiter woken; "
+        f"events published over {f['publishing_s']:.2f} s; "
+        f"{f['throughput']:,.0f} events/s first publish -> last arrival",
+        f"  CPU per event: middle (routers / relay) {f['service_cpu_us']:.0f} us, broker "
+        f"{f['broker_cpu_us']:.0f} us ({f['broker_cores']:.2f} cores during the storm), "
+        f"network side {f['network_cpu_us']:.0f} us; compute workers "
+        f"{f['compute_cores']:.2f} cores",
+        f"  broker memory per host: {f['broker_kib_per_host']:.0f} KiB idle (queues "
+        f"{f['broker_queue_kib_per_host']:.0f} KiB), {f['broker_after_storm_kib_per_host']:.0f}"
+        f" KiB after the storm; per connection {f['broker_kib_per_connection']:.0f} KiB "
+        f"({f['connections']:,} connections)",
+        f"  client memory per host: {f['client_kib_per_host']:.0f} KiB "
+        f"(workers' RSS {f['client_rss_mib']:.0f} MiB idle, {f['client_rss_storm_mib']:.0f} "
+        f"MiB after the storm), {f['threads_per_host']:.1f} threads per host; hosts up in "
+        f"{f['startup_s']:.1f} s",
+    ]
+    if "router_metrics" in raw:
+        m = raw["router_metrics"]
+        lines.append(f"  routers: in {m['events_in']:.0f}, out {m['events_out']:.0f}, "
+                     f"retried (no placement yet) {m['retries']:.0f}, lifecycle seen "
+                     f"{m['lifecycle_events']:.0f}; RSS "
+                     + ", ".join(f"{r:.0f} MiB" for r in raw["router_rss_mib"])
+                     + f"; dead-lettered {raw['dead_letters']}")
+    if "relay_rss_mib" in raw:
+        lines.append(f"  relay RSS {raw['relay_rss_mib']:.0f} MiB")
+    for what in ("failures", "publish_errors"):
+        if f[what]:
+            lines.append(f"  {what}: {f[what]}")
+    return ok, lines
+
+
+def ratios(ev, ref):
+    def r(a, b):
+        return f"{a / b:.2f}" if a and b else "n/a"
+    return [
+        "reference / evrouter (above 1: evrouter is faster or cheaper):",
+        f"  publish -> event at its wait: p50 {r(ref['event_ms']['p50'], ev['event_ms']['p50'])},"
+        f" p99 {r(ref['event_ms']['p99'], ev['event_ms']['p99'])}",
+        f"  publish -> waiter running: p50 {r(ref['waiter_ms']['p50'], ev['waiter_ms']['p50'])},"
+        f" p99 {r(ref['waiter_ms']['p99'], ev['waiter_ms']['p99'])}",
+        f"  throughput evrouter / reference: {r(ev['throughput'], ref['throughput'])}",
+        f"  broker CPU per event: {r(ref['broker_cpu_us'], ev['broker_cpu_us'])}; broker "
+        f"memory per host: {r(ref['broker_kib_per_host'], ev['broker_kib_per_host'])}; "
+        f"client memory per host: {r(ref['client_kib_per_host'], ev['client_kib_per_host'])}",
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tests.bench storm")
+    p.add_argument("--hosts", type=int, default=1000)
+    p.add_argument("--instances", type=int, default=2000)
+    p.add_argument("--spread", type=float, default=5.0,
+                   help="seconds over which the instances start")
+    p.add_argument("--plug-delay", type=float, default=0.5,
+                   help="seconds from a boot's start to its ports' transitions")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="each waiter's timeout (a timeout fails the run)")
+    p.add_argument("--workers", type=int, default=4, help="compute host processes")
+    p.add_argument("--callers", type=int, default=16,
+                   help="network side threads calling the publisher")
+    p.add_argument("--broker", choices=("auto", "main", "dedicated"), default="auto")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["evrouter", "reference"])
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy record of the routers/relay, a compute worker and "
+                        "the network side into DIR")
+    p.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/pyspy/bin/py-spy")
+    p.add_argument("--json", metavar="FILE", help="write the figures there")
+    args = p.parse_args(argv)
+    storm_load.raise_fd_limit()
+    hosts = [f"cmp-{i:04d}" for i in range(args.hosts)]
+    boots = storm_load.plan(hosts, args.instances, args.spread)
+    print(f"boot storm: {args.hosts:,} hosts, {args.instances:,} instances x 2 ports over "
+          f"{args.spread:g} s, {args.workers} compute processes; {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}", flush=True)
+    profiler = None
+    if args.profile:
+        if not os.access(args.py_spy, os.X_OK):
+            raise SystemExit(f"--profile needs py-spy ({args.py_spy} not found): "
+                             f"pip install py-spy")
+        profiler = Profiler(args.profile, args.py_spy)
+    broker, node = choose_broker(args.broker, 2 * args.hosts + 20)
+    results, ok = {}, True
+    try:
+        for name, run in (("evrouter", evrouter_storm), ("reference", reference_storm)):
+            if name in args.skip:
+                continue
+            raw = run(args, broker, hosts, boots, profiler)
+            results[name] = figures(raw, boots, hosts)
+            passed, lines = report(
+                "evrouter" if name == "evrouter" else
+                "reference (oslo.messaging: notification -> relay -> RPC cast "
+                "to compute.<host>)", results[name], raw)
+            ok = ok and (passed or name == "reference")
+            print("\n".join(lines), flush=True)
+        if len(results) == 2:
+            print("\n".join(ratios(results["evrouter"], results["reference"])))
+        if profiler is not None:
+            print("profile (leaf functions of the busy samples):")
+            print("\n".join(profiler.summary()))
+    finally:
+        if node is not None:
+            node.stop()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The boot storm's load, whatever carries the events: hosts, boots, the network side.
+
+A *compute side* (evrouter's, or the oslo.messaging reference's) is a
+class, named "module:Class" so that a spawned process can build it, with
+``start_host(host, deliver) -> handle``; a handle has ``ready()``,
+``lifecycle(server, transition)``, ``stop()`` (begins) and ``join()``. Every host gets its own
+waiter registry (compute.events.InstanceEvents), fed through ``deliver``.
+A *network side* has ``warm()``, ``publish(server, port, hint)`` (blocks
+until the event is accepted) and ``close()``.
+
+The storm is the same for both: instance i boots on host i mod H at
+``t0 + spread * i / instances``. Its boot prepares both
+``network-vif-plugged`` waits in one ``wait_for_instance_event`` (as Nova
+does), and in the body its host reports the guest STARTED and PAUSED; once
+woken, RESUMED. The network side publishes each port's transition
+``plug_delay`` after the boot started (the L2 agent seeing the tap device),
+every other instance without a host hint.
+
+Each process records wall-clock times (same machine, one clock): when each
+event was handed to the publisher, when it reached its prepared wait, when
+each waiting thread ran again.
+"""
+
+import importlib
+import multiprocessing
+import queue
+import resource
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import psutil
+
+from compute import waiting
+from compute.events import DELIVERED, HELD, InstanceEvents
+from router.bus import contract
+
+
+@dataclass(frozen=True)
+class Boot:
+    index: int
+    server: str
+    host: str
+    ports: tuple
+    at: float           # seconds after t0
+
+    @property
+    def hint(self):
+        """Every other instance's events carry no host hint."""
+        return self.host if self.index % 2 == 0 else None
+
+
+def plan(hosts, instances, spread, ports=2):
+    return [Boot(i, str(uuid.uuid4()), hosts[i % len(hosts)],
+                 tuple(str(uuid.uuid4()) for _ in range(ports)),
+                 spread * i / instances)
+            for i in range(instances)]
+
+
+def raise_fd_limit(wanted=None):
+    """Soft fd limit up to the hard one (or `wanted`); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if wanted is None else min(max(soft, wanted), hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def resolve(spec):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def usage(pid=None):
+    """(RSS bytes, CPU seconds user+system, threads) of a process."""
+    p = psutil.Process(pid)
+    cpu = p.cpu_times()
+    return p.memory_info().rss, cpu.user + cpu.system, p.num_threads()
+
+
+def _sleep_until(when):
+    pause = when - time.time()
+    if pause > 0:
+        time.sleep(pause)
+
+
+def _recorder(registry, arrivals):
+    """deliver() for the host consumer / endpoint: the registry's, timed."""
+    def deliver(event, message_id, *, created_at=None):
+        outcome = registry.deliver(event, message_id, created_at=created_at)
+        if outcome in (DELIVERED, HELD):
+            arrivals[(event.server_uuid, event.tag)] = (time.time(), outcome)
+        return outcome
+    return deliver
+
+
+# --- a process of compute hosts ------------------------------------------------
+
+def compute_worker(side_spec, side_args, hosts, boots, conn, timeout):
+    """Runs `hosts`, then their `boots` at the parent's go; reports back."""
+    raise_fd_limit()
+    rss_empty = usage()[0]
+    side = resolve(side_spec)(**side_args)
+    arrivals, registries, handles = {}, {}, {}
+    for host in hosts:
+        registries[host] = InstanceEvents()
+        handles[host] = side.start_host(host, _recorder(registries[host], arrivals))
+    deadline = time.monotonic() + 300
+    while not all(h.ready() for h in handles.values()):
+        if time.monotonic() > deadline:
+            conn.send(("failed", f"{sum(not h.ready() for h in handles.values())} "
+                                  f"host(s) not ready after 300 s"))
+            return
+        time.sleep(0.1)
+    conn.send(("ready", rss_empty, usage()))
+    _, t0 = conn.recv()
+    results = []
+
+    def boot(b):
+        registry, handle = registries[b.host], handles[b.host]
+        started, woken, outcome = time.time(), None, "woken"
+        try:
+            with registry.wait_for_instance_event(
+                    b.server, [(contract.VIF_PLUGGED, p) for p in b.ports],
+                    timeout=timeout):
+                # The work that causes the events: the guest is created paused.
+                handle.lifecycle(b.server, "STARTED")
+                handle.lifecycle(b.server, "PAUSED")
+            woken = time.time()
+            handle.lifecycle(b.server, "RESUMED")
+        except waiting.InstanceEventTimeout:
+            outcome = "timeout"
+        except Exception as exc:   # reported, not raised: the count must add up
+            outcome = f"{type(exc).__name__}: {exc}"
+        results.append((b.index, started, woken, outcome))
+
+    threads = []
+    for b in sorted(boots, key=lambda b: b.at):
+        _sleep_until(t0 + b.at)
+        t = threading.Thread(target=boot, args=(b,), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    conn.send(("done", results, arrivals, usage()))
+    conn.recv()                             # stop
+    for handle in handles.values():     # all at once, then wait for each
+        handle.stop()
+    for handle in handles.values():
+        handle.join()
+    conn.send(("stopped",))
+
+
+# --- the network side --------------------------------------------------------------
+
+def network_worker(side_spec, side_args, boots, conn, callers, plug_delay):
+    """Publishes every port's transition on schedule from `callers` threads
+    (a network service's workers); reports when each was handed over."""
+    raise_fd_limit()
+    side = resolve(side_spec)(**side_args)
+    side.warm()
+    conn.send(("ready", usage()))
+    _, t0 = conn.recv()
+    work = queue.Queue()
+    published, errors = {}, []
+
+    def caller():
+        while (item := work.get()) is not None:
+            server, port, hint = item
+            t = time.time()
+            try:
+                side.publish(server, port, hint)
+            except Exception as exc:
+                errors.append(f"{server} {port}: {type(exc).__name__}: {exc}")
+                continue
+            published[(server, port)] = (t, time.time())
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    events = sorted((b.at + plug_delay, b.server, p, b.hint)
+                    for b in boots for p in b.ports)
+    for at, server, port, hint in events:
+        _sleep_until(t0 + at)
+        work.put((server, port, hint))
+    for _ in threads:
+        work.put(None)
+    for t in threads:
+        t.join()
+    conn.send(("done", published, errors, usage()))
+    conn.recv()
+    side.close()
+    conn.send(("stopped",))
+
+
+# --- the parent's side ----------------------------------------------------------------
+
+class Storm:
+    """Compute worker processes and one network process, driven by the parent."""
+
+    def __init__(self, compute, network, hosts, boots, *, workers, timeout,
+                 callers, plug_delay):
+        ctx = multiprocessing.get_context("spawn")
+        self.hosts, self.boots = hosts, boots
+        self.compute, self.procs = [], []
+        for w in range(min(workers, len(hosts))):
+            mine = hosts[w::workers]
+            owned = set(mine)
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=compute_worker, daemon=True, args=(
+                compute[0], compute[1], mine,
+                [b for b in boots if b.host in owned], child, timeout))
+            self.compute.append((proc, parent))
+        parent, child = ctx.Pipe()
+        self.network = (ctx.Process(target=network_worker, daemon=True, args=(
+            network[0], network[1], boots, child, callers, plug_delay)), parent)
+
+    @property
+    def pids(self):
+        return [p.pid for p, _ in self.compute], self.network[0].pid
+
+    def start(self, timeout=600):
+        """Start every process; (compute ready reports, network's)."""
+        for proc, _ in self.compute:
+            proc.start()
+        ready = [self._recv(conn, timeout) for _, conn in self.compute]
+        # After the hosts: the network side's warm-up event goes to one.
+        self.network[0].start()
+        return ready, self._recv(self.network[1], timeout)
+
+    def go(self, lead=1.0):
+        t0 = time.time() + lead
+        for _, conn in self.compute + [self.network]:
+            conn.send(("go", t0))
+        return t0
+
+    def wait_done(self, timeout):
+        compute = [self._recv(conn, timeout) for _, conn in self.compute]
+        return compute, self._recv(self.network[1], timeout)
+
+    def stop(self):
+        for proc, conn in self.compute + [self.network]:
+            if proc.is_alive():
+                try:
+                    conn.send(("stop",))
+                    if conn.poll(60):
+                        conn.recv()
+                except (OSError, EOFError):
+                    pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+    @staticmethod
+    def _recv(conn, timeout):
+        if not conn.poll(timeout):
+            raise RuntimeError(f"no word from a storm process in {timeout:.0f} s")
+        msg = conn.recv()
+        if msg[0] == "failed":
+            raise RuntimeError(msg[1])
+        return msg[1:]
