@@ -98,7 +98,14 @@ class HostConsumer:
             return True, "consuming"
         if self.last_failure is not None:
             return False, f"restarting after: {self.last_failure[1]}"
+        if self.last_connect_error is not None:
+            return False, f"cannot connect to the broker: {self.last_connect_error}"
         return False, "not connected to the broker"
+
+    last_connect_error = None
+
+    def _connect_failed(self, exc):
+        self.last_connect_error = str(exc)[:300]
 
     def run(self):
         """Consume until stop(): supervised, so a bug restarts the consumer
@@ -125,8 +132,9 @@ class HostConsumer:
             try:
                 # A fresh retry loop per loss: the backoff of an outage last
                 # week must not delay the reconnect after today's.
-                for attempt in bus_connection.reconnecting(self._stop, what,
-                                                           errors=errors):
+                for attempt in bus_connection.reconnecting(
+                        self._stop, what, errors=errors,
+                        on_error=self._connect_failed):
                     with attempt:
                         _Session(self, conn.clone(), errors).run()
             except _Lost as lost:
@@ -183,6 +191,7 @@ class _Session:
                               else self.s.prefetch)
             self.consumer.consume()
             owner.connection = conn
+            owner.last_connect_error = None
             owner.ready.set()
             LOG.info("host consumer %s consuming %s (prefetch %d)", host,
                      queues[0].name, self.s.prefetch)

@@ -109,9 +109,15 @@ class RouterService:
             return True, "consuming"
         if self.last_failure is not None:
             return False, f"restarting after: {self.last_failure}"
+        if self.last_connect_error is not None:
+            return False, f"cannot connect to the broker: {self.last_connect_error}"
         return False, "not connected to the broker"
 
     last_failure = None
+    last_connect_error = None
+
+    def _connect_failed(self, exc):
+        self.last_connect_error = str(exc)[:300]
 
     def run(self):
         """Route until stop(). Supervised: a bug outside the per-message
@@ -136,8 +142,9 @@ class RouterService:
             lost = False
             # A fresh retry loop per loss: the backoff of an outage last
             # week must not delay the reconnect after today's.
-            for attempt in bus_connection.reconnecting(self._stop, "router",
-                                                       errors=errors):
+            for attempt in bus_connection.reconnecting(
+                    self._stop, "router", errors=errors,
+                    on_error=self._connect_failed):
                 with attempt:
                     try:
                         _Session(self, conn.clone()).run()
@@ -206,6 +213,7 @@ class _Session:
                                             self._probation, 1)
             self._ask_for_snapshots()
             self.stats["sessions"] += 1
+            self.service.last_connect_error = None
             self.service.ready.set()
             LOG.info("router %s consuming %s (prefetch %d)", self.s.name,
                      self.topo.router_queue_name, self.s.prefetch)

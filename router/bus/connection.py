@@ -312,16 +312,21 @@ def user_of(conn):
     return conn.userid
 
 
-def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,)):
+def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,),
+                 on_error=None):
     """A tenacity loop: retry `what` with jittered backoff until stopped.
 
     Sleeping waits on `stop_event`, so a SIGTERM during backoff ends the
     wait at once, and the loop then ends quietly: a requested stop is not
-    an error, whatever the broker was doing.
+    an error, whatever the broker was doing. ``on_error(exc)`` hears each
+    failed attempt (for a health check to say why).
     """
     def log_retry(state):
+        exc = state.outcome.exception()
         LOG.warning("%s: broker connection failed (%s), retrying in %.1fs", what,
-                    state.outcome.exception(), state.next_action.sleep)
+                    exc, state.next_action.sleep)
+        if on_error is not None:
+            on_error(exc)
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(errors),

@@ -143,3 +143,27 @@ def test_one_returned_copy_dead_letters_only_that_hosts_copy(bus, router):
     assert dead.headers[contract.HEADER_REASON] == contract.REASON_UNROUTABLE
     assert dead.headers[HEADER_HOST] == "cmp-noq"
     assert queue_depth(bus.url, bus.topology.router_queue_name) == 0
+
+
+def test_health_says_why_the_router_cannot_connect(bus):
+    import threading
+
+    from compute.host_consumer import HostConsumer, HostConsumerSettings
+    from router.service import RouterService, RouterSettings
+    url = "rabbit://guest:guest@127.0.0.1:1/"      # nothing listens there
+    svc = RouterService(RouterSettings(transport_url=url, topology=bus.topology))
+    consumer = HostConsumer(HostConsumerSettings(host="cmp-x", transport_url=url,
+                                                 topology=bus.topology),
+                            lambda event, message_id: "held")
+    threads = [threading.Thread(target=svc.run, daemon=True), consumer.start()]
+    threads[0].start()
+    try:
+        for part in (svc, consumer):
+            ok, why = wait_for(lambda p=part: (lambda h: h if h[1].startswith(
+                "cannot connect") else None)(p.health()), 15, what="health")
+            assert not ok and "refused" in why.lower(), why
+    finally:
+        svc.stop()
+        consumer.stop()
+        for t in threads:
+            t.join(15)
