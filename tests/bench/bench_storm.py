@@ -148,7 +148,7 @@ class Broker:
         return storm_broker.count(self.node, "connections")
 
 
-def choose_broker(choice, needed):
+def choose_broker(choice, needed, conf=()):
     """The main broker if the storm's connections fit in its fd limit."""
     used, limit = storm_broker.sockets(storm_broker.MAIN_NODE)
     fits = needed + 50 <= limit - used
@@ -157,7 +157,7 @@ def choose_broker(choice, needed):
           f"{'fits' if fits else 'does NOT fit'}", flush=True)
     if choice == "main" or (choice == "auto" and fits):
         return Broker(MAIN_URL, storm_broker.MAIN_NODE), None
-    node = storm_broker.DedicatedNode()
+    node = storm_broker.DedicatedNode(conf=conf)
     t = time.monotonic()
     node.start()
     used, limit = storm_broker.sockets(node.node)
@@ -190,7 +190,7 @@ class Profiler:
             out = os.path.join(self.directory, f"{name}.txt")
             self.procs.append((name, out, subprocess.Popen(
                 [self.py_spy, "record", "--pid", str(pid), "--duration",
-                 str(max(1, round(seconds))), "--rate", "50", "--nonblocking",
+                 str(max(1, round(seconds))), "--rate", "50", "--nonblocking", "--gil",
                  "--format", "raw", "-o", out],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
 
@@ -208,7 +208,7 @@ class Profiler:
                         leaf = stack.split(";")[-1]
                         leaves[leaf] += int(n)
                         total += int(n)
-            lines.append(f"  {name}: {total} busy samples at 50 Hz ({out})")
+            lines.append(f"  {name}: {total} samples holding the GIL at 50 Hz ({out})")
             for leaf, n in leaves.most_common(top):
                 lines.append(f"    {100 * n / max(total, 1):5.1f}%  {leaf}")
         return lines
@@ -258,6 +258,7 @@ def run_phase(name, args, broker, storm, services, profiler):
     t1 = time.time()
     cpu1 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]))
     out["mem_storm"] = broker.memory()
+    out["alarms"] = storm_broker.alarms(broker.node)
     out["cpu"] = {k: b - a for k, a, b in zip(
         ("services", "broker", "compute", "network"), cpu0, cpu1, strict=True)}
     out["window_s"] = t1 - t0
@@ -320,6 +321,11 @@ def figures(raw, boots, hosts):
         idle[k] - before[k] for k in storm_broker.CONNECTIONS) / conns / 1024
     f["broker_queue_kib_per_host"] = sum(
         idle[k] - before[k] for k in storm_broker.QUEUES) / len(hosts) / 1024
+    delta = {k: (idle[k] - before[k]) / 2**20 for k in idle
+             if k not in ("reserved_unallocated", "allocated_unused")}
+    f["broker_idle_delta_mib"] = dict(sorted(
+        ((k, round(v, 1)) for k, v in delta.items() if abs(v) >= 0.5),
+        key=lambda kv: -abs(kv[1])))
     f["broker_after_storm_kib_per_host"] = (storm_broker.allocated(storm)
                                             - storm_broker.allocated(before)) / len(hosts) / 1024
     return f
@@ -451,6 +457,8 @@ def report(name, f, raw):
         f"{f['broker_queue_kib_per_host']:.0f} KiB), {f['broker_after_storm_kib_per_host']:.0f}"
         f" KiB after the storm; per connection {f['broker_kib_per_connection']:.0f} KiB "
         f"({f['connections']:,} connections)",
+        "    broker memory with the hosts up, by category (MiB): " + ", ".join(
+            f"{k} {v:+.1f}" for k, v in f["broker_idle_delta_mib"].items()),
         f"  client memory per host: {f['client_kib_per_host']:.0f} KiB "
         f"(workers' RSS {f['client_rss_mib']:.0f} MiB idle, {f['client_rss_storm_mib']:.0f} "
         f"MiB after the storm), {f['threads_per_host']:.1f} threads per host; hosts up in "
@@ -463,6 +471,8 @@ def report(name, f, raw):
                      f"{m['lifecycle_events']:.0f}; RSS "
                      + ", ".join(f"{r:.0f} MiB" for r in raw["router_rss_mib"])
                      + f"; dead-lettered {raw['dead_letters']}")
+    if raw["alarms"]:
+        lines.append(f"  broker alarms after the storm: {raw['alarms']}")
     if "relay_rss_mib" in raw:
         lines.append(f"  relay RSS {raw['relay_rss_mib']:.0f} MiB")
     for what in ("failures", "publish_errors"):
@@ -501,6 +511,10 @@ def main(argv=None):
     p.add_argument("--callers", type=int, default=16,
                    help="network side threads calling the publisher")
     p.add_argument("--broker", choices=("auto", "main", "dedicated"), default="auto")
+    p.add_argument("--broker-conf", action="append", default=[], metavar="LINE",
+                   help="a rabbitmq.conf line for the dedicated node, e.g. "
+                        "'tcp_listen_options.recbuf = 131072' (default: the "
+                        "main broker's settings)")
     p.add_argument("--skip", action="append", default=[],
                    choices=["evrouter", "reference"])
     p.add_argument("--profile", metavar="DIR",
@@ -521,7 +535,7 @@ def main(argv=None):
             raise SystemExit(f"--profile needs py-spy ({args.py_spy} not found): "
                              f"pip install py-spy")
         profiler = Profiler(args.profile, args.py_spy)
-    broker, node = choose_broker(args.broker, 2 * args.hosts + 20)
+    broker, node = choose_broker(args.broker, 2 * args.hosts + 20, args.broker_conf)
     results, ok = {}, True
     try:
         for name, run in (("evrouter", evrouter_storm), ("reference", reference_storm)):
@@ -538,7 +552,8 @@ def main(argv=None):
         if len(results) == 2:
             print("\n".join(ratios(results["evrouter"], results["reference"])))
         if profiler is not None:
-            print("profile (leaf functions of the busy samples):")
+            print("profile (py-spy --gil: where each process spends its Python CPU, "
+                  "by leaf function):")
             print("\n".join(profiler.summary()))
     finally:
         if node is not None:

@@ -42,6 +42,11 @@ def sockets(node):
     return fds["sockets_used"], fds["sockets_limit"]
 
 
+def alarms(node):
+    """The node's resource alarms (memory, disk), empty when none."""
+    return status(node).get("alarms", [])
+
+
 def pid(node):
     return int(status(node)["pid"])
 
@@ -100,8 +105,11 @@ def _listening(port):
 class DedicatedNode:
     """A single RabbitMQ node beside the main broker, with a raised fd limit."""
 
-    def __init__(self, name="evrouter-storm", port=5690, base=None):
+    def __init__(self, name="evrouter-storm", port=5690, base=None, conf=()):
         self.node = f"{name}@localhost"
+        if self.node == MAIN_NODE:
+            raise ValueError("the main broker is never started or stopped here")
+        self.conf = tuple(conf)     # extra rabbitmq.conf lines
         self.port = port
         self.base = base or f"/tmp/{name}-broker"
         self.url = f"rabbit://guest:guest@127.0.0.1:{port}/"
@@ -114,7 +122,7 @@ class DedicatedNode:
             os.makedirs(os.path.join(self.base, sub))
         with open(os.path.join(self.base, "rabbitmq.conf"), "w") as f:
             f.write(f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
-                    "loopback_users = none\n")
+                    "loopback_users = none\n" + "".join(f"{c}\n" for c in self.conf))
         with open(os.path.join(self.base, "enabled_plugins"), "w") as f:
             f.write("[].\n")
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", self.base], check=True)
