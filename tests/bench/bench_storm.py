@@ -183,6 +183,7 @@ class Profiler:
 
     def __init__(self, directory, py_spy):
         self.directory, self.py_spy, self.procs = directory, py_spy, []
+        self.rate = 100
         os.makedirs(directory, exist_ok=True)
 
     def start(self, targets, seconds):
@@ -190,28 +191,55 @@ class Profiler:
             out = os.path.join(self.directory, f"{name}.txt")
             self.procs.append((name, out, subprocess.Popen(
                 [self.py_spy, "record", "--pid", str(pid), "--duration",
-                 str(max(1, round(seconds))), "--rate", "50", "--nonblocking", "--gil",
+                 str(max(1, round(seconds))), "--rate", str(self.rate), "--nonblocking",
+                 "--gil",
                  "--format", "raw", "-o", out],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
 
-    def summary(self, top=6):
+    def summary(self, top=5):
+        """Per process: samples holding the GIL; the functions they were in
+        (self time), and the deepest function of ours (or oslo.messaging's)
+        on their stack, the one that called into libraries."""
         lines = []
         for name, out, proc in self.procs:
-            proc.wait(60)
-            leaves, total = collections.Counter(), 0
+            proc.wait(120)
+            leaves, owners, total = collections.Counter(), collections.Counter(), 0
             if os.path.exists(out):
                 with open(out) as f:
                     for line in f:
                         stack, _, n = line.rstrip().rpartition(" ")
                         if not n.isdigit():
                             continue
-                        leaf = stack.split(";")[-1]
-                        leaves[leaf] += int(n)
-                        total += int(n)
-            lines.append(f"  {name}: {total} samples holding the GIL at 50 Hz ({out})")
-            for leaf, n in leaves.most_common(top):
-                lines.append(f"    {100 * n / max(total, 1):5.1f}%  {leaf}")
+                        n, frames = int(n), [_function(x) for x in stack.split(";")
+                                             if x.strip()]
+                        total += n
+                        leaves[frames[-1] if frames else _NATIVE] += n
+                        ours = [x for x in frames if x.split("(")[-1].startswith(_OURS)]
+                        owners[ours[-1] if ours else _NATIVE if not frames
+                               else "(elsewhere)"] += n
+            lines.append(f"  {name}: {total} samples holding the GIL "
+                         f"= {total / self.rate:.1f} s of Python CPU ({out})")
+            for title, counts in (("self", leaves), ("in", owners)):
+                lines.append(f"    {title}: " + "; ".join(
+                    f"{100 * k / max(total, 1):.0f}% {frame}"
+                    for frame, k in counts.most_common(top)))
         return lines
+
+
+_NATIVE = "(no Python frame: interpreter, GC or native code)"
+_OURS = ("router/", "compute/", "network/", "tests/", "oslo_messaging/")
+
+
+def _function(frame):
+    """'func (path/file.py:123)' -> 'func (path/file.py)'."""
+    head, _, where = frame.rpartition(" (")
+    return f"{head} ({where.rsplit(':', 1)[0]})" if where else frame
+
+
+def _busy():
+    """CPU seconds the whole machine has been busy (every process, ours or not)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def _cpu(pids):
@@ -246,7 +274,8 @@ def run_phase(name, args, broker, storm, services, profiler):
     out["threads"] = sum(r[1][2] for r in ready)
     workers, network = storm.pids
     service_pids = [pid for _, pid in services]
-    cpu0 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]))
+    cpu0 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]), _busy())
+    t_cpu0 = time.time()
     t0 = storm.go()
     if profiler is not None:
         profiler.start([(f"{name}-{label}", pid) for label, pid in services]
@@ -256,12 +285,13 @@ def run_phase(name, args, broker, storm, services, profiler):
     compute, (published, errors, _) = storm.wait_done(
         args.spread + args.plug_delay + args.timeout + 120)
     t1 = time.time()
-    cpu1 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]))
+    cpu1 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]), _busy())
     out["mem_storm"] = broker.memory()
     out["alarms"] = storm_broker.alarms(broker.node)
     out["cpu"] = {k: b - a for k, a, b in zip(
-        ("services", "broker", "compute", "network"), cpu0, cpu1, strict=True)}
-    out["window_s"] = t1 - t0
+        ("services", "broker", "compute", "network", "machine"), cpu0, cpu1,
+        strict=True)}
+    out["window_s"] = t1 - t_cpu0
     out["t0"] = t0
     out["published"], out["publish_errors"] = published, errors
     out["results"] = [r for c in compute for r in c[0]]
@@ -306,6 +336,10 @@ def figures(raw, boots, hosts):
         "broker_cpu_us": 1e6 * raw["cpu"]["broker"] / max(len(arrived), 1),
         "broker_cores": raw["cpu"]["broker"] / raw["window_s"],
         "compute_cores": raw["cpu"]["compute"] / raw["window_s"],
+        "service_cores": raw["cpu"]["services"] / raw["window_s"],
+        "network_cores": raw["cpu"]["network"] / raw["window_s"],
+        "machine_cores": raw["cpu"]["machine"] / raw["window_s"],
+        "window_s": raw["window_s"],
         "network_cpu_us": 1e6 * raw["cpu"]["network"] / max(len(pub), 1),
         "startup_s": raw["startup_s"], "connections": raw["connections"],
         "client_kib_per_host": (raw["rss_idle"] - raw["rss_empty"]) / len(hosts) / 1024,
@@ -450,9 +484,11 @@ def report(name, f, raw):
         f"events published over {f['publishing_s']:.2f} s; "
         f"{f['throughput']:,.0f} events/s first publish -> last arrival",
         f"  CPU per event: middle (routers / relay) {f['service_cpu_us']:.0f} us, broker "
-        f"{f['broker_cpu_us']:.0f} us ({f['broker_cores']:.2f} cores during the storm), "
-        f"network side {f['network_cpu_us']:.0f} us; compute workers "
-        f"{f['compute_cores']:.2f} cores",
+        f"{f['broker_cpu_us']:.0f} us, network side {f['network_cpu_us']:.0f} us",
+        f"  cores busy from go to the last waiter ({f['window_s']:.1f} s): machine "
+        f"{f['machine_cores']:.2f} of {os.cpu_count()} (anyone's), broker "
+        f"{f['broker_cores']:.2f}, middle {f['service_cores']:.2f}, compute workers "
+        f"{f['compute_cores']:.2f}, network {f['network_cores']:.2f}",
         f"  broker memory per host: {f['broker_kib_per_host']:.0f} KiB idle (queues "
         f"{f['broker_queue_kib_per_host']:.0f} KiB), {f['broker_after_storm_kib_per_host']:.0f}"
         f" KiB after the storm; per connection {f['broker_kib_per_connection']:.0f} KiB "
@@ -552,8 +588,8 @@ def main(argv=None):
         if len(results) == 2:
             print("\n".join(ratios(results["evrouter"], results["reference"])))
         if profiler is not None:
-            print("profile (py-spy --gil: where each process spends its Python CPU, "
-                  "by leaf function):")
+            print("profile (py-spy --gil, 100 Hz: where each process spends its "
+                  "Python CPU, inclusive):")
             print("\n".join(profiler.summary()))
     finally:
         if node is not None:
