@@ -2,6 +2,11 @@
 
 `python -m tests.bench storm [--hosts N --instances M ...]`: the boot storm
 alone (tests/bench/bench_storm.py; a few minutes, not in the default run).
+
+`python -m tests.bench cluster [--events N --recoveries K]`: the 3-node quorum
+cluster against the single broker, and recovery after kill -9 of the
+connected node (tests/bench/bench_cluster.py; starts and stops the cluster of
+tests/cluster, a few minutes, not in the default run).
 """
 
 import sys
@@ -9,6 +14,9 @@ import sys
 from tests.bench import bench_router, bench_tls, bench_waiters
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["cluster"]:
+        from tests.bench import bench_cluster
+        sys.exit(bench_cluster.main(sys.argv[2:]))
     if sys.argv[1:2] == ["storm"]:
         from tests.bench import bench_storm
         sys.exit(bench_storm.main(sys.argv[2:]))
