@@ -37,6 +37,11 @@ _NEGATIVE_HOST_TTL = 2.0
 # A host exchange seen to exist is checked again after this long, so one
 # deleted since (a decommissioned host) does not close the publish channel.
 _POSITIVE_HOST_TTL = 60.0
+# A copy the broker refused (nack) is published again after this long,
+# doubling up to the maximum; after so many refusals it is dead-lettered.
+_REFUSED_DELAY = 0.25
+_REFUSED_MAX = 5.0
+_MAX_REFUSALS = 30
 
 # How often a message came back to a router without being settled, counted
 # by the routers themselves on classic queues (the broker's x-delivery-count
@@ -77,8 +82,8 @@ class _Lane:
 
 
 class _Inflight:
-    __slots__ = ("lane", "tag", "key", "message", "env_id", "remaining", "ok",
-                 "started")
+    __slots__ = ("lane", "tag", "key", "message", "env_id", "remaining",
+                 "nacks", "started")
 
     def __init__(self, lane, tag, message, env_id):
         self.started = time.monotonic()
@@ -88,7 +93,7 @@ class _Inflight:
         self.message = message
         self.env_id = env_id
         self.remaining = 0
-        self.ok = True
+        self.nacks = 0
 
 
 class RouterService:
@@ -180,6 +185,7 @@ class _Session:
         self._known = {}            # host -> (known, checked at)
         self._tokens = itertools.count()
         self._parked = []           # memory transport only: (due, n, ...)
+        self._refused_copies = []   # (due, n, token): publish again then
         self._broker_errors = conn.connection_errors + conn.channel_errors
 
     # --- set-up -------------------------------------------------------------
@@ -249,6 +255,8 @@ class _Session:
             bus_connection.drain(self.conn, 0.25)
             self._pump()
             now = time.monotonic()
+            if self._refused_copies:
+                self._publish_refused_again(now)
             while self._parked and self._parked[0][0] <= now:
                 _, _, body, env, headers = heapq.heappop(self._parked)
                 self.publisher.publish(
@@ -471,10 +479,9 @@ class _Session:
                    contract.HEADER_ATTEMPT: attempt,
                    contract.HEADER_FIRST_SEEN: first_seen,
                    contract.HEADER_PUBLISHER: publisher or ""}
-        self.publisher.publish("", self.topo.probation_queue_name,
-                               inbound.raw_body(message.body),
-                               (entry, _RETRY, None), message_id=env.id,
-                               headers=headers, user_id=self.user)
+        self._send(entry, _RETRY, None, "", self.topo.probation_queue_name,
+                   inbound.raw_body(message.body), message_id=env.id,
+                   headers=headers, user_id=self.user)
         if lane is self.main:
             # The probation lane takes one message at a time: the broker
             # sends the copy only after this original is acknowledged.
@@ -494,9 +501,8 @@ class _Session:
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
         body = inbound.raw_body(message.body)
         for host in hosts:
-            self.publisher.publish(self.topo.host_exchange_name(host), key,
-                                   body, (entry, _HOST_COPY, host),
-                                   message_id=env.id, headers=headers)
+            self._send(entry, _HOST_COPY, host, self.topo.host_exchange_name(host),
+                       key, body, message_id=env.id, headers=headers)
         LOG.debug("event %s %s for %s routed to %s", env.id,
                   env.payload.name, env.payload.server_uuid, ",".join(hosts))
 
@@ -514,13 +520,11 @@ class _Session:
                                           next(self._tokens),
                                           inbound.raw_body(message.body),
                                           env, headers))
-            self._outcomes.append(((entry, _RETRY, None), publishing.ACK))
+            self._outcomes.append(((entry, _RETRY, None, None), publishing.ACK))
         else:
-            self.publisher.publish("", self.topo.retry_queue_name(delay),
-                                   inbound.raw_body(message.body),
-                                   (entry, _RETRY, None),
-                                   message_id=env.id, headers=headers,
-                                   user_id=self.user)
+            self._send(entry, _RETRY, None, "", self.topo.retry_queue_name(delay),
+                       inbound.raw_body(message.body), message_id=env.id,
+                       headers=headers, user_id=self.user)
         self.stats["retried"] += 1
         LOG.info("event %s retry %d in %dms: %s", env.id, decision.attempt,
                  delay, decision.detail)
@@ -546,9 +550,9 @@ class _Session:
         headers["x-evrouter-router"] = self.s.name
         if extra_headers:
             headers.update(extra_headers)
-        self.publisher.publish(
-            self.topo.dead_letter_exchange_name, reason,
-            inbound.raw_body(message.body), (entry, _DEAD, None),
+        self._send(
+            entry, _DEAD, None, self.topo.dead_letter_exchange_name, reason,
+            inbound.raw_body(message.body),
             message_id=msg_id, headers=headers,
             content_type=inbound.safe_shortstr(
                 _property(message, "content_type")))
@@ -556,10 +560,16 @@ class _Session:
         LOG.warning("event %s dead-lettered (%s): %s", inbound.loggable(msg_id),
                     reason, inbound.clip(detail, 300))
 
+    def _send(self, entry, kind, host, exchange, routing_key, body, **kwargs):
+        """Publish one copy for an ingress message; the token carries what
+        it takes to publish the copy again if the broker refuses it."""
+        token = (entry, kind, host, (exchange, routing_key, body, kwargs))
+        self.publisher.publish(exchange, routing_key, body, token, **kwargs)
+
     def _settle(self, token, outcome):
-        if token is None:       # a parked retry put back on ingress
+        if token is None:       # a parked retry put back on ingress, a request
             return
-        entry, kind, host = token
+        entry, kind, host, _ = token
         if self._inflight.get(entry.key) is not entry:
             return
         if outcome == publishing.RETURNED and kind == _HOST_COPY:
@@ -573,17 +583,50 @@ class _Session:
                               track=False,
                               extra_headers={HEADER_HOST: host})
         elif outcome != publishing.ACK:
-            entry.ok = False
-            LOG.error("event %s: broker %s for %s copy (host %s); requeueing",
-                      entry.env_id, outcome, kind, host)
+            return self._refused(token, outcome)
         elif kind == _HOST_COPY:
             self.stats["out"] += 1
         entry.remaining -= 1
         if entry.remaining == 0:
             del self._inflight[entry.key]
-            entry.lane.window.settle(entry.tag, entry.ok)
+            entry.lane.window.settle(entry.tag, True)
             self.service.latency.observe(time.monotonic() - entry.started)
 
+    def _refused(self, token, outcome):
+        """The broker refused a copy (nack: a queue without a leader during
+        a cluster failover, a full queue...). The copy is published again
+        after a backoff while the ingress message stays unacknowledged.
+        Rejecting it for requeue instead would bring it back flagged as
+        redelivered, to be counted towards poison for the broker's trouble."""
+        entry, kind, host, _ = token
+        entry.nacks += 1
+        self.stats["refused"] += 1
+        if entry.nacks > _MAX_REFUSALS and kind == _HOST_COPY:
+            LOG.error("event %s: broker %s the copy for host %s %d times; "
+                      "dead-lettering that copy", entry.env_id, outcome, host,
+                      entry.nacks)
+            entry.remaining -= 1    # replaced by the dead-letter copy
+            self._dead_letter(entry.lane, entry.tag, entry.message,
+                              entry.env_id, contract.REASON_UNROUTABLE,
+                              f"the broker refused the copy for "
+                              f"{self.topo.host_exchange_name(host)} "
+                              f"{entry.nacks} times", track=False,
+                              extra_headers={HEADER_HOST: host})
+            return
+        delay = min(_REFUSED_DELAY * 2 ** (entry.nacks - 1), _REFUSED_MAX)
+        heapq.heappush(self._refused_copies,
+                       (time.monotonic() + delay, next(self._tokens), token))
+        LOG.warning("event %s: broker %s the %s copy (host %s); publishing it "
+                    "again in %.2fs", entry.env_id, outcome, kind, host, delay)
+
+    def _publish_refused_again(self, now):
+        while self._refused_copies and self._refused_copies[0][0] <= now:
+            _, _, token = heapq.heappop(self._refused_copies)
+            entry = token[0]
+            if self._inflight.get(entry.key) is not entry:
+                continue
+            exchange, routing_key, body, kwargs = token[3]
+            self.publisher.publish(exchange, routing_key, body, token, **kwargs)
 
 def _property(message, name):
     """One AMQP property of a kombu message, whatever the transport."""

@@ -167,3 +167,33 @@ def test_health_says_why_the_router_cannot_connect(bus):
         consumer.stop()
         for t in threads:
             t.join(15)
+
+
+def test_a_copy_the_broker_refuses_is_published_again_not_requeued(bus, router):
+    """A nack (here: a full queue that rejects publishes, as a quorum queue
+    without a leader does for a while) keeps the ingress message in hand
+    and publishes the copy again; it never comes back as a redelivery to
+    be counted towards poison."""
+    host = "cmp-full"
+    exchange = bus.topology.host_exchange_name(host)
+    queue_name = bus.topology.host_queue_name(host)
+    with kombu.Connection(bus.url) as conn:
+        ch = conn.channel()
+        kombu.Queue(queue_name, kombu.Exchange(exchange, "topic", durable=True),
+                    routing_key="instance.*", durable=True,
+                    queue_arguments={"x-max-length": 1,
+                                     "x-overflow": "reject-publish"})(ch).declare()
+    bus.own(exchanges=[exchange], queues=[queue_name])
+    first, second = _event(str(uuid.uuid4()), host=host), _event(str(uuid.uuid4()), host=host)
+    _publish(bus, bus.topology.ingress_exchange_name, first)
+    wait_for(lambda: queue_depth(bus.url, queue_name) == 1, 10, what="the queue full")
+    _publish(bus, bus.topology.ingress_exchange_name, second)
+    wait_for(lambda: router.service.stats["refused"] >= 2, 10, what="refusals")
+    [m] = collect(bus.url, queue_name, 1)            # room for one more
+    assert m.properties["message_id"] == first.id
+    [m] = collect(bus.url, queue_name, 1, timeout=10)
+    assert m.properties["message_id"] == second.id
+    assert router.service.stats["redelivered"] == 0
+    assert queue_depth(bus.url, bus.topology.probation_queue_name) == 0
+    wait_for(lambda: queue_depth(bus.url, bus.topology.router_queue_name) == 0, 10,
+             what="the ingress message acknowledged")
