@@ -30,8 +30,11 @@ the storm needs more, it runs on a RabbitMQ node of its own started beside
 the main one with the fd limit raised (tests/bench/storm_broker.py), and
 stopped afterwards; --broker main|dedicated forces one or the other.
 
---profile DIR records the routers, one compute worker and the network
-process with py-spy (--py-spy PATH, or on PATH) and samples the broker's CPU.
+--profile DIR records the routers (the reference: its relay), one compute
+worker and the network process with py-spy --gil (--py-spy PATH, or on
+PATH; `pip install py-spy`), and the broker's Erlang scheduler time by
+activity (rabbitmq-diagnostics runtime_thread_stats) over the storm. CPU
+shares of every party and of the whole machine are always reported.
 """
 
 import argparse
@@ -184,6 +187,7 @@ class Profiler:
     def __init__(self, directory, py_spy):
         self.directory, self.py_spy, self.procs = directory, py_spy, []
         self.rate = 100
+        self.broker_stats = []
         os.makedirs(directory, exist_ok=True)
 
     def start(self, targets, seconds):
@@ -195,6 +199,28 @@ class Profiler:
                  "--gil",
                  "--format", "raw", "-o", out],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+
+    def broker(self, name, node, seconds):
+        """The broker's scheduler time by activity, over the storm."""
+        out = os.path.join(self.directory, f"{name}-broker-threads.txt")
+        self.broker_stats.append((name, out, subprocess.Popen(
+            ["rabbitmq-diagnostics", "-q", "-n", node, "runtime_thread_stats",
+             "--sample-interval", str(max(1, round(seconds)))],
+            stdout=open(out, "w"), stderr=subprocess.DEVNULL)))  # noqa: SIM115
+
+    def broker_summary(self):
+        lines = []
+        for name, out, proc in self.broker_stats:
+            proc.wait(120)
+            with open(out) as f:
+                text = f.read().splitlines()
+            head = next((x for x in text if x.strip().startswith("Thread")), "")
+            by_type = text.index("Stats per type:") + 1 if "Stats per type:" in text else 0
+            lines.append(f"  {name} broker, Erlang threads by activity ({out}):")
+            lines.append(f"    {head.strip()}")
+            lines += [f"    {x.strip()}" for x in text[by_type:]
+                      if x.strip().startswith(("scheduler", "dirty_cpu", "dirty_io"))]
+        return lines
 
     def summary(self, top=5):
         """Per process: samples holding the GIL; the functions they were in
@@ -282,6 +308,7 @@ def run_phase(name, args, broker, storm, services, profiler):
                        + [(f"{name}-compute-worker", workers[0]),
                           (f"{name}-network", network)],
                        1 + args.spread + args.plug_delay + 4)
+        profiler.broker(name, broker.node, 1 + args.spread + args.plug_delay + 4)
     compute, (published, errors, _) = storm.wait_done(
         args.spread + args.plug_delay + args.timeout + 120)
     t1 = time.time()
@@ -565,6 +592,9 @@ def main(argv=None):
     print(f"boot storm: {args.hosts:,} hosts, {args.instances:,} instances x 2 ports over "
           f"{args.spread:g} s, {args.workers} compute processes; {os.cpu_count()} cores, "
           f"Python {sys.version.split()[0]}", flush=True)
+    print("each evrouter host: HostConsumer -> its InstanceEvents on one connection, "
+          "LifecyclePublisher + Outbox on another; each reference host: one "
+          "oslo.messaging RPC server -> its InstanceEvents", flush=True)
     profiler = None
     if args.profile:
         if not os.access(args.py_spy, os.X_OK):
@@ -591,6 +621,7 @@ def main(argv=None):
             print("profile (py-spy --gil, 100 Hz: where each process spends its "
                   "Python CPU, inclusive):")
             print("\n".join(profiler.summary()))
+            print("\n".join(profiler.broker_summary()))
     finally:
         if node is not None:
             node.stop()
