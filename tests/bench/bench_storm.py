@@ -186,7 +186,7 @@ class Profiler:
 
     def __init__(self, directory, py_spy):
         self.directory, self.py_spy, self.procs = directory, py_spy, []
-        self.rate = 100
+        self.rate = 50         # samples/s: enough, and light on a busy machine
         self.broker_stats = []
         os.makedirs(directory, exist_ok=True)
 
@@ -618,7 +618,7 @@ def main(argv=None):
         if len(results) == 2:
             print("\n".join(ratios(results["evrouter"], results["reference"])))
         if profiler is not None:
-            print("profile (py-spy --gil, 100 Hz: where each process spends its "
+            print("profile (py-spy --gil, 50 Hz: where each process spends its "
                   "Python CPU, inclusive):")
             print("\n".join(profiler.summary()))
             print("\n".join(profiler.broker_summary()))
