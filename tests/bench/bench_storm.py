@@ -162,7 +162,11 @@ def choose_broker(choice, needed, conf=()):
         return Broker(MAIN_URL, storm_broker.MAIN_NODE), None
     node = storm_broker.DedicatedNode(conf=conf)
     t = time.monotonic()
-    node.start()
+    try:
+        node.start()
+    except BaseException:
+        node.stop()
+        raise
     used, limit = storm_broker.sockets(node.node)
     print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
           f"{time.monotonic() - t:.0f} s, {limit} sockets", flush=True)
@@ -408,7 +412,8 @@ def evrouter_storm(args, broker, hosts, boots, profiler):
     spool = tempfile.mkdtemp(prefix="storm-spool-")
     routers, storm = [], None
     try:
-        routers = [StormRouter(prefix, broker.url) for _ in range(2)]
+        for _ in range(2):
+            routers.append(StormRouter(prefix, broker.url))
         storm = storm_load.Storm(
             ("tests.bench.bench_storm:EvrouterCompute",
              {"url": broker.url, "prefix": prefix}),
