@@ -164,13 +164,13 @@ def choose_broker(choice, needed, conf=()):
     t = time.monotonic()
     try:
         node.start()
+        used, limit = storm_broker.sockets(node.node)
+        print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
+              f"{time.monotonic() - t:.0f} s, {limit} sockets", flush=True)
+        return Broker(node.url, node.node), node
     except BaseException:
         node.stop()
         raise
-    used, limit = storm_broker.sockets(node.node)
-    print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
-          f"{time.monotonic() - t:.0f} s, {limit} sockets", flush=True)
-    return Broker(node.url, node.node), node
 
 
 class StormRouter(bench_router.Router):
