@@ -296,14 +296,20 @@ def run_phase(name, args, broker, storm, services, profiler):
     t = time.monotonic()
     ready, (net_usage,) = storm.start()
     out["startup_s"] = time.monotonic() - t
-    time.sleep(2)           # snapshots, queue declarations settle
+    workers, network = storm.pids
+    service_pids = [pid for _, pid in services]
+    time.sleep(1)           # snapshots, queue declarations settle
+    # What the hosts cost while nothing happens: heartbeats, idle loops.
+    idle0 = (broker.cpu(), _cpu(workers), _cpu(service_pids), time.monotonic())
+    time.sleep(3)
+    idle1 = (broker.cpu(), _cpu(workers), _cpu(service_pids), time.monotonic())
+    out["idle_cores"] = {k: (b - a) / (idle1[3] - idle0[3]) for k, a, b in zip(
+        ("broker", "compute", "services"), idle0[:3], idle1[:3], strict=True)}
     out["mem_before"], out["mem_idle"] = mem_before, broker.memory()
     out["connections"] = broker.connections() - conns_before
     out["rss_empty"] = sum(r[0] for r in ready)
     out["rss_idle"] = sum(r[1][0] for r in ready)
     out["threads"] = sum(r[1][2] for r in ready)
-    workers, network = storm.pids
-    service_pids = [pid for _, pid in services]
     cpu0 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]), _busy())
     t_cpu0 = time.time()
     t0 = storm.go()
@@ -365,12 +371,15 @@ def figures(raw, boots, hosts):
         "throughput": len(arrived) / max(max(arrived, default=first_pub) - first_pub, 1e-9),
         "service_cpu_us": 1e6 * raw["cpu"]["services"] / max(len(arrived), 1),
         "broker_cpu_us": 1e6 * raw["cpu"]["broker"] / max(len(arrived), 1),
+        "broker_cpu_us_above_idle": 1e6 * (raw["cpu"]["broker"] - raw["idle_cores"]["broker"]
+                                           * raw["window_s"]) / max(len(arrived), 1),
         "broker_cores": raw["cpu"]["broker"] / raw["window_s"],
         "compute_cores": raw["cpu"]["compute"] / raw["window_s"],
         "service_cores": raw["cpu"]["services"] / raw["window_s"],
         "network_cores": raw["cpu"]["network"] / raw["window_s"],
         "machine_cores": raw["cpu"]["machine"] / raw["window_s"],
         "window_s": raw["window_s"],
+        "idle_cores": raw["idle_cores"],
         "network_cpu_us": 1e6 * raw["cpu"]["network"] / max(len(pub), 1),
         "startup_s": raw["startup_s"], "connections": raw["connections"],
         "client_kib_per_host": (raw["rss_idle"] - raw["rss_empty"]) / len(hosts) / 1024,
@@ -516,11 +525,15 @@ def report(name, f, raw):
         f"events published over {f['publishing_s']:.2f} s; "
         f"{f['throughput']:,.0f} events/s first publish -> last arrival",
         f"  CPU per event: middle (routers / relay) {f['service_cpu_us']:.0f} us, broker "
-        f"{f['broker_cpu_us']:.0f} us, network side {f['network_cpu_us']:.0f} us",
+        f"{f['broker_cpu_us']:.0f} us ({f['broker_cpu_us_above_idle']:.0f} us above its "
+        f"idle), network side {f['network_cpu_us']:.0f} us",
         f"  cores busy from go to the last waiter ({f['window_s']:.1f} s): machine "
         f"{f['machine_cores']:.2f} of {os.cpu_count()} (anyone's), broker "
         f"{f['broker_cores']:.2f}, middle {f['service_cores']:.2f}, compute workers "
         f"{f['compute_cores']:.2f}, network {f['network_cores']:.2f}",
+        f"  cores busy with the hosts up and idle: broker {f['idle_cores']['broker']:.2f}, "
+        f"compute workers {f['idle_cores']['compute']:.2f}, middle "
+        f"{f['idle_cores']['services']:.2f}",
         f"  broker memory per host: {f['broker_kib_per_host']:.0f} KiB idle (queues "
         f"{f['broker_queue_kib_per_host']:.0f} KiB), {f['broker_after_storm_kib_per_host']:.0f}"
         f" KiB after the storm; per connection {f['broker_kib_per_connection']:.0f} KiB "
