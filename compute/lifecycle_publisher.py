@@ -103,7 +103,7 @@ class LifecyclePublisher:
 
     With ``control_host`` set it also listens on that host's control queue
     (resync requests from the routers) and hands each message over as
-    ``on_control(body, user_id, message_id)``, undecoded: deciding what
+    ``on_control(body, properties)``, undecoded: deciding what
     it means is the dispatcher's job.
 
     The central exchanges belong to the central topology (`evrouter
