@@ -497,3 +497,32 @@ def test_a_message_that_keeps_killing_a_host_consumer_is_poison_alone(bus, raw):
         wait_for(lambda: h.queue_depth() == 0, 10, what="an empty host queue")
     finally:
         h.stop()
+
+
+def test_router_lifecycle_observer_survives_fuzzed_properties_and_bodies(bus, router, raw):
+    """The lifecycle fanout: anyone with write on it (every compute host)."""
+    fanout = bus.topology.lifecycle_exchange_name
+    examples = []
+
+    @settings(max_examples=30, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        examples.append(1)
+        props = data.draw(_properties, label="properties")
+        body = data.draw(_bodies("cmp-life"), label="body")
+        raw.publish(fanout, "", body, **props)
+        server = str(uuid.uuid4())
+        good = contract.envelope(contract.LifecycleEvent(
+            server, "cmp-life", "STARTED", 2, 0, len(examples)), "agent")
+        raw.publish(fanout, "", contract.encode(good), message_id=good.id)
+        wait_for(lambda: router.service.placement.hosts_for(server), 15,
+                 interval=0.005, what="placement learned after a fuzzed message")
+        assert router.thread.is_alive() and router.service.ready.is_set()
+
+    run()
+    assert router.service.stats["lifecycle_errors"] == 0
+    report_fault("fuzzed AMQP properties x bodies on the lifecycle fanout",
+                 examples=len(examples),
+                 ignored=router.service.stats["lifecycle_invalid"],
+                 router_alive=router.thread.is_alive())
