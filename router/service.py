@@ -616,8 +616,11 @@ class _Session:
         delay = min(_REFUSED_DELAY * 2 ** (entry.nacks - 1), _REFUSED_MAX)
         heapq.heappush(self._refused_copies,
                        (time.monotonic() + delay, next(self._tokens), token))
-        LOG.warning("event %s: broker %s the %s copy (host %s); publishing it "
-                    "again in %.2fs", entry.env_id, outcome, kind, host, delay)
+        # One line per event at WARNING; during a failover every copy in
+        # flight may be refused many times over.
+        LOG.log(logging.WARNING if entry.nacks == 1 else logging.DEBUG,
+                "event %s: broker %s the %s copy (host %s); publishing it "
+                "again in %.2fs", entry.env_id, outcome, kind, host, delay)
 
     def _publish_refused_again(self, now):
         while self._refused_copies and self._refused_copies[0][0] <= now:

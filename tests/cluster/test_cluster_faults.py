@@ -116,8 +116,11 @@ def run_scenario(cluster, tmp_path, name, fault, *, services, control, leader,
     finally:
         if pub is not None:
             pub.publisher.close()
-        for proc in routers:
-            stop(proc, signal.SIGKILL)
+        outputs = [stop(proc, signal.SIGKILL)[1] for proc in routers]
+        if sys.exc_info()[0] is not None:
+            for i, out in enumerate(outputs, 1):
+                print(f"--- router r{i} (last 40 lines) ---")
+                print("\n".join(out.splitlines()[-40:]))
         if host is not None:
             host.stop()
         cluster.make_whole()

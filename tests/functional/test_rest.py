@@ -103,6 +103,7 @@ def test_the_router_refuses_an_unauthenticated_rest_endpoint_beyond_loopback(bus
                    "--router-rest-auth-strategy", "noauth"],
                   ["--router-rest-api", "--router-ops-listen", f"0.0.0.0:{free_port()}"]):
         proc = start_router(bus, "r-insecure", extra=extra)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 2, out
+        proc.wait(30)
+        code, out = stop(proc)
+        assert code == 2, out
         assert "without authentication" in out

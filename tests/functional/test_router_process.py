@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import kombu
@@ -17,12 +18,17 @@ N = 3000
 
 
 def start_router(bus, name, ops_listen="", extra=()):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "router",
-         "--transport-url", bus.url.replace("amqp://", "rabbit://"),
-         "--bus-prefix", bus.prefix, "--router-name", name,
-         "--router-prefetch", "200", "--router-ops_listen", ops_listen, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output to a file, not a pipe: nobody reads a pipe while the test runs,
+    # and a router whose log fills the pipe's buffer blocks on its next line.
+    with tempfile.NamedTemporaryFile(prefix=f"evrouter-{name}-", suffix=".log",
+                                     delete=False) as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "router",
+             "--transport-url", bus.url.replace("amqp://", "rabbit://"),
+             "--bus-prefix", bus.prefix, "--router-name", name,
+             "--router-prefetch", "200", "--router-ops_listen", ops_listen, *extra],
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log.name
     return proc
 
 
@@ -63,9 +69,13 @@ def publish_stream(bus, host, n):
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=30):
+    """Stop a process from start_router: (exit code, everything it printed)."""
     if proc.poll() is None:
         proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout)
+    proc.wait(timeout)
+    with open(proc.log_path) as f:
+        out = f.read()
+    os.unlink(proc.log_path)
     return proc.returncode, out
 
 
