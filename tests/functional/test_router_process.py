@@ -72,6 +72,9 @@ def stop(proc, sig=signal.SIGTERM, timeout=30):
     """Stop a process from start_router: (exit code, everything it printed)."""
     if proc.poll() is None:
         proc.send_signal(sig)
+    if not hasattr(proc, "log_path"):           # a process with a pipe
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
     proc.wait(timeout)
     with open(proc.log_path) as f:
         out = f.read()
