@@ -15,7 +15,7 @@ import pytest
 from compute.lifecycle_publisher import LifecyclePublisher, Outbox
 from router.service import RouterService, RouterSettings
 from tests.conftest import wait_for
-from tests.functional.proxy import BrokerProxy
+from tests.functional.agent_harness import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -24,7 +24,8 @@ OUTAGE = 4.0        # long enough for the backoff to pass 1.6 s
 
 @pytest.fixture
 def proxy():
-    p = BrokerProxy()
+    p = TcpProxy()
+    p.cut()                 # the broker is away when the service starts
     try:
         yield p
     finally:
@@ -33,21 +34,20 @@ def proxy():
 
 def _outage_then_cut(proxy, is_up):
     """Seconds from a cut to being up again, after a first long outage."""
-    proxy.refusing = True
     time.sleep(OUTAGE)
-    proxy.refusing = False
+    proxy.restore()
     wait_for(is_up, 30, what="up after the first outage")
     proxy.cut()
     cut = time.monotonic()
     wait_for(lambda: not is_up(), 10, interval=0.005, what="the loss noticed")
+    proxy.restore()
     wait_for(is_up, 30, interval=0.01, what="up after the cut")
     return time.monotonic() - cut
 
 
 def test_the_router_reconnects_at_once_after_a_loss_that_follows_an_outage(bus, proxy):
     bus.declare_central()
-    proxy.refusing = True
-    svc = RouterService(RouterSettings(transport_url=proxy.url(), topology=bus.topology))
+    svc = RouterService(RouterSettings(transport_url=proxy.url, topology=bus.topology))
     thread = threading.Thread(target=svc.run, daemon=True)
     thread.start()
     try:
@@ -66,9 +66,8 @@ def test_the_agent_publisher_reconnects_at_once_after_a_loss_that_follows_an_out
     def on_state(is_up, detail):
         (up.set if is_up else up.clear)()
 
-    proxy.refusing = True
     publisher = LifecyclePublisher(Outbox(100), bus.topology, on_state,
-                                   transport_url=proxy.url(), heartbeat=0)
+                                   transport_url=proxy.url, heartbeat=0)
     publisher.start()
     try:
         back = _outage_then_cut(proxy, up.is_set)
