@@ -247,17 +247,21 @@ class Storm:
         return compute, self._recv(self.network[1], timeout)
 
     def stop(self):
-        for proc, conn in self.compute + [self.network]:
+        """Every process at once; any still there after 90 s is killed."""
+        everyone = self.compute + [self.network]
+        for proc, conn in everyone:
             if proc.is_alive():
                 try:
                     conn.send(("stop",))
-                    if conn.poll(60):
-                        conn.recv()
-                except (OSError, EOFError):
+                except OSError:
                     pass
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+        deadline = time.monotonic() + 90
+        for proc, _ in everyone:
+            if proc.pid is not None:
+                proc.join(max(0.1, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
 
     @staticmethod
     def _recv(conn, timeout):
