@@ -121,9 +121,13 @@ def test_router_dead_letters_every_poison_case_and_the_next_event_flows(
 # --- hypothesis over AMQP properties x bodies -----------------------------------
 
 _text = st.text(max_size=40)
+# No infinite floats: RabbitMQ 3.10 itself cannot parse a header table with
+# one (function_clause in rabbit_binary_parser) and closes the publisher's
+# channel with 541, so such a message never reaches a consumer. (Which is
+# also why inbound.safe_headers drops them before a dead-letter copy.)
 _header_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-2 ** 63, 2 ** 63 - 1),
-    st.floats(allow_nan=False), st.binary(max_size=20), _text,
+    st.floats(allow_nan=False, allow_infinity=False), st.binary(max_size=20), _text,
     st.decimals(min_value=-10 ** 6, max_value=10 ** 6, places=2),
     st.datetimes(min_value=datetime.datetime(1970, 1, 2),
                  max_value=datetime.datetime(2200, 1, 1)))
