@@ -7,17 +7,11 @@ from hypothesis import strategies as st
 
 from compute import lifecycle as lc
 from router.bus import contract
+from tests.unit.clock import Clock
 
 DOM_A = "11111111-1111-1111-1111-111111111111"
 DOM_B = "22222222-2222-2222-2222-222222222222"
 
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.mark.parametrize("name, value", [

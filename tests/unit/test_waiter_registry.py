@@ -15,14 +15,7 @@ from router.bus.contract import (
     VIF_PLUGGED,
     InstanceEvent,
 )
-
-
-class Clock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
+from tests.unit.clock import Clock
 
 
 @pytest.fixture

@@ -11,19 +11,12 @@ import pytest
 from compute import events, waiting
 from compute.events import InstanceEvents
 from router.bus.contract import COMPLETED, VIF_PLUGGED, InstanceEvent
-
-
-class Clock:
-    def __init__(self, now=1_800_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
+from tests.unit.clock import Clock
 
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(1_800_000_000.0)
 
 
 @pytest.fixture

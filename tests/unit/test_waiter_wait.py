@@ -22,6 +22,7 @@ from router.bus.contract import (
     VIF_PLUGGED,
     InstanceEvent,
 )
+from tests.unit.clock import Clock
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -33,13 +34,6 @@ class Instance:
     def __init__(self):
         self.uuid = str(uuid.uuid4())
 
-
-class Clock:
-    def __init__(self, now=500.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture
@@ -175,7 +169,7 @@ def test_callback_runs_once_per_event_even_if_redelivered(registry, instance):
 
 
 def test_timeout_lists_every_event_and_its_state(instance):
-    clock = Clock()
+    clock = Clock(500.0)
     registry = InstanceEvents(clock=clock)
     early = (VIF_PLUGGED, "port-early")
     skipped = (NETWORK_CHANGED, None)
