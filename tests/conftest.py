@@ -181,6 +181,18 @@ def wait_for(predicate, timeout=15.0, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+def skip_stage_unless_asked(config, items, marker, env_var, reason):
+    """A CI stage's tests run only when `-m` names the stage's marker, or
+    env_var=1; in the main run they show as skipped with the way to run them."""
+    if (marker in (config.getoption("markexpr") or "")
+            or os.environ.get(env_var) == "1"):
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker(marker):
+            item.add_marker(skip)
+
+
 def pytest_collection_modifyitems(config, items):
     # Tests that restart RabbitMQ or libvirtd go last, so they cannot break
     # tests that share the broker.

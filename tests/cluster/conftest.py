@@ -21,26 +21,18 @@ import kombu
 import pytest
 
 from router.bus import topology
-from tests.conftest import Bus
+from tests.conftest import Bus, skip_stage_unless_asked
 
 SCRIPT = Path(__file__).with_name("rabbitmq-cluster.sh")
 NODES = (1, 2, 3)
 PORTS = {n: 5680 + n for n in NODES}
 
 
-def _asked_for(config):
-    return ("cluster" in (config.getoption("markexpr") or "")
-            or os.environ.get("EVROUTER_CLUSTER") == "1")
-
-
 def pytest_collection_modifyitems(config, items):
-    if _asked_for(config):
-        return
-    skip = pytest.mark.skip(reason="needs the 3-node RabbitMQ cluster: "
-                                   "pytest -m cluster tests/cluster (.ci/cluster)")
-    for item in items:
-        if item.get_closest_marker("cluster"):
-            item.add_marker(skip)
+    skip_stage_unless_asked(
+        config, items, "cluster", "EVROUTER_CLUSTER",
+        "needs the 3-node RabbitMQ cluster: "
+        "pytest -m cluster tests/cluster (.ci/cluster)")
 
 
 def _script(*args, timeout=240):

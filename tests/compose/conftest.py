@@ -30,6 +30,8 @@ import uuid
 
 import pytest
 
+from tests.conftest import skip_stage_unless_asked
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 LIBVIRTD = ROOT / "tests" / "functional" / "libvirtd.sh"
@@ -56,19 +58,11 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
-def _asked_for(config):
-    return ("compose" in (config.getoption("markexpr") or "")
-            or os.environ.get("EVROUTER_COMPOSE") == "1")
-
-
 def pytest_collection_modifyitems(config, items):
-    if _asked_for(config):
-        return
-    skip = pytest.mark.skip(reason="needs a Docker engine: "
-                                   "pytest -m compose tests/compose (.ci/compose)")
-    for item in items:
-        if item.get_closest_marker("compose"):
-            item.add_marker(skip)
+    skip_stage_unless_asked(
+        config, items, "compose", "EVROUTER_COMPOSE",
+        "needs a Docker engine: "
+        "pytest -m compose tests/compose (.ci/compose)")
 
 
 def run(argv, *, timeout=600, check=True, env=None):
