@@ -117,6 +117,20 @@ class RunningRouter:
         assert not self.thread.is_alive(), "router did not stop"
 
 
+def routed_bus(hosts, add_cleanup):
+    """A Bus of the test's own with the central topology, these hosts'
+    entities and a running router; add_cleanup (unittest's addCleanup)
+    takes both down again. For test classes that cannot use fixtures."""
+    bus = Bus(BROKER_URL)
+    add_cleanup(bus.cleanup)
+    bus.declare_central()
+    for host in hosts:
+        bus.declare_host(host)
+    router = RunningRouter(bus)
+    add_cleanup(router.stop)
+    return bus, router
+
+
 @pytest.fixture
 def router(bus):
     """The router service running in-process on the test's bus."""

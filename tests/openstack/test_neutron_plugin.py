@@ -13,7 +13,7 @@ from neutron_lib.plugins import directory
 
 from network import neutron_plugin
 from router.bus import contract
-from tests.conftest import BROKER_URL, Bus, RunningRouter, collect
+from tests.conftest import collect, routed_bus
 from tests.openstack import deploy_config
 
 HOST = "host-ovs-no_filter"   # a host the ML2 test mechanism driver binds
@@ -46,12 +46,7 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
 
     def setUp(self):
         super().setUp()
-        self.bus = Bus(BROKER_URL)
-        self.addCleanup(self.bus.cleanup)
-        self.bus.declare_central()
-        self.bus.declare_host(HOST)
-        self.router = RunningRouter(self.bus)
-        self.addCleanup(self.router.stop)
+        self.bus, self.router = routed_bus([HOST], self.addCleanup)
         conf = deploy_config.neutron_conf()
         self.plugin_evr = directory.get_plugin("evrouter")
         self.assertIsInstance(self.plugin_evr, neutron_plugin.EvrouterNotifierPlugin)

@@ -18,7 +18,7 @@ from oslo_utils import timeutils
 
 from compute import nova_driver
 from router.bus import contract
-from tests.conftest import BROKER_URL, Bus, RunningRouter, queue_depth
+from tests.conftest import queue_depth, routed_bus
 from tests.functional.waiter_harness import publish_with_kombu
 from tests.openstack import deploy_config
 
@@ -50,12 +50,7 @@ class EvrouterNovaComputeTest(NovaTestCase):
 
     def setUp(self):
         super().setUp()
-        self.bus = Bus(BROKER_URL)
-        self.addCleanup(self.bus.cleanup)
-        self.bus.declare_central()
-        self.bus.declare_host(HOST)
-        self.router = RunningRouter(self.bus)
-        self.addCleanup(self.router.stop)
+        self.bus, self.router = routed_bus([HOST], self.addCleanup)
 
         conf = deploy_config.nova_compute_conf()
         nova_driver._conf()     # registers [evrouter] in Nova's CONF

@@ -16,7 +16,7 @@ from oslo_config import cfg
 
 from router import rest
 from router.bus import contract
-from tests.conftest import BROKER_URL, Bus, RunningRouter, collect
+from tests.conftest import collect, routed_bus
 from tests.openstack import deploy_config
 
 SERVER = "0f5d3c1e-2b1a-4c9e-8f00-000000000001"
@@ -27,12 +27,7 @@ class RestKeystoneTest(testtools.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.bus = Bus(BROKER_URL)
-        self.addCleanup(self.bus.cleanup)
-        self.bus.declare_central()
-        self.bus.declare_host(HOST)
-        self.router = RunningRouter(self.bus)
-        self.addCleanup(self.router.stop)
+        self.bus, self.router = routed_bus([HOST], self.addCleanup)
         self.auth = self.useFixture(ksm_fixture.AuthTokenFixture())
 
         # The guide's configuration file, as `evrouter router` would read it.
