@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.functional.waiter_harness import Publisher
+from tests.functional.waiter_harness import HostEvents, Publisher
 
 
 @pytest.fixture
@@ -13,3 +13,15 @@ def publisher(bus):
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture
+def host(bus):
+    """A test host's registry fed by its running HostConsumer, with the
+    central topology declared (the dead-letter queue, as the router does)."""
+    bus.declare_central()
+    h = HostEvents(bus)
+    try:
+        yield h
+    finally:
+        h.stop()

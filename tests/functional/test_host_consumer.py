@@ -24,16 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 PLUG = (VIF_PLUGGED, "port-1")
 
 
-@pytest.fixture
-def host(bus):
-    bus.declare_central()       # the dead-letter queue, as the router does
-    h = HostEvents(bus)
-    try:
-        yield h
-    finally:
-        h.stop()
-
-
 def _header(message, name):
     value = message.headers.get(name)
     return value.decode() if isinstance(value, bytes) else value

@@ -323,16 +323,6 @@ def test_lifecycle_fanout_poison_does_not_stop_routers(bus, raw):
 
 # --- the host consumer -------------------------------------------------------------
 
-@pytest.fixture
-def host(bus):
-    bus.declare_central()
-    h = HostEvents(bus)
-    try:
-        yield h
-    finally:
-        h.stop()
-
-
 def test_host_consumer_dead_letters_every_poison_case_and_keeps_consuming(
         bus, host, raw):
     exchange = bus.topology.host_exchange_name(host.host)
