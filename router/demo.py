@@ -24,6 +24,7 @@ import uuid
 import kombu
 from oslo_config import cfg
 
+from router import routing
 from router.bus import connection as bus_connection
 from router.bus import contract, topology
 from router.service_entry import fail, parse
@@ -217,7 +218,12 @@ def run(url, instances, stopped_delay, out=sys.stdout):
             stack.callback(_delete, setup, topo)
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         timeline.step(1, total, "start the router, two compute hosts, the network side")
-        router = RouterService(RouterSettings(transport_url=url, topology=topo))
+        # Every part of the demo is one broker user (one trusted process):
+        # that user speaks for both hosts' lifecycle.
+        one_user = frozenset({bus_connection.user_of(setup)} - {None})
+        router = RouterService(RouterSettings(
+            transport_url=url, topology=topo,
+            policy=routing.Policy(lifecycle_trusted_users=one_user)))
         rt = threading.Thread(target=router.run, daemon=True, name="router")
         rt.start()
         stack.callback(rt.join, 15)

@@ -19,11 +19,20 @@ router_opts = [
                       "with reason no-host."),
     cfg.ListOpt("allowed_publishers", default=[],
                 help="Broker users allowed to publish instance events; others "
-                     "are dead-lettered with reason forbidden. Empty: any."),
+                     "are dead-lettered with reason forbidden. Empty: any "
+                     "broker user. A message without a user_id is always "
+                     "dead-lettered forbidden."),
     cfg.StrOpt("compute_user_prefix", default="evrouter-compute-",
-               help="Compute host H's broker user is <prefix>H; lifecycle "
-                    "events such a user sends for another host are ignored. "
-                    "Empty disables the check."),
+               help="Compute host H's broker user is <prefix>H (empty: H); "
+                    "lifecycle events and snapshots for host H are believed "
+                    "only from that user (or a lifecycle_trusted_users one) "
+                    "and ignored, counted in evrouter_forbidden_total, from "
+                    "anyone else or without a user_id."),
+    cfg.ListOpt("lifecycle_trusted_users", default=[],
+                help="Broker users that may speak for every compute host on "
+                     "the lifecycle exchange: only for a development broker "
+                     "where all services log in as one user (guest). Empty "
+                     "in a real deployment."),
     cfg.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to wait for in-flight messages "
                       "to be confirmed before closing."),
@@ -31,11 +40,28 @@ router_opts = [
                help="Deliveries of one ingress message that never got settled "
                     "(its router died or lost the broker each time) before "
                     "it is dead-lettered with reason poison."),
+    cfg.FloatOpt("refused_patience", default=20.0, min=0.1,
+                 help="Seconds a copy the broker refuses (a full queue, a "
+                      "queue without a leader, an exchange that closes the "
+                      "channel) is published again, with backoff, before "
+                      "it is dead-lettered with reason refused; a dead "
+                      "letter refused that long is dropped (logged at ERROR, "
+                      "evrouter_router_dropped_total). Bounds how long one "
+                      "message holds a prefetch slot."),
+    cfg.IntOpt("max_instances_per_host", default=2000, min=1,
+               help="Instances one compute host may claim on the lifecycle "
+                    "exchange; claims of further instances are ignored "
+                    "(logged once, evrouter_router_placement_refused_total), "
+                    "so one host cannot push the others' instances out of "
+                    "the placement table."),
     cfg.FloatOpt("resync_window", default=5.0, min=0,
-                 help="Seconds after connecting during which the router "
-                      "waits for the agents' snapshots; meanwhile the REST "
-                      "endpoint answers 503 (retry) rather than 404 for an "
-                      "instance it does not know yet."),
+                 help="Longest the router waits for the agents' snapshots "
+                      "after connecting (less once every host it heard of "
+                      "has sent one). Meanwhile, and while not connected, "
+                      "the REST endpoint answers 503 with Retry-After "
+                      "rather than 404 for an instance it does not know, "
+                      "and events for no known host are retried, never "
+                      "dead-lettered."),
     cfg.StrOpt("name", help="This router process's name in logs and "
                             "dead-letter headers (default: random)."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
@@ -62,12 +88,16 @@ def settings_from(conf):
         policy=routing.Policy(
             no_host_timeout=conf.router.no_host_timeout,
             allowed_publishers=frozenset(conf.router.allowed_publishers),
-            compute_user_prefix=conf.router.compute_user_prefix),
+            compute_user_prefix=conf.router.compute_user_prefix,
+            lifecycle_trusted_users=frozenset(
+                conf.router.lifecycle_trusted_users)),
         prefetch=conf.router.prefetch,
         max_body_bytes=conf.bus.max_body_bytes,
         drain_timeout=conf.router.drain_timeout,
         redelivery_limit=conf.router.redelivery_limit,
         resync_window=conf.router.resync_window,
+        refused_patience=conf.router.refused_patience,
+        max_instances_per_host=conf.router.max_instances_per_host,
         heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf),
         name=conf.router.name or uuid.uuid4().hex[:12])
@@ -81,6 +111,9 @@ def main(argv):
     svc = service.RouterService(settings)
     rest_ingress = rest_server = ops_server = None
     opts = conf.router
+    # Before the ops endpoint answers: a SIGTERM sent as soon as /healthz
+    # is up must stop the router cleanly, not kill it.
+    stop_on_signals(svc.stop)
     try:
         listen = ops.parse_listen(opts.ops_listen)
         if opts.rest_api and not listen:
@@ -104,7 +137,6 @@ def main(argv):
     except (OSError, ValueError) as exc:
         _stop_rest(rest_ingress, rest_server)
         return fail(f"ops or REST endpoint: {exc}", 1)
-    stop_on_signals(svc.stop)
     try:
         svc.run()
     finally:

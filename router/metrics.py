@@ -9,6 +9,8 @@ import bisect
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from router.bus import contract
+
 LATENCY_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5)
 
@@ -33,6 +35,29 @@ class LatencyHistogram:
         return out
 
 
+def forbidden_family(stats):
+    """evrouter_forbidden_total{kind}: claims refused because the sender's
+    broker-validated identity may not make them (stats keys
+    ``forbidden:<envelope kind>``; an ingress message refused for its
+    publisher is dead-lettered ``forbidden``, and is an instance event)."""
+    family = CounterMetricFamily(
+        "evrouter_forbidden",
+        "Messages refused because their sender's broker-validated user_id "
+        "(or the lack of one) may not claim what they claim, by envelope kind.",
+        labels=["kind"])
+    kinds = {}
+    for key, value in stats.items():
+        if key.startswith("forbidden:"):
+            kind = key.split(":", 1)[1]
+            kinds[kind] = kinds.get(kind, 0) + value
+    ingress = stats.get(f"dead_lettered:{contract.REASON_FORBIDDEN}", 0)
+    if ingress:
+        kinds[contract.INSTANCE_EVENT] = kinds.get(contract.INSTANCE_EVENT, 0) + ingress
+    for kind in sorted(kinds):
+        family.add_metric([kind], kinds[kind])
+    return family
+
+
 class RouterCollector:
     def __init__(self, service):
         self._service = service
@@ -52,15 +77,40 @@ class RouterCollector:
         dead = CounterMetricFamily("evrouter_router_dead_lettered",
                                    "Messages dead-lettered, by reason.",
                                    labels=["reason"])
+        dropped = CounterMetricFamily(
+            "evrouter_router_dropped",
+            "Messages dropped because even their dead letter could not be "
+            "placed, by reason.", labels=["reason"])
         for key, value in stats.items():
             if key.startswith("dead_lettered:"):
                 dead.add_metric([key.split(":", 1)[1]], value)
+            elif key.startswith("dropped:"):
+                dropped.add_metric([key.split(":", 1)[1]], value)
         yield dead
+        yield dropped
+        faults = CounterMetricFamily(
+            "evrouter_router_channel_faults",
+            "Channels the broker closed, reopened without ending the session.",
+            labels=["channel"])
+        for label, key in (("publish", "publish_channel_faults"),
+                           ("lane", "lane_channel_faults"),
+                           ("placement", "placement_channel_faults")):
+            faults.add_metric([label], stats.get(key, 0))
+        yield faults
+        yield CounterMetricFamily(
+            "evrouter_router_refused", "Copies the broker refused (nack or a "
+            "channel closed on them), each time.", value=stats.get("refused", 0))
+        yield forbidden_family(stats)
         hist = svc.latency
         yield HistogramMetricFamily(
             "evrouter_router_routing_latency_seconds",
             "From taking an ingress message to every copy confirmed.",
             buckets=hist.buckets(), sum_value=hist.total)
+        yield CounterMetricFamily(
+            "evrouter_router_placement_refused",
+            "Claims of an instance by a compute host already at "
+            "max_instances_per_host, ignored.",
+            value=getattr(svc.placement, "refused", 0))
         yield GaugeMetricFamily("evrouter_router_placed_instances",
                                 "Instances in the placement table.",
                                 value=len(svc.placement))

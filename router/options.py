@@ -14,6 +14,40 @@ transport_opt = cfg.StrOpt(
          "separated by commas fail over in order), or memory:// for the "
          "in-process transport.")
 
+# TLS and x509 identity: [bus] for evrouter's own services, [evrouter] in
+# nova.conf and neutron.conf (compute/nova_driver.py, network/neutron_plugin.py).
+tls_opts = [
+    cfg.BoolOpt("ssl", default=False,
+                help="Connect to the broker over TLS (1.2 or later): its "
+                     "certificate must verify against ssl_ca_file and name "
+                     "the host of the transport URL. An amqps:// URL means "
+                     "TLS too. Put the TLS port (5671) in the URL."),
+    cfg.StrOpt("ssl_ca_file", help="CA bundle that signed the broker's "
+                                   "certificate (default: the system's)."),
+    cfg.StrOpt("ssl_cert_file", help="Client certificate (TLS client auth)."),
+    cfg.StrOpt("ssl_key_file", help="Client certificate's private key."),
+    cfg.StrOpt("ssl_login", default=connection.LOGIN_PASSWORD,
+               choices=(connection.LOGIN_PASSWORD, connection.LOGIN_EXTERNAL),
+               help="How to log in over TLS. password: the user and password "
+                    "of the transport URL. external: the SASL EXTERNAL "
+                    "mechanism, the broker user is named by the client "
+                    "certificate (RabbitMQ's rabbitmq_auth_mechanism_ssl); "
+                    "no password on this host."),
+    cfg.StrOpt("ssl_cert_login_from", default="common_name",
+               choices=connection.CERT_LOGIN_FROM,
+               help="With ssl_login = external: where the broker takes the "
+                    "user name from, as RabbitMQ's ssl_cert_login_from says: "
+                    "the certificate's CN, or a subjectAltName."),
+    cfg.StrOpt("ssl_cert_login_san_type", default="dns",
+               choices=tuple(connection.SAN_TYPES),
+               help="With ssl_cert_login_from = subject_alternative_name: "
+                    "RabbitMQ's ssl_cert_login_san_type."),
+    cfg.IntOpt("ssl_cert_login_san_index", default=0, min=0,
+               help="With ssl_cert_login_from = subject_alternative_name: "
+                    "RabbitMQ's ssl_cert_login_san_index (0: the first SAN "
+                    "of that type)."),
+]
+
 bus_opts = [
     cfg.StrOpt("prefix", default="evrouter",
                help="Prefix of every exchange and queue name; a deployment "
@@ -33,24 +67,7 @@ bus_opts = [
                              "dead-lettered with reason too-large."),
     cfg.IntOpt("heartbeat", default=30, min=0,
                help="AMQP heartbeat in seconds (0 disables)."),
-    cfg.BoolOpt("ssl", default=False,
-                help="Connect to the broker over TLS (1.2 or later): its "
-                     "certificate must verify against ssl_ca_file and name "
-                     "the host of the transport URL. An amqps:// URL means "
-                     "TLS too. Put the TLS port (5671) in the URL."),
-    cfg.StrOpt("ssl_ca_file", help="CA bundle that signed the broker's "
-                                   "certificate (default: the system's)."),
-    cfg.StrOpt("ssl_cert_file", help="Client certificate (TLS client auth)."),
-    cfg.StrOpt("ssl_key_file", help="Client certificate's private key."),
-    cfg.StrOpt("ssl_login", default=connection.LOGIN_PASSWORD,
-               choices=(connection.LOGIN_PASSWORD, connection.LOGIN_EXTERNAL),
-               help="How to log in over TLS. password: the user and password "
-                    "of the transport URL. external: the SASL EXTERNAL "
-                    "mechanism, the broker user is the client certificate's "
-                    "CN (RabbitMQ's rabbitmq_auth_mechanism_ssl with "
-                    "ssl_cert_login_from = common_name); no password on "
-                    "this host."),
-]
+] + tls_opts
 
 
 def register_bus_opts(conf):
@@ -70,10 +87,26 @@ def topology_from(conf):
                              host_message_ttl_ms=conf.bus.host_message_ttl * 1000)
 
 
-def ssl_from(conf):
-    b = conf.bus
-    return connection.ssl_options(b.ssl, b.ssl_ca_file, b.ssl_cert_file,
-                                  b.ssl_key_file, b.ssl_login)
+def ssl_from(conf, group="bus"):
+    """The TLS options of a group (TLS, or False): [bus] for evrouter's
+    services, [evrouter] in nova.conf and neutron.conf. ValueError naming
+    the option when they contradict each other."""
+    g = conf[group]
+    return connection.ssl_options(
+        g.ssl, g.ssl_ca_file, g.ssl_cert_file, g.ssl_key_file, g.ssl_login,
+        cert_login_from=g.ssl_cert_login_from, san_type=g.ssl_cert_login_san_type,
+        san_index=g.ssl_cert_login_san_index, group=group)
+
+
+def checked_tls(transport_url, tls):
+    """What an entry point checks before it starts: the TLS options agree
+    with the URL and name files this process can read (ValueError naming
+    the option, the file and why)."""
+    effective = connection.tls_for(transport_url, tls)
+    if effective:
+        effective.check_files()
+        effective.certificate_user()
+    return effective
 
 
 def list_opts():

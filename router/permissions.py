@@ -14,7 +14,8 @@ Least privilege per role, as regular expressions on resource names
   default exchange (retry parking);
 - compute host H: declare, bind and read only its own exchange and queue
   (its host consumer, or `evrouter topology --declare --host H` run as
-  this user, creates them) and its agent's control queue, bound to the
+  this user, creates them) and its agent's control queues (one per
+  session, `<prefix>.agent.H.control.<32 hex digits>`), bound to the
   control fanout; write only the lifecycle fanout and the dead-letter
   exchange. It may configure no central entity: its agent and consumer
   only check those passively.
@@ -26,14 +27,30 @@ router trusts lifecycle events of compute user <prefix><host> only for
 <host>.
 
 x509 hosts (``x509_hosts``): compute users have no password at all; they
-log in with the SASL EXTERNAL mechanism, the broker mapping the CN of the
-host's client certificate (CN = <prefix><host>) to the user. RabbitMQ's
-add_user wants a password, so the plan gives a random throwaway one and
-clears it at once.
+log in with the SASL EXTERNAL mechanism, the broker mapping the host's
+client certificate (its CN, or a subjectAltName) to the user
+<prefix><host>. ``x509_services`` does the same for the router and network
+users. RabbitMQ's add_user wants a password, so the plan gives a random
+throwaway one and clears it at once.
+
+Who may write what, per message kind that names a host (the router and
+the agents also check the broker-validated user_id, see router/routing.py):
+- lifecycle events, snapshots, announcements (lifecycle fanout): every
+  compute user may write the exchange; the router believes host H's claims
+  only from <prefix>H;
+- instance events with a host hint (ingress): the network user only,
+  routing keys instance.* (topic permission);
+- resync requests (control fanout, into each agent's control queue): the
+  router user only; agents also want its user_id;
+- a host's queue: only the router user writes host exchanges, and nobody
+  but the router writes the default exchange (publishing to a queue by
+  name needs write on amq.default, not on the queue), so what a host
+  consumer takes was routed by a router.
 """
 
 import base64
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -53,6 +70,9 @@ class Deployment:
     compute_user_prefix: str = "evrouter-compute-"
     hosts: tuple = ()
     x509_hosts: bool = False
+    # The router and network users log in with certificates too: nobody
+    # has a password (a broker with fail_if_no_peer_cert = true).
+    x509_services: bool = False
 
     def compute_user(self, host):
         return self.compute_user_prefix + host
@@ -82,7 +102,10 @@ def grants(d):
            [])
     for host in d.hosts:
         own = re.escape(f"host.{host}")
-        control = re.escape(f"agent.{host}.control")
+        # One control queue per agent session, named by a uuid4's hex;
+        # the plain name is what agents before issue 19 declared (kept so
+        # the permissions can be applied before the agents are upgraded).
+        control = re.escape(f"agent.{host}.control") + r"(\.[0-9a-f]{32})?"
         yield (d.compute_user(host),
                _names(p, own, own + r"\.events", control),
                # binding a queue needs write on it and read on the exchange
@@ -92,12 +115,36 @@ def grants(d):
                [])
 
 
+# The dead-letter queue is the one queue every compute user may fill (a host
+# consumer dead-letters what it cannot take) and nothing consumes on its
+# own: bounded, so one compromised host cannot fill the broker's memory or
+# disk until its alarm blocks every publisher; the oldest go first.
+DEAD_LETTER_MAX_LENGTH = 1_000_000
+DEAD_LETTER_MAX_BYTES = 1 << 30
+
+
+def policies(d):
+    """[(name, pattern, definition)]: what the deployment's queues need."""
+    return [(f"{d.prefix}-dead-letter-bound",
+             "^" + re.escape(f"{d.prefix}.dead-letter") + "$",
+             {"max-length": DEAD_LETTER_MAX_LENGTH,
+              "max-length-bytes": DEAD_LETTER_MAX_BYTES,
+              "overflow": "drop-head"})]
+
+
+def _x509_users(d):
+    users = {d.compute_user(h) for h in d.hosts} if d.x509_hosts else set()
+    if d.x509_services:
+        users |= {d.network_user, d.router_user}
+    return users
+
+
 def plan(d, password=None):
     """rabbitmqctl argument lists that make the broker match the deployment."""
     commands = []
     if d.vhost != "/":
         commands.append(["add_vhost", d.vhost])
-    x509_users = {d.compute_user(h) for h in d.hosts} if d.x509_hosts else set()
+    x509_users = _x509_users(d)
     for user, configure, write, read, topics in grants(d):
         if user in x509_users:
             commands.append(["add_user", user, Throwaway(secrets.token_urlsafe(24))])
@@ -109,6 +156,10 @@ def plan(d, password=None):
         for exchange, t_write, t_read in topics:
             commands.append(["set_topic_permissions", "-p", d.vhost, user,
                              exchange, t_write, t_read])
+    for name, pattern, definition in policies(d):
+        commands.append(["set_policy", "-p", d.vhost, name, pattern,
+                         json.dumps(definition, sort_keys=True),
+                         "--apply-to", "queues"])
     return commands
 
 
@@ -126,7 +177,7 @@ def definitions(d, password, salt=None):
     development; give each user its own in production.
     """
     users, permissions, topic_permissions = [], [], []
-    x509_users = {d.compute_user(h) for h in d.hosts} if d.x509_hosts else set()
+    x509_users = _x509_users(d)
     for user, configure, write, read, topics in grants(d):
         users.append({"name": user, "tags": "",
                       "hashing_algorithm": "rabbit_password_hashing_sha256",
@@ -143,4 +194,8 @@ def definitions(d, password, salt=None):
                                       "read": t_read})
     return {"users": users, "vhosts": [{"name": d.vhost}],
             "permissions": permissions,
-            "topic_permissions": topic_permissions}
+            "topic_permissions": topic_permissions,
+            "policies": [{"vhost": d.vhost, "name": name, "pattern": pattern,
+                          "apply-to": "queues", "definition": definition,
+                          "priority": 0}
+                         for name, pattern, definition in policies(d)]}

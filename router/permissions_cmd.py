@@ -23,8 +23,13 @@ cli_opts = [
                     "and tests; in production create users your own way)."),
     cfg.BoolOpt("x509-hosts", default=False,
                 help="Compute hosts log in with their client certificate "
-                     "(TLS, [bus] ssl_login = external, CN <prefix>H): their "
-                     "users are created without a password."),
+                     "(TLS, [bus] ssl_login = external; the certificate names "
+                     "<prefix>H in its CN or subjectAltName): their users are "
+                     "created without a password."),
+    cfg.BoolOpt("x509-services", default=False,
+                help="The router and network users log in with client "
+                     "certificates too: created without a password (a broker "
+                     "with fail_if_no_peer_cert = true, no password anywhere)."),
     cfg.StrOpt("node", help="RabbitMQ node rabbitmqctl talks to with "
                             "--apply (rabbitmqctl -n; default: its own)."),
     cfg.BoolOpt("apply", default=False,
@@ -43,7 +48,8 @@ def main(argv):
                             network_user=conf.network_user,
                             router_user=conf.router_user,
                             compute_user_prefix=conf.compute_user_prefix,
-                            hosts=tuple(conf.host), x509_hosts=conf.x509_hosts)
+                            hosts=tuple(conf.host), x509_hosts=conf.x509_hosts,
+                            x509_services=conf.x509_services)
     if conf.definitions:
         if not conf.password:
             return fail("--definitions needs --password (the users' password)")

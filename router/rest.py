@@ -29,12 +29,14 @@ import queue
 import re
 import socketserver
 import threading
+import time
 import wsgiref.simple_server
 
 from oslo_config import cfg
 
 from router.bus import connection as bus_connection
 from router.bus import contract, publishing, topology
+from router.bus.backoff import Backoff
 
 LOG = logging.getLogger(__name__)
 PATH = "/v2.1/os-server-external-events"
@@ -52,6 +54,7 @@ MAX_MICROVERSION = (2, 104)     # nova 34.0.0
 POLICY_NAME = "os_compute_api:os-server-external-events:create"
 POLICY_DEFAULT = "role:service or role:admin"   # Nova's rule:service_or_admin
 MAX_BODY_BYTES = contract.DEFAULT_MAX_BODY_BYTES
+BUS_RETRY_AFTER = 5         # seconds, when the broker refused or is away
 _VERSION_RE = re.compile(r"^([1-9][0-9]*)\.(0|[1-9][0-9]*)$")
 
 
@@ -92,18 +95,19 @@ def _fmt(version):
 
 
 def _bad_request(detail):
-    return 400, {"badRequest": {"code": 400, "message": detail}}, []
+    return 400, {"badRequest": {"code": 400, "message": detail}}, [], []
 
 
 def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
-             microversion=None, is_warming=lambda: False):
-    """(status, response document, envelopes to publish).
+             microversion=None, unready=lambda: None):
+    """(status, response document, envelopes to publish, headers).
 
     With a `microversion`, an event name newer than it is refused as nova-api
-    refuses it: 400 for the whole request. While placement is still warming
-    up (`is_warming()`: a router that just connected and waits for the
-    agents' snapshots), an instance it does not know yet may just not be
-    reported yet: the whole request is answered 503 (retry) instead of 404.
+    refuses it: 400 for the whole request. While placement cannot answer
+    "unknown" (`unready()` gives (why, seconds): the router is not connected,
+    or has just connected and waits for the agents' snapshots), an instance
+    it does not know, or knows on no host, may just not be reported yet: the
+    whole request is answered 503 with Retry-After instead of 404 or 422.
     """
     try:
         doc = json.loads(body)
@@ -143,26 +147,34 @@ def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
         else:
             answer.update(code=404, status=contract.FAILED)
         answers.append(answer)
-    if any(a["code"] == 404 for a in answers) and is_warming():
-        return 503, {"error": "placement is warming up (agents are sending "
-                              "their snapshots); retry in a few seconds"}, []
+    if any(a["code"] in (404, 422) for a in answers):
+        not_yet = unready()
+        if not_yet is not None:
+            why, seconds = not_yet
+            return 503, {"error": f"{why}; retry in {seconds}s"}, [], [
+                ("Retry-After", str(seconds))]
     if not accepted:
         return 404, {"itemNotFound": {"code": 404, "message":
                                       "No instances found for any event"},
-                     "events": answers}, []
-    return (200 if len(accepted) == len(answers) else 207), {"events": answers}, accepted
+                     "events": answers}, [], []
+    return ((200 if len(accepted) == len(answers) else 207),
+            {"events": answers}, accepted, [])
 
 
 class RestIngress:
     """The HTTP route; publishes accepted events from one worker thread."""
 
     def __init__(self, transport_url, topo, placement, *, ssl_opts=False,
-                 confirm_timeout=10.0):
+                 confirm_timeout=10.0, reconnect=None):
         self._url = transport_url
         self._ssl = ssl_opts
         self._topo = topo
         self._placement = placement
         self._timeout = confirm_timeout
+        # The worker connects when a request needs it; after a failed
+        # session, requests get 503 at once until the backoff ran out
+        # (one connect per backoff, not one per request).
+        self.backoff = Backoff(reconnect)
         self._work = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="rest-ingress",
                                         daemon=True)
@@ -178,10 +190,11 @@ class RestIngress:
         return {("POST", PATH): self.handle}
 
     def handle(self, body, microversion=None):
-        status, document, accepted = evaluate(
+        """(status, document, headers) for one request body."""
+        status, document, accepted, headers = evaluate(
             body, hosts_for=self._placement.hosts_for,
             is_hostless=self._placement.is_hostless, microversion=microversion,
-            is_warming=getattr(self._placement, "is_warming", lambda: False))
+            unready=self._placement.unready)
         if accepted:
             done = queue.Queue(maxsize=1)
             self._work.put((accepted, done))
@@ -191,14 +204,16 @@ class RestIngress:
                 error = "publishing timed out"
             if error:
                 LOG.error("REST events not published: %s", error)
-                return 503, {"error": f"events not accepted by the bus: {error}"}
+                return 503, {"error": f"events not accepted by the bus: {error}"}, [
+                    ("Retry-After", str(BUS_RETRY_AFTER))]
         for env in accepted:
             LOG.info("event %s %s for %s accepted over REST", env.id,
                      env.payload.name, env.payload.server_uuid)
-        return status, document
+        return status, document, headers
 
     def _run(self):
-        conn = None
+        conn = up_since = None
+        reconnect_at = 0.0
         while True:
             item = self._work.get()
             if item is None:
@@ -206,8 +221,14 @@ class RestIngress:
             accepted, done = item
             try:
                 if conn is None:
+                    wait = reconnect_at - time.monotonic()
+                    if wait > 0:
+                        done.put(f"reconnecting to the broker in {wait:.1f}s "
+                                 f"after: {self.backoff.cause}")
+                        continue
                     conn = bus_connection.connect_once(bus_connection.connection(
                         self._url, ssl_opts=self._ssl))
+                    up_since = time.monotonic()
                     publisher = publishing.BlockingPublisher(
                         conn, user_id=bus_connection.user_of(conn))
                 for env in accepted:
@@ -218,11 +239,13 @@ class RestIngress:
                         headers={contract.HEADER_PUBLISHER: PUBLISHER},
                         timeout=self._timeout)
                 done.put(None)
-            except Exception as exc:      # answered as 503; next request reconnects
+            except Exception as exc:      # answered as 503
                 done.put(f"{type(exc).__name__}: {exc}")
                 if conn is not None:
                     conn.release()
-                conn = None
+                reconnect_at = time.monotonic() + self.backoff.retry_in(
+                    "REST ingress", exc, up_since)
+                conn = up_since = None
         if conn is not None:
             conn.release()
 
@@ -231,7 +254,8 @@ class RestIngress:
 class RestApp:
     """WSGI application of the endpoint: microversions and the policy check.
 
-    `handle(body, microversion)` answers (status, document) (RestIngress.handle).
+    `handle(body, microversion)` answers (status, document[, headers])
+    (RestIngress.handle).
     `enforcer`: an oslo.policy Enforcer (``policy_enforcer``), or None for no
     policy check (only sensible behind loopback, see check_exposure).
     """
@@ -277,8 +301,8 @@ class RestApp:
             return 400 if length < 0 else 413, {"badRequest": {
                 "code": 400, "message": "bad or too large Content-Length"}}, []
         body = environ["wsgi.input"].read(length) if length else b""
-        status, document = self._handle(body, microversion=version)
-        return status, document, [
+        status, document, *extra = self._handle(body, microversion=version)
+        return status, document, [*(extra[0] if extra else ()),
             ("OpenStack-API-Version", f"compute {_fmt(version)}"),
             ("X-OpenStack-Nova-API-Version", _fmt(version)),
             ("Vary", "OpenStack-API-Version, X-OpenStack-Nova-API-Version")]

@@ -25,6 +25,12 @@ def parse(argv, prog, description, opts_by_group=(), cli_opts=(), defaults=None)
         conf.set_default(name, value)
     conf(argv, project="evrouter", prog=prog, description=description)
     logging.setup(conf, "evrouter")
+    try:
+        # A TLS option that contradicts the URL, or names a file this
+        # process cannot read: one line now, not a retry loop later.
+        options.checked_tls(options.transport_url(conf), options.ssl_from(conf))
+    except ValueError as exc:
+        raise SystemExit(fail(str(exc), 2)) from None
     return conf
 
 

@@ -71,14 +71,20 @@ def main(argv):
     parts += [(f"host {host}", topo.for_host(host)) for host in conf.host]
     missing = []
     with connection.connection(url, ssl_opts=options.ssl_from(conf)) as conn:
+        errors = conn.connection_errors + conn.channel_errors
         try:
             connection.connect_once(conn)
-        except conn.connection_errors as exc:
-            return fail(f"cannot reach the broker at {connection.display(conn)}: {exc}", 1)
+        except errors as exc:
+            # A refused login (403) is a channel error to py-amqp.
+            return fail(connection.connect_error(conn, exc), 1)
         who = connection.user_of(conn) or "this user"
         for part, (exchanges, queues) in parts:
             for entity in [*exchanges, *queues]:
-                outcome = declare_or_check(conn, entity)
+                try:
+                    outcome = declare_or_check(conn, entity)
+                except errors as exc:
+                    return fail(f"{entity.name}: the broker at "
+                                f"{connection.display(conn)} refused it: {exc}", 1)
                 print(f"{entity.name}: {outcome}")
                 if outcome == MISSING:
                     missing.append((part, entity.name))

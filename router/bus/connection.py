@@ -12,17 +12,29 @@ noticed by the kernel within DEAD_PEER_TIMEOUT (TCP keepalive and
 TCP_USER_TIMEOUT, see keepalive_settings), not after two AMQP heartbeats.
 """
 
-import dataclasses
 import itertools
 import logging
+import select
 import socket
-import ssl
 import urllib.parse
 
 import kombu
-import tenacity
 
 from router.bus import transport as buffered
+
+# The TLS settings live in router/bus/tls.py; these names stay importable
+# from here, where services have always found them.
+from router.bus.tls import (  # noqa: F401
+    CERT_LOGIN_FROM,
+    LOGIN_EXTERNAL,
+    LOGIN_PASSWORD,
+    SAN_TYPES,
+    SSL_SETTINGS_KEY,
+    TLS,
+    certificate_user,
+    ssl_options,
+    tls_for,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -78,66 +90,6 @@ def _safe(url):
     """One failover URL for a log line: scheme, host and port only."""
     parsed = urllib.parse.urlsplit(url)
     return f"{parsed.hostname}:{parsed.port}" if parsed.hostname else url
-
-
-LOGIN_PASSWORD = "password"
-LOGIN_EXTERNAL = "external"
-
-
-@dataclasses.dataclass(frozen=True)
-class TLS:
-    """How a service speaks TLS to the broker, and how it logs in.
-
-    login "external": the SASL EXTERNAL mechanism; the broker maps the
-    client certificate (its CN, with RabbitMQ's rabbitmq_auth_mechanism_ssl
-    and ssl_cert_login_from = common_name) to the broker user, and the
-    transport URL needs no password. Holds file paths only, never their
-    contents.
-    """
-
-    ca_file: str = None
-    cert_file: str = None
-    key_file: str = None
-    login: str = LOGIN_PASSWORD
-
-    def __post_init__(self):
-        if self.login not in (LOGIN_PASSWORD, LOGIN_EXTERNAL):
-            raise ValueError(f"unknown TLS login {self.login!r}")
-        if self.login == LOGIN_EXTERNAL and not self.cert_file:
-            raise ValueError("[bus] ssl_login = external needs a client "
-                             "certificate ([bus] ssl_cert_file)")
-
-    def kombu_ssl(self):
-        """kombu's ssl argument, as transport.tls_context takes it."""
-        options = {"ca_certs": self.ca_file, "certfile": self.cert_file,
-                   "keyfile": self.key_file}
-        return {k: v for k, v in options.items() if v}
-
-    @property
-    def login_method(self):
-        return "EXTERNAL" if self.login == LOGIN_EXTERNAL else None
-
-
-def ssl_options(enabled, ca_file=None, cert_file=None, key_file=None,
-                login=LOGIN_PASSWORD):
-    """The [bus] TLS options as a TLS (False: plain TCP)."""
-    if not enabled:
-        if login == LOGIN_EXTERNAL:
-            raise ValueError("[bus] ssl_login = external needs [bus] ssl = true")
-        return False
-    return TLS(ca_file or None, cert_file or None, key_file or None, login)
-
-
-def certificate_user(cert_file):
-    """The CN of a certificate file: the broker user EXTERNAL logs in as."""
-    # The stdlib's only certificate decoder that needs no connection; it
-    # has served CPython's own test suite since 2.7.
-    decoded = ssl._ssl._test_decode_cert(cert_file)
-    for rdn in decoded.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    raise ValueError(f"certificate {cert_file} has no common name")
 
 
 # Seconds of silence from the broker's TCP stack after which a connection
@@ -197,18 +149,11 @@ def connection(transport_url, *, heartbeat=30, ssl_opts=False,
                dead_peer_timeout=DEAD_PEER_TIMEOUT):
     """A kombu Connection (not connected yet) for a transport URL.
 
-    ssl_opts: a TLS (from ssl_options), or False. An amqps:// URL means TLS
-    whatever ssl_opts says (then the system's CAs unless a TLS names one):
-    never a silent fallback to plain TCP.
+    ssl_opts: a TLS (from ssl_options), or False; see tls_for. Never a
+    silent fallback to plain TCP.
     """
     url = kombu_url(transport_url)
-    tls = ssl_opts
-    if not tls and wants_tls(transport_url):
-        tls = TLS()
-    elif tls and not isinstance(tls, TLS):
-        tls = TLS()         # ssl=True, or a dict from older callers
-    if url.startswith("memory://"):
-        tls = False
+    tls = tls_for(transport_url, ssl_opts)
     options = {"confirm_publish": False}
     if url.startswith("memory://"):
         # kombu's in-process transport sleeps polling_interval (1 s) whenever
@@ -217,7 +162,7 @@ def connection(transport_url, *, heartbeat=30, ssl_opts=False,
     elif dead_peer_timeout:
         options["socket_settings"] = keepalive_settings(dead_peer_timeout)
     return kombu.Connection(url, heartbeat=heartbeat,
-                            ssl=tls.kombu_ssl() or True if tls else False,
+                            ssl=tls.kombu_ssl() if tls else False,
                             login_method=tls.login_method if tls else None,
                             transport_options=options,
                             failover_strategy=HostRotation())
@@ -228,7 +173,8 @@ def connect_once(conn):
 
     One attempt per host, without kombu's hidden waits (its connect()
     retries once after 2 s; its ensure_connection(max_retries=0) gives up
-    before it ever switches host): the caller's tenacity loop owns backoff.
+    before it ever switches host): the caller's loop owns backoff (see
+    router.bus.backoff).
     The host list is the connection's failover list; the buffered
     transport survives a switch because every host's URL names its scheme.
     """
@@ -265,6 +211,21 @@ def connect_once(conn):
     return conn
 
 
+def connect_error(conn, exc):
+    """Why connecting failed, in one line naming the broker (and, for a
+    refused login, the user): for commands that give up at once."""
+    where = display(conn)
+    if getattr(exc, "reply_code", None) == 403:
+        try:
+            who = user_of(conn)
+        except ValueError:
+            who = None
+        how = "its certificate" if conn.login_method == "EXTERNAL" else "its password"
+        return (f"the broker at {where} refused the login of {who or 'this user'} "
+                f"(by {how}): {getattr(exc, 'reply_text', exc)}")
+    return f"cannot reach the broker at {where}: {exc or type(exc).__name__}"
+
+
 def drain(conn, timeout, burst=256):
     """Wait up to `timeout` for broker events, then take what else is there.
 
@@ -283,6 +244,62 @@ def drain(conn, timeout, burst=256):
         except socket.timeout:
             break
     return True
+
+
+class Waker:
+    """Ends a loop's wait for the broker from another thread or a signal
+    handler (stop()), so an idle loop may wait for as long as nothing is
+    due instead of waking every fraction of a second to look at a flag:
+    on 2,000 idle compute hosts those wake-ups are the whole cost."""
+
+    def __init__(self):
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self):
+        return self._r.fileno()
+
+    def wake(self):
+        try:
+            self._w.send(b"\0")
+        except OSError:         # its buffer is full: it is awake already
+            pass
+
+    def clear(self):
+        try:
+            while self._r.recv(4096):
+                pass
+        except OSError:         # nothing (more) to read
+            pass
+
+
+def wait_readable(conn, timeout, waker):
+    """Block until the broker sent something, `waker` was woken, or
+    `timeout` passed; True when there is something to read from the broker
+    (then drain() it). For the buffered transports (transport.py) only."""
+    transport = conn.connection.transport
+    if transport.has_unread():
+        return True
+    try:
+        readable, _, _ = select.select([transport.sock, waker], [], [],
+                                       max(0.0, timeout))
+    except InterruptedError:
+        return False
+    if waker in readable:
+        waker.clear()
+    return transport.sock in readable
+
+
+def heartbeat_every(conn):
+    """Seconds between heartbeat checks of an established connection.
+
+    py-amqp sends its heartbeat only from a check and notices traffic only
+    at checks, so a check every quarter of the negotiated heartbeat keeps
+    the longest silence under the broker's limit of two missed heartbeats.
+    Without heartbeats, 30 s (nothing is due; the bound is for safety)."""
+    heartbeat = getattr(conn.connection, "heartbeat", 0) or 0
+    return heartbeat / 4 if heartbeat else 30.0
 
 
 def take(items):
@@ -307,33 +324,7 @@ def user_of(conn):
     """
     if is_memory(conn):
         return None
-    if conn.login_method == "EXTERNAL" and isinstance(conn.ssl, dict):
-        return certificate_user(conn.ssl["certfile"])
+    tls = conn.ssl.get(SSL_SETTINGS_KEY) if isinstance(conn.ssl, dict) else None
+    if conn.login_method == "EXTERNAL" and tls:
+        return tls.certificate_user()
     return conn.userid
-
-
-def reconnecting(stop_event, what, *, max_wait=30.0, errors=(Exception,),
-                 on_error=None):
-    """A tenacity loop: retry `what` with jittered backoff until stopped.
-
-    Sleeping waits on `stop_event`, so a SIGTERM during backoff ends the
-    wait at once, and the loop then ends quietly: a requested stop is not
-    an error, whatever the broker was doing. ``on_error(exc)`` hears each
-    failed attempt (for a health check to say why).
-    """
-    def log_retry(state):
-        exc = state.outcome.exception()
-        LOG.warning("%s: broker connection failed (%s), retrying in %.1fs", what,
-                    exc, state.next_action.sleep)
-        if on_error is not None:
-            on_error(exc)
-
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(errors),
-        wait=(tenacity.wait_exponential(multiplier=0.2, max=max_wait)
-              + tenacity.wait_random(0, 0.2)),
-        stop=lambda state: stop_event.is_set(),
-        sleep=stop_event.wait,
-        before_sleep=log_retry,
-        retry_error_callback=lambda state: None,
-    )

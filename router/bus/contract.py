@@ -129,6 +129,10 @@ class InstanceEvent:
     tag: Optional[str] = None
     status: str = COMPLETED
     host: Optional[str] = None
+    # The source's revision of what the event is about (the network side's
+    # port revision_number): only grows, so a receiver can order events of
+    # one port without trusting anyone's clock. None: the source has none.
+    revision: Optional[int] = None
 
     @property
     def key(self):
@@ -205,6 +209,8 @@ def to_document(env):
                    "status": p.status, "tag": p.tag}
         if p.host is not None:
             payload["host"] = p.host
+        if p.revision is not None:
+            payload["revision"] = p.revision
     elif type(p) is LifecycleEvent:
         payload = {"instance_uuid": p.instance_uuid, "host": p.host,
                    "transition": p.transition, "event": p.event,
@@ -381,7 +387,10 @@ def _instance_event(p):
     if tag is None and name in TAG_REQUIRED:
         _fail("payload.tag", f"is required for {name}")
     host = _str(p, "host", "payload.host", pattern=_host_re, required=False)
-    return InstanceEvent(name, server_uuid, tag, status, host)
+    revision = None
+    if p.get("revision") is not None:
+        revision = _int(p, "revision", "payload.revision")
+    return InstanceEvent(name, server_uuid, tag, status, host, revision)
 
 
 def _lifecycle_event(p):

@@ -10,6 +10,8 @@ fail on them.
 
 import math
 
+from amqp.serialization import dumps
+
 from router.bus import contract
 
 # Set by the transport (router/bus/transport.py) in place of the properties
@@ -156,6 +158,92 @@ def safe_headers(headers):
         clean["x-evrouter-dropped-headers"] = dropped[0]
     return clean
 
+
+HEADER_CUT = "x-evrouter-cut-headers"
+# Room left for the marker that says what was cut (a count, a size and
+# the first key names, clipped).
+_CUT_MARKER_ROOM = 512
+
+
+DEFAULT_FRAME_MAX = 131_072         # py-amqp's and RabbitMQ's default
+
+# A content header frame beside its header table: the frame's own 8 bytes;
+# class id, weight and body size (12); the property flags (2); and every
+# other basic property at its largest: ten short strings (content type and
+# encoding, correlation id, reply-to, expiration, message id, type, user
+# id, app id, cluster id) of 1 + 255 bytes, delivery mode and priority (1
+# each), timestamp (8). RabbitMQ refuses a frame over frame_max with 501
+# FRAME_ERROR, which closes the whole connection.
+_CONTENT_HEADER_FIXED = 8 + 12 + 2 + 10 * 256 + 1 + 1 + 8
+
+
+def header_budget(frame_max):
+    """Bytes a header table may take, encoded, in the content header frame
+    of a connection that negotiated `frame_max`, whatever the properties."""
+    return frame_max - _CONTENT_HEADER_FIXED
+
+
+def frame_max_of(conn):
+    """The frame_max a kombu connection negotiated (memory: the default)."""
+    value = getattr(getattr(conn, "connection", None), "frame_max", None)
+    return value if type(value) is int and value > 0 else DEFAULT_FRAME_MAX
+
+
+def encoded_size(headers):
+    """Bytes of a header table as py-amqp puts it on the wire.
+
+    Not the size it arrived with: py-amqp re-encodes every int as 32 or 64
+    bits and every float as a double, so a table of one-byte integers grows
+    five-fold on its way back out.
+    """
+    return len(dumps("F", [headers]))
+
+
+def bounded_headers(headers, budget):
+    """(headers, cut): untrusted headers made safe and at most `budget` bytes.
+
+    Whole entries are left out, largest first, until the encoded table fits;
+    what was left out is said in HEADER_CUT (and returned as ``cut``, None
+    when nothing was). A budget too small even for the marker gives {}.
+    A content header must fit in one frame, so whatever a service sends back
+    out (a dead letter) is bounded below the connection's frame_max.
+    """
+    clean = safe_headers(headers)
+    size = encoded_size(clean)
+    if size <= budget:
+        return clean, None
+    if budget < _CUT_MARKER_ROOM:
+        return {}, f"all {len(clean)} header(s), {size} bytes"
+    entries = sorted(((encoded_size({k: v}) - 4, k) for k, v in clean.items()),
+                     reverse=True)
+    cut, cut_bytes = [], 0
+    for entry_size, key in entries:
+        if size <= budget - _CUT_MARKER_ROOM:
+            break
+        del clean[key]
+        size -= entry_size
+        cut_bytes += entry_size
+        cut.append(key)
+    names = ",".join(loggable(k, 40) for k in cut)
+    marker = (f"{len(cut)} header(s), {cut_bytes} bytes: {names}"[:200]
+              .encode("ascii", "backslashreplace").decode("ascii")[:200])
+    clean[HEADER_CUT] = marker
+    return clean, marker
+
+
+
+def bounded_beside(theirs, ours, frame_max):
+    """(headers, cut): `theirs`, a sender's untrusted headers, made safe
+    and cut to what fits beside `ours` in one content frame of
+    `frame_max`, then `ours` on top (they win over anything sent as
+    theirs). Every copy that carries a sender's headers is built by this:
+    the router's dead-letter, retry and probation copies and the host
+    consumer's dead letters."""
+    # Two tables merged take at most their sizes less one length prefix.
+    room = header_budget(frame_max) - encoded_size(ours) + 4
+    headers, cut = bounded_headers(theirs, room)
+    headers.update(ours)
+    return headers, cut
 
 def _safe_table(table, depth, dropped):
     out = {}

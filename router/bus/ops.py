@@ -88,16 +88,20 @@ class OpsServer:
         length = int(req.headers.get("Content-Length") or 0)
         if length > MAX_REQUEST_BYTES:
             return self._send_json(req, 413, {"error": "request body too large"})
-        status, document = handler(req.rfile.read(length))
-        self._send_json(req, status, document)
+        # (status, document) or (status, document, [(header, value), ...])
+        status, document, *extra = handler(req.rfile.read(length))
+        self._send_json(req, status, document, extra[0] if extra else ())
 
-    def _send_json(self, req, status, document):
-        self._send(req, status, json.dumps(document).encode(), "application/json")
+    def _send_json(self, req, status, document, headers=()):
+        self._send(req, status, json.dumps(document).encode(), "application/json",
+                   headers)
 
     @staticmethod
-    def _send(req, status, body, content_type):
+    def _send(req, status, body, content_type, headers=()):
         req.send_response(status)
         req.send_header("Content-Type", content_type)
         req.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            req.send_header(name, value)
         req.end_headers()
         req.wfile.write(body)

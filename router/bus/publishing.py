@@ -36,85 +36,66 @@ class ConfirmTimeout(PublishError):
         super().__init__("timeout", detail)
 
 
-class ConfirmedPublisher:
-    """Publishes on one channel and reports each message's outcome.
+# Channels that were refused on and still wait for confirms, at most: past
+# this many, publishing stays on the current channel (see ConfirmedPublisher).
+MAX_RETIRED_CHANNELS = 4
 
-    On py-amqp channels outcomes come from the broker's confirms. kombu's
-    memory transport has neither confirms nor returns: there a message is
-    acknowledged as soon as it is handed over, on the next ``pump``.
-    """
 
-    def __init__(self, channel, on_outcome, *, user_id=None):
-        self._channel = channel
+class _ChannelConfirms:
+    """One channel in confirm mode: delivery tags are per channel."""
+
+    def __init__(self, channel, on_outcome):
+        self.channel = channel
+        self.refused = False        # the broker nacked a message sent here
         self._on_outcome = on_outcome
-        self._user_id = user_id
         self._seq = 0
         self._low = 1
-        self._pending = {}        # delivery seq -> (token, return key)
-        self._by_key = collections.defaultdict(collections.deque)
+        self.pending = {}           # delivery seq -> (token, return key)
+        # return key -> the seq of the one message in flight with that key,
+        # or a deque of seqs in publish order when there are several (rare:
+        # the key holds the message id). No deque per message.
+        self._by_key = {}
         self._returned = set()
-        self._immediate = []
-        self._confirms = hasattr(channel, "confirm_select") and hasattr(
-            channel, "events")
-        if self._confirms:
-            channel.confirm_select()
-            channel.events["basic_ack"].add(self._on_ack)
-            channel.events["basic_nack"].add(self._on_nack)
-            channel.events["basic_return"].add(self._on_return)
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
 
-    @property
-    def in_flight(self):
-        return len(self._pending) + len(self._immediate)
-
-    def publish(self, exchange, routing_key, body, token, *, message_id=None,
-                headers=None, mandatory=True, user_id=None,
-                content_type="application/json"):
-        properties = {"delivery_mode": PERSISTENT}
-        if message_id is not None:
-            properties["message_id"] = message_id
-        user_id = user_id or self._user_id
-        if user_id:
-            properties["user_id"] = user_id
-        ch = self._channel
-        message = ch.prepare_message(body, content_type=content_type,
-                                     headers=headers, properties=properties)
-        ch.basic_publish(message, exchange=exchange, routing_key=routing_key,
-                         mandatory=mandatory)
-        if not self._confirms:
-            self._immediate.append(token)
-            return
-        self._seq += 1
-        key = (exchange, routing_key, message_id) if mandatory else None
-        self._pending[self._seq] = (token, key)
+    def sent(self, token, key):
+        self._seq = seq = self._seq + 1
+        self.pending[seq] = (token, key)
         if key is not None:
-            self._by_key[key].append(self._seq)
-
-    def pump(self):
-        """Report outcomes that need no broker round trip (memory transport)."""
-        if self._immediate:
-            ready, self._immediate = self._immediate, []
-            for token in ready:
-                self._on_outcome(token, ACK)
+            earlier = self._by_key.get(key)
+            if earlier is None:
+                self._by_key[key] = seq
+            elif type(earlier) is int:
+                self._by_key[key] = collections.deque((earlier, seq))
+            else:
+                earlier.append(seq)
 
     # --- broker callbacks (run inside drain_events, on the owning thread) ----
     def _settle(self, seq, confirmed):
-        entry = self._pending.pop(seq, None)
+        entry = self.pending.pop(seq, None)
         if entry is None:
             return
         token, key = entry
         if key is not None:
             seqs = self._by_key[key]
-            if seqs and seqs[0] == seq:
-                seqs.popleft()
-            else:
-                seqs.remove(seq)
-            if not seqs:
+            if type(seqs) is int:
                 del self._by_key[key]
+            else:
+                if seqs[0] == seq:
+                    seqs.popleft()
+                else:
+                    seqs.remove(seq)
+                if not seqs:
+                    del self._by_key[key]
         if seq in self._returned:
             self._returned.discard(seq)
             outcome = RETURNED
         else:
             outcome = ACK if confirmed else NACK
+            self.refused = self.refused or not confirmed
         self._on_outcome(token, outcome)
 
     def _settle_upto(self, tag, multiple, confirmed):
@@ -136,8 +117,125 @@ class ConfirmedPublisher:
     def _on_return(self, exc, exchange, routing_key, message):
         message_id = message.properties.get("message_id")
         seqs = self._by_key.get((exchange, routing_key, message_id))
-        if seqs:
-            self._returned.add(seqs[0])
+        if seqs is not None:
+            self._returned.add(seqs if type(seqs) is int else seqs[0])
+
+
+class ConfirmedPublisher:
+    """Publishes on one channel at a time and reports each message's outcome.
+
+    On py-amqp channels outcomes come from the broker's confirms. kombu's
+    memory transport has neither confirms nor returns: there a message is
+    acknowledged as soon as it is handed over, on the next ``pump``.
+
+    A channel the broker refused a message on (nack) is not published on
+    again: the next message goes on a new channel, and the old one is
+    closed once its last confirm came back. The refusal can belong to the
+    channel itself: RabbitMQ 3.10 builds a channel's client of a quorum
+    queue on the first publish to it, and if the queue's record then still
+    names a leader whose node died, that client asks the dead node, is
+    refused, and never asks again: every later publish on the channel to
+    that queue is nacked until the dead node is back (README, "Queue type
+    and placement on a cluster"). A new channel reads the record again.
+    """
+
+    def __init__(self, channel, on_outcome, *, user_id=None, open_channel=None):
+        self._on_outcome = on_outcome
+        self._user_id = user_id
+        self._channel = channel     # without confirms (memory transport)
+        self._immediate = []
+        self._retired = []          # refused-on channels still owed confirms
+        self.channels_replaced = 0
+        self._current = None
+        if hasattr(channel, "confirm_select") and hasattr(channel, "events"):
+            self._current = _ChannelConfirms(channel, on_outcome)
+            self._open_channel = open_channel or channel.connection.channel
+
+    def _confirms(self):
+        """Every channel still in use, the oldest first."""
+        return self._retired + [self._current] if self._current else []
+
+    @property
+    def in_flight(self):
+        return (sum(len(c.pending) for c in self._confirms())
+                + len(self._immediate))
+
+    @property
+    def channel(self):
+        """The channel the next message goes on."""
+        return self._current.channel if self._current else self._channel
+
+    def publish(self, exchange, routing_key, body, token, *, message_id=None,
+                headers=None, mandatory=True, user_id=None,
+                content_type="application/json"):
+        properties = {"delivery_mode": PERSISTENT}
+        if message_id is not None:
+            properties["message_id"] = message_id
+        user_id = user_id or self._user_id
+        if user_id:
+            properties["user_id"] = user_id
+        current = self._current
+        if current is not None and current.refused:
+            self._replace_channel()
+            current = self._current
+        ch = self._channel if current is None else current.channel
+        message = ch.prepare_message(body, content_type=content_type,
+                                     headers=headers, properties=properties)
+        ch.basic_publish(message, exchange=exchange, routing_key=routing_key,
+                         mandatory=mandatory)
+        if current is None:
+            self._immediate.append(token)
+            return
+        current.sent(token, (exchange, routing_key, message_id)
+                     if mandatory else None)
+
+    def owns(self, channel):
+        """Whether `channel` is one this publisher still publishes on or
+        is owed confirms on."""
+        if self._current is None:
+            return channel is self._channel
+        return any(c.channel is channel for c in self._confirms())
+
+    def take_pending(self):
+        """Tokens of every message not settled yet, oldest channel first and
+        in publish order, and forget them: for an owner whose channel the
+        broker closed, so no outcome will come. The publisher is done: its
+        other channels are closed (a no-op on the one the broker closed)."""
+        confirms = self._confirms()
+        tokens = [c.pending[seq][0] for c in confirms for seq in sorted(c.pending)]
+        tokens += self._immediate
+        self._immediate, self._retired = [], []
+        # All forgotten before any close: a close waits for its close-ok,
+        # and confirms read meanwhile must find nothing to settle.
+        for c in confirms:
+            c.pending.clear()
+        for c in confirms:
+            c.channel.close()
+        return tokens
+
+    def pump(self):
+        """Report outcomes that need no broker round trip (memory transport)
+        and close the refused-on channels that have nothing in flight.
+        Called by the connection's owner, never from a broker callback."""
+        if self._immediate:
+            ready, self._immediate = self._immediate, []
+            for token in ready:
+                self._on_outcome(token, ACK)
+        if not self._retired:
+            return
+        for done in [c for c in self._retired if not c.pending]:
+            self._retired.remove(done)
+            done.channel.close()
+
+    def _replace_channel(self):
+        # Bounded: a broker that refuses everything (a full queue with
+        # reject-publish) must not cost a channel per message.
+        if len(self._retired) >= MAX_RETIRED_CHANNELS:
+            return
+        fresh = _ChannelConfirms(self._open_channel(), self._on_outcome)
+        self._retired.append(self._current)
+        self._current = fresh
+        self.channels_replaced += 1
 
 
 class BlockingPublisher:

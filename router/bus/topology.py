@@ -8,6 +8,7 @@ mean the same on RabbitMQ and on kombu's memory transport (which differ on
 ``#`` matching zero words).
 """
 
+import uuid
 from dataclasses import dataclass, field
 
 from kombu import Exchange, Queue
@@ -84,8 +85,10 @@ class Topology:
         """Fanout from the routers to every agent (resync requests)."""
         return f"{self.prefix}.control"
 
-    def agent_control_queue_name(self, host):
-        return f"{self.prefix}.agent.{host}.control"
+    def agent_control_queue_name(self, host, session):
+        """One per agent session: `session` is 32 hex digits (a uuid4's),
+        the form router/permissions.py lets host's user declare."""
+        return f"{self.prefix}.agent.{host}.control.{session}"
 
     def host_exchange_name(self, host):
         return f"{self.prefix}.host.{host}"
@@ -94,7 +97,12 @@ class Topology:
         return f"{self.prefix}.host.{host}.events"
 
     def retry_queue_name(self, delay_ms):
-        return f"{self.prefix}.retry.{delay_ms}ms"
+        # Parking queues are quorum queues whatever queue_type says (see
+        # retry_queue). A classic topology's had this name without the
+        # suffix before, as classic queues: a queue cannot change type in
+        # place, so the new ones take a new name and the old ones drain.
+        suffix = "" if self.queue_type == "quorum" else ".quorum"
+        return f"{self.prefix}.retry.{delay_ms}ms{suffix}"
 
     def retry_delay_ms(self, attempt):
         """Backoff for the n-th retry (1-based): the tiers, then the last."""
@@ -157,18 +165,25 @@ class Topology:
                          **{"x-message-ttl": self.host_message_ttl_ms}))
 
     def retry_queue(self, delay_ms):
-        # Parking queue: nobody consumes it; on expiry the broker moves the
-        # message back to ingress. One queue per delay, so a short delay never
-        # waits behind a long one at the head of the queue.
-        args = {"x-queue-type": self.queue_type,
+        """Parking queue: nobody consumes it; on expiry the broker moves
+        the message back to ingress. One queue per delay, so a short delay
+        never waits behind a long one at the head of the queue.
+
+        Always a quorum queue with at-least-once dead-lettering, because
+        here dead-lettering is the delivery path: a classic queue
+        dead-letters at-most-once, so a parked event that expires while the
+        router queue refuses it (reject-publish at its limit, no leader in
+        a failover, deleted) was silently dropped by the broker. A quorum
+        source keeps it until the router queue confirms it, and tries again
+        every `dead_letter_worker_publisher_confirm_timeout` (RabbitMQ's
+        advanced.config; 180 s by default, deploy/rabbitmq/advanced.config
+        sets 5 s). A quorum queue of one member works on a single node.
+        """
+        args = {"x-queue-type": "quorum",
                 "x-message-ttl": delay_ms,
                 "x-dead-letter-exchange": self.ingress_exchange_name,
-                "x-dead-letter-routing-key": RETRY_ROUTING_KEY}
-        if self.queue_type == "quorum":
-            # Quorum queues dead-letter at-most-once unless told otherwise,
-            # and here dead-lettering is the delivery path.
-            args["x-dead-letter-strategy"] = "at-least-once"
-            args["x-overflow"] = "reject-publish"
+                "x-dead-letter-routing-key": RETRY_ROUTING_KEY,
+                **_AT_LEAST_ONCE_DEAD_LETTERING}
         return Queue(self.retry_queue_name(delay_ms), exchange=None,
                      durable=True, queue_arguments=args)
 
@@ -178,21 +193,25 @@ class Topology:
                      self.lifecycle_exchange(), durable=False,
                      exclusive=True, auto_delete=True)
 
-    def agent_control_queue(self, host):
-        """Where host's agent hears the routers' resync requests.
+    def agent_control_queue(self, host, session):
+        """Where one session of host's agent hears the routers' resync
+        requests: exclusive, named per session, gone with its connection.
 
-        Volatile, and gone a minute after its agent is (auto-delete plus an
-        expiry, for an agent that died before it consumed). Not exclusive:
-        after a half-open connection the agent's new session must be able
-        to consume it at once, not get RESOURCE_LOCKED until the broker
-        reaps the old one. The exchange is declared by the central
+        Never shared between sessions: a session whose connection is
+        half-open (the agent saw it die, the broker has not yet) still
+        holds its consumer, and on a shared queue the broker hands it every
+        other request, which nobody ever reads (issue 19 item 8). With a
+        queue per session the fanout gives the stale queue a copy of its
+        own and the live session misses nothing. (A single-active-consumer
+        queue would be worse: the stale consumer stays the active one until
+        the broker reaps it.) The exchange is declared by the central
         topology only; an agent's user may not configure it.
         """
         exchange = Exchange(self.control_exchange_name, "fanout",
                             durable=True, no_declare=True)
-        return Queue(self.agent_control_queue_name(host), exchange,
-                     routing_key="", durable=False, auto_delete=True,
-                     queue_arguments={"x-expires": 60_000})
+        return Queue(self.agent_control_queue_name(host, session), exchange,
+                     routing_key="", durable=False, exclusive=True,
+                     auto_delete=True)
 
     def central(self):
         """Everything the router needs, in declaration order."""
@@ -230,3 +249,38 @@ def declare(channel, exchanges, queues):
         exchange(channel).declare()
     for queue in queues:
         queue(channel).declare()
+
+
+def parking_refusal(conn, topo):
+    """None if the broker dead-letters the parking queues at-least-once;
+    otherwise why it may not (a sentence for the operator).
+
+    RabbitMQ 3.10 to 3.13 falls back to at-most-once, with one line in its
+    own log and nothing a client can see, when its stream_queue feature
+    flag is off (a broker first created before 3.9 and never told
+    `rabbitmqctl enable_feature_flag all`). No AMQP method reads a feature
+    flag, but declaring a stream queue fails exactly when it is off. On a
+    connection of its own (`conn` is cloned): the broker may answer with a
+    connection error. The probe's name is under the retry queues', which
+    the router user may configure.
+    """
+    probe = conn.clone()
+    name = f"{topo.prefix}.retry.probe-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.connect()
+        channel = probe.channel()
+        channel.queue_declare(name, durable=True, auto_delete=False,
+                              arguments={"x-queue-type": "stream",
+                                         # one member: on a cluster, no
+                                         # replicas to place or wait for
+                                         "x-initial-cluster-size": 1})
+        channel.queue_delete(name)
+        return None
+    except probe.connection_errors + probe.channel_errors as exc:
+        return (f"declaring a stream queue failed ({type(exc).__name__}: "
+                f"{str(exc)[:200]}): if the broker's stream_queue feature flag "
+                f"is off, it dead-letters the parking queues at-most-once and "
+                f"a parked event that expires while the router queue refuses "
+                f"it is lost; run `rabbitmqctl enable_feature_flag all`")
+    finally:
+        probe.release()

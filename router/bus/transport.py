@@ -22,13 +22,30 @@ from struct import unpack_from
 import amqp.basic_message
 import amqp.method_framing
 import amqp.transport
+from amqp import spec
+from amqp.exceptions import ChannelError, ConsumerCancelled, error_for_code
 from kombu.transport import TRANSPORT_ALIASES, pyamqp
 
 from router.bus.inbound import UNDECODABLE
+from router.bus.tls import (  # noqa: F401 (BrokerCertificateRefused is imported from here)
+    BrokerCertificateRefused,
+    BrokerTLSError,
+    explain,
+    option_of,
+    tls_context,
+)
 
 SCHEME = "evamqp"
 
 _CHUNK = 65536
+
+
+def _frame_buffered(transport):
+    """Whether a whole frame (7-byte header, payload, end octet) is already
+    in the read buffer of a buffered transport: reading it touches no socket."""
+    buf, pos = transport._buf, transport._pos
+    have = len(buf) - pos
+    return have >= 8 and have >= unpack_from(">I", buf, pos + 3)[0] + 8
 
 
 class BufferedTCPTransport(amqp.transport.TCPTransport):
@@ -46,6 +63,11 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):
     def _read_buffer(self, value):
         self._buf = value
         self._pos = 0
+
+    def has_unread(self):
+        """Bytes read from the socket and not yet handled: a wait on the
+        socket alone would not see them (connection.wait_readable)."""
+        return len(self._buf) > self._pos
 
     def _read(self, n, initial=False, _errnos=(errno.EAGAIN, errno.EINTR)):
         buf, pos = self._buf, self._pos
@@ -75,58 +97,40 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):
         return rbuf[:n]
 
 
-class BrokerCertificateRefused(ssl.SSLCertVerificationError):
-    """The broker's certificate did not verify: wrong CA, expired, wrong name.
-
-    Still an OSError, so services keep retrying (an operator may fix the CA
-    file or the DNS name); the message says which broker and why.
-    """
-
-    def __str__(self):
-        # SSLError's own __str__ shows the args tuple
-        return str(self.args[0]) if self.args else super().__str__()
-
-
-def tls_context(ca_certs=None, certfile=None, keyfile=None, **_ignored):
-    """The client TLS context: TLS 1.2+, CA-verified, host name checked.
-
-    ca_certs absent: the system's trust store. certfile/keyfile: the client
-    certificate (x509 identity with the EXTERNAL mechanism). Options py-amqp
-    would accept but that could only weaken this (cert_reqs, ssl_version)
-    are ignored on purpose.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=ca_certs)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    if certfile:
-        context.load_cert_chain(certfile, keyfile)
-    return context
-
-
 class VerifiedSSLTransport(amqp.transport.SSLTransport):
     """py-amqp's TLS transport with evrouter's context and host name check.
 
     The name checked is the host this transport connects to, not one fixed
     in the options: kombu fills a missing server_hostname once, with the
     first host, and a failover to the next node would then check the wrong
-    name.
+    name. It is the name the URL gave (server_name), not kombu's rewrite of
+    localhost to 127.0.0.1: a certificate names localhost.
     """
+
+    server_name = None
+
+    @property
+    def _name(self):
+        return self.server_name or self.host
 
     def _wrap_socket(self, sock, context=None, **sslopts):
         return tls_context(**sslopts).wrap_socket(
-            sock, server_hostname=self.host, do_handshake_on_connect=False)
+            sock, server_hostname=self._name, do_handshake_on_connect=False)
 
     def _setup_transport(self):
         try:
             super()._setup_transport()
         except ssl.SSLCertVerificationError as exc:
             raise BrokerCertificateRefused(
-                f"TLS: the certificate of broker {self.host}:{self.port} was "
-                f"refused: {exc.verify_message or exc.reason} (check [bus] "
-                f"ssl_ca_file and that the certificate names this host)"
+                f"TLS: the certificate of broker {self._name}:{self.port} was "
+                f"refused: {exc.verify_message or exc.reason} (check "
+                f"{option_of(self.sslopts, 'ssl_ca_file')} and that the "
+                f"certificate names this host)"
             ) from exc
+        except BrokerTLSError:
+            raise
+        except ssl.SSLError as exc:
+            raise explain(exc, self._name, self.port, self.sslopts) or exc from exc
 
 
 class BufferedSSLTransport(VerifiedSSLTransport):
@@ -140,6 +144,10 @@ class BufferedSSLTransport(VerifiedSSLTransport):
     _buf = b""
     _pos = 0
     _read_buffer = BufferedTCPTransport._read_buffer
+
+    def has_unread(self):
+        # Also TLS records decrypted by the SSL layer and not yet read.
+        return len(self._buf) > self._pos or bool(self.sock.pending())
 
     def _read(self, n, initial=False,
               _errnos=(errno.ENOENT, errno.EAGAIN, errno.EINTR)):
@@ -217,22 +225,84 @@ class _Channel(pyamqp.Channel):
         # not (an unknown codec), so a consumer could get either type.
         self.auto_decode = False
 
+    # A channel's owner that handles a broker-side close itself sets this to
+    # a callable(channel, exc). A soft error (404, 403, 406...) then closes
+    # this channel only: it is told to the owner, not raised out of whatever
+    # drain_events happened to read the frame (py-amqp raises it there,
+    # from any channel's wait, and reopens the channel in place with its
+    # consumers and confirm mode gone). Unset, py-amqp's behaviour stands.
+    on_broker_close = None
+
+    def _on_close(self, reply_code, reply_text, class_id, method_id):
+        handler = self.on_broker_close
+        if (handler is None or self._pending or self.is_closing
+                or self.connection is None or self.connection.is_closing):
+            # this channel's own synchronous call is waiting: it gets the
+            # error, as py-amqp gives it
+            return super()._on_close(reply_code, reply_text, class_id,
+                                     method_id)
+        self.send_method(spec.Channel.CloseOk)
+        self.collect()
+        handler(self, error_for_code(reply_code, reply_text,
+                                     (class_id, method_id), ChannelError))
+
+    def _on_basic_cancel(self, consumer_tag):
+        # The broker cancels a consumer whose queue was deleted; py-amqp
+        # raises that from drain_events as a connection error. The owner
+        # who handles closes treats it as one: its channel consumes no more.
+        handler = self.on_broker_close
+        if handler is None or consumer_tag in self.cancel_callbacks:
+            return super()._on_basic_cancel(consumer_tag)
+        self._remove_tag(consumer_tag)
+        handler(self, ConsumerCancelled(
+            f"the broker cancelled consumer {consumer_tag} (queue deleted?)",
+            spec.Basic.Cancel))
+
 
 class _Connection(pyamqp.Connection):
     Channel = _Channel
     SSLTransport = BufferedSSLTransport
+    _tls_transport = None
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("frame_handler", total_frame_handler)
         super().__init__(*args, **kwargs)
 
+    def blocking_read(self, timeout=None):
+        # py-amqp sets the socket's timeout around every frame it reads and
+        # puts it back after (drain(): a drain_events(timeout=0) per message,
+        # three frames each: six settimeout system calls per message). A
+        # frame already in the buffer is read without touching the socket.
+        transport = self.transport
+        if timeout is not None and _frame_buffered(transport):
+            return self.on_inbound_frame(transport.read_frame())
+        return super().blocking_read(timeout)
+
+    def connect(self, callback=None):
+        try:
+            return super().connect(callback)
+        except BrokerTLSError:
+            raise
+        except ssl.SSLError as exc:
+            # With TLS 1.3 the broker judges our certificate after the
+            # handshake: its refusal is an alert on the first read.
+            transport = self._tls_transport
+            if transport is None:
+                raise
+            raise explain(exc, transport._name, transport.port,
+                          transport.sslopts) or exc from exc
+
     def Transport(self, host, connect_timeout, ssl=False, read_timeout=None,
                   write_timeout=None, socket_settings=None, **kwargs):
         if ssl:
-            return self.SSLTransport(host, connect_timeout=connect_timeout,
-                                     ssl=ssl, read_timeout=read_timeout,
-                                     write_timeout=write_timeout,
-                                     socket_settings=socket_settings, **kwargs)
+            transport = self.SSLTransport(host, connect_timeout=connect_timeout,
+                                          ssl=ssl, read_timeout=read_timeout,
+                                          write_timeout=write_timeout,
+                                          socket_settings=socket_settings, **kwargs)
+            kombu_transport = getattr(getattr(self, "client", None), "transport", None)
+            transport.server_name = getattr(kombu_transport, "asked_hostname", None)
+            self._tls_transport = transport     # for connect()'s messages
+            return transport
         return BufferedTCPTransport(host, connect_timeout=connect_timeout,
                                     read_timeout=read_timeout,
                                     write_timeout=write_timeout,
@@ -241,6 +311,19 @@ class _Connection(pyamqp.Connection):
 
 class Transport(pyamqp.Transport):
     Connection = _Connection
+
+    # The host name of the URL being connected to, kept before kombu's
+    # establish_connection replaces "localhost" with "127.0.0.1" (to avoid
+    # IPv6): TLS checks the broker's certificate against this name.
+    asked_hostname = None
+
+    def establish_connection(self):
+        self.asked_hostname = asked = self.client.hostname
+        try:
+            return super().establish_connection()
+        finally:
+            # and logs keep saying what the operator wrote
+            self.client.hostname = asked
 
 
 # kombu picks a transport by URL scheme, also when it fails over to the next

@@ -1,0 +1,412 @@
+"""The router's publish side: every copy an ingress message causes, to its end.
+
+An ingress message in hand is an ``Entry``; each message it causes (a copy
+per target host, a retry or probation copy, a dead letter) is a ``Copy``.
+The entry is acknowledged once each of its copies reached an end: confirmed,
+replaced by a dead letter, or dropped. Each failure stays in its domain:
+
+- refused (nack: a full queue, a queue without a leader): the copy is
+  published again with backoff, for ``patience`` seconds; then its fallback
+  (below). The ingress message is never requeued for the broker's trouble.
+- returned (a host exchange with nothing bound): that host's copy is
+  dead-lettered, naming the host; the other hosts' copies stand.
+- the publish channel closed by the broker (404 no such exchange, 403...):
+  the close does not say which publish caused it, so each copy that was
+  pending on it is published again *alone* on a quarantine channel of its
+  own, one at a time. The copy that closes the quarantine channel is the
+  culprit; the others are confirmed there. New copies go on a fresh
+  channel meanwhile: one bad copy never costs the session.
+
+Fallbacks: a host, retry or probation copy that cannot be placed becomes a
+dead letter saying why (``refused``; ``unroutable`` for a host exchange that
+is gone); a dead letter that cannot be placed is dropped with an ERROR line
+and ``dropped:<reason>``. So no ingress message holds its prefetch slot for
+longer than about twice ``patience``.
+
+Everything sent is bounded: the headers a dead letter copies from the
+sender are cut to what fits in one frame (inbound.bounded_headers), since a
+content header over frame_max makes the broker close the connection.
+"""
+
+import collections
+import heapq
+import itertools
+import logging
+import time
+
+from router.bus import backoff, contract, inbound, publishing
+from router.bus.connection import take
+
+LOG = logging.getLogger(__name__)
+
+HOST_COPY, RETRY, DEAD = "host", "retry", "dead"
+HEADER_HOST = "x-evrouter-host"
+REASON_REFUSED = "refused"
+
+_LOST = "channel-closed"
+
+
+class Entry:
+    """An ingress message in hand, until all the copies it caused ended."""
+
+    __slots__ = ("lane", "tag", "key", "message", "env_id", "ours",
+                 "remaining", "started", "dropped")
+
+    def __init__(self, lane, tag, message, env_id, ours):
+        self.started = time.monotonic()
+        self.lane = lane
+        self.tag = tag
+        self.key = (lane.name, tag)     # in Delivery.entries: tags are per channel
+        self.message = message
+        self.env_id = env_id
+        self.ours = ours            # published by the router's own user
+        self.remaining = 0
+        self.dropped = False
+
+
+class Copy:
+    __slots__ = ("entry", "kind", "host", "exchange", "routing_key", "body",
+                 "kwargs", "refusals", "first_refused", "suspect")
+
+    def __init__(self, entry, kind, host, exchange, routing_key, body, kwargs):
+        self.entry = entry
+        self.kind = kind
+        self.host = host
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.body = body
+        self.kwargs = kwargs
+        self.refusals = 0
+        self.first_refused = None
+        self.suspect = False    # closed a channel once: quarantine only
+
+
+class Delivery:
+    """Publishes copies on channels it owns and settles their entries.
+
+    ``conn`` is the session's connection; ``settled(entry)`` is called once
+    an entry's last copy ended; ``host_gone(host)`` when a host exchange
+    turned out not to exist. Call ``pump()`` after every drain.
+    """
+
+    def __init__(self, conn, topo, stats, *, settled, host_gone, router_name,
+                 patience=20.0, memory=False, clock=time.monotonic):
+        self.conn = conn
+        self.topo = topo
+        self.stats = stats
+        self._settled_cb = settled
+        self._host_gone = host_gone
+        self._router = router_name
+        self.patience = patience
+        self._memory = memory
+        self._clock = clock
+        self._outcomes = []         # (copy or None, outcome): broker callbacks
+        self._closed = []           # (channel, exc): ours, closed by the broker
+        self._closed_others = []    # the same for channels we watch()
+        self._delayed = []          # heap of (due, n, copy)
+        self._quarantine = collections.deque()
+        self._q_channel = self._q_publisher = None
+        self._n = itertools.count()
+        self.entries = {}           # (lane name, tag) -> Entry
+        self.frame_max = inbound.frame_max_of(conn)
+        self.channel, self.publisher = self._open()
+
+    # --- channels -------------------------------------------------------------
+    def _open(self, on_outcome=None):
+        channel = self._publish_channel()
+        # The publisher moves to a new channel after a nack (see
+        # publishing.ConfirmedPublisher): it opens them here, so a broker
+        # close of any of them is told like this one's.
+        publisher = publishing.ConfirmedPublisher(
+            channel, on_outcome or (lambda copy, outcome:
+                                    self._outcomes.append((copy, outcome))),
+            open_channel=self._publish_channel)
+        return channel, publisher
+
+    def _publish_channel(self):
+        channel = self.conn.channel()
+        channel.on_broker_close = lambda ch, exc: self._closed.append((ch, exc))
+        return channel
+
+    def watch(self, channel):
+        """Have a broker-side close of the session's other channels (lanes,
+        the placement consumer) told, not raised: see closed_channels()."""
+        channel.on_broker_close = lambda ch, exc: self._closed_others.append(
+            (ch, exc))
+        return channel
+
+    def closed_channels(self):
+        """[(channel, exc)] of watched channels the broker closed since."""
+        return take(self._closed_others) if self._closed_others else ()
+
+    @property
+    def idle(self):
+        return not (self.entries or self._outcomes or self._quarantine
+                    or self._delayed)
+
+    # --- entries and copies ---------------------------------------------------
+    def track(self, lane, tag, message, env_id, *, ours=False):
+        entry = Entry(lane, tag, message, env_id, ours)
+        self.entries[entry.key] = entry
+        return entry
+
+    def forget_lane(self, lane):
+        """The lane's channel is gone and the broker requeued what it held:
+        outcomes of those entries' copies no longer settle anything."""
+        for key in [k for k, e in self.entries.items() if e.lane is lane]:
+            del self.entries[key]
+
+    def send(self, entry, kind, host, exchange, routing_key, body, **kwargs):
+        copy = Copy(entry, kind, host, exchange, routing_key, body, kwargs)
+        entry.remaining += 1
+        if self._closed:
+            self._take_closures()       # as in _publish
+        # A new copy is never suspect: _publish's other half is not needed.
+        self.publisher.publish(exchange, routing_key, body, copy, **kwargs)
+
+    def send_untracked(self, exchange, routing_key, body, **kwargs):
+        """A message no ingress message waits for (a resync request, a
+        parked retry put back): its outcome settles nothing."""
+        if self._closed:
+            self._take_closures()
+        self.publisher.publish(exchange, routing_key, body, None, **kwargs)
+
+    def _publish(self, copy):
+        if self._closed:
+            # A close read by any drain (a passive declare's wait, too) is
+            # acted on before the next publish: the old channel is gone.
+            self._take_closures()
+        if copy.suspect:
+            self._quarantine.append(copy)
+        else:
+            self.publisher.publish(copy.exchange, copy.routing_key, copy.body,
+                                   copy, **copy.kwargs)
+
+    def _current(self, entry):
+        return self.entries.get(entry.key) is entry
+
+    # --- the loop's turn --------------------------------------------------------
+    def pump(self):
+        """Settle what the broker said since the last turn, publish what is
+        due again. Returns True if there was anything to do."""
+        busy = bool(self._outcomes or self._closed)
+        self.publisher.pump()
+        if self._q_publisher is not None:
+            self._q_publisher.pump()
+        # Each fault's work only when there is some: this runs every turn.
+        if self._closed:
+            self._take_closures()
+        if self._outcomes:
+            for copy, outcome in take(self._outcomes):
+                if copy is not None:
+                    self._outcome(copy, outcome)
+        if self._delayed:
+            now = self._clock()
+            while self._delayed and self._delayed[0][0] <= now:
+                copy = heapq.heappop(self._delayed)[2]
+                if self._current(copy.entry):
+                    self._publish(copy)
+        if self._quarantine:
+            self._feed_quarantine()
+        return busy
+
+    def _outcome(self, copy, outcome):
+        entry = copy.entry
+        if self.entries.get(entry.key) is not entry:     # not _current()
+            return
+        if outcome == publishing.ACK:
+            if copy.kind == HOST_COPY:
+                self.stats["out"] += 1
+            if copy.refusals:
+                LOG.info("event %s: the %s copy%s was accepted after %d "
+                         "refusal(s)", entry.env_id, copy.kind,
+                         _for_host(copy), copy.refusals)
+            # _ended(entry), inline: every copy of every event passes here
+            entry.remaining -= 1
+            if entry.remaining == 0:
+                del self.entries[entry.key]
+                self._settled_cb(entry)
+            return
+        if outcome == publishing.RETURNED and copy.kind == HOST_COPY:
+            # The exchange exists but no queue is bound: dead-letter this
+            # host's copy only, naming the host; the others were delivered.
+            self._host_gone(copy.host)
+            return self._replace_with_dead_letter(
+                copy, contract.REASON_UNROUTABLE,
+                f"no queue bound to {copy.exchange}")
+        self._refused(copy, outcome)
+
+    def _refused(self, copy, outcome):
+        """Published again with backoff while patience lasts, then its
+        fallback; the ingress message stays in hand meanwhile."""
+        now = self._clock()
+        copy.refusals += 1
+        if copy.first_refused is None:
+            copy.first_refused = now
+        self.stats["refused"] += 1
+        entry = copy.entry
+        if now - copy.first_refused >= self.patience:
+            return self._give_up(copy, outcome)
+        delay = backoff.refused_copy_delay(copy.refusals)
+        heapq.heappush(self._delayed, (now + delay, next(self._n), copy))
+        # One line per copy at WARNING: in a failover every copy in flight
+        # may be refused many times over.
+        LOG.log(logging.WARNING if copy.refusals == 1 else logging.DEBUG,
+                "event %s: broker %s the %s copy%s; publishing it again in "
+                "%.2fs", entry.env_id, outcome, copy.kind, _for_host(copy),
+                delay)
+
+    def _give_up(self, copy, outcome):
+        entry = copy.entry
+        where = f"{copy.exchange or 'queue'} {copy.routing_key}".strip()
+        detail = (f"the broker refused the {copy.kind} copy ({outcome}) "
+                  f"{copy.refusals} times over {self.patience:.0f}s: {where}")
+        if copy.kind != DEAD:
+            LOG.error("event %s: %s; dead-lettering it", entry.env_id, detail)
+            return self._replace_with_dead_letter(copy, REASON_REFUSED, detail)
+        reason = copy.kwargs.get("headers", {}).get(contract.HEADER_REASON, "-")
+        self.stats[f"dropped:{reason}"] += 1
+        entry.dropped = True
+        LOG.error("event %s: dropped: the dead letter (%s) could not be "
+                  "placed: %s", entry.env_id, reason, detail)
+        self._ended(entry)
+
+    def _replace_with_dead_letter(self, copy, reason, detail):
+        extra = {HEADER_HOST: copy.host} if copy.kind == HOST_COPY else None
+        self.dead_letter(copy.entry, reason, detail, extra_headers=extra)
+        self._ended(copy.entry)
+
+    def _ended(self, entry):
+        entry.remaining -= 1
+        if entry.remaining == 0:
+            del self.entries[entry.key]
+            self._settled_cb(entry)
+
+    # --- channel faults ---------------------------------------------------------
+    def _take_closures(self):
+        """Replace every closed channel first, then judge the culprits: a
+        culprit's dead letter must not go out on a channel already closed."""
+        culprits = []
+        for channel, exc in take(self._closed):
+            if self._q_publisher is not None and self._q_publisher.owns(channel):
+                culprits += [(copy, exc) for copy in
+                             self._q_publisher.take_pending() if copy]
+                self._q_channel = self._q_publisher = None
+            elif self.publisher.owns(channel):
+                self._publish_channel_lost(exc)
+        for copy, exc in culprits:
+            self._culprit(copy, exc)
+
+    def _publish_channel_lost(self, exc):
+        suspects = self.publisher.take_pending()
+        self.stats["publish_channel_faults"] += 1
+        self.stats["quarantined"] += len(suspects)
+        LOG.warning("router %s: the broker closed the publish channel (%s); "
+                    "%d copies in flight go through quarantine, one at a time",
+                    self._router, _brief(exc), len(suspects))
+        self.channel, self.publisher = self._open()
+        self._quarantine.extend(c for c in suspects if c is not None)
+
+    def _culprit(self, copy, exc):
+        """This copy, published alone, closed its channel."""
+        if not self._current(copy.entry):
+            return
+        copy.suspect = True
+        if copy.kind == HOST_COPY and getattr(exc, "reply_code", None) == 404:
+            self._host_gone(copy.host)
+            LOG.warning("event %s: host exchange %s does not exist (%s)",
+                        copy.entry.env_id, copy.exchange, _brief(exc))
+            return self._replace_with_dead_letter(
+                copy, contract.REASON_UNROUTABLE,
+                f"{copy.exchange} does not exist")
+        self._refused(copy, _brief(exc))
+
+    def _feed_quarantine(self):
+        if not self._quarantine:
+            return
+        if self._q_publisher is None:
+            self._q_channel, self._q_publisher = self._open(self._q_outcome)
+        if self._q_publisher.in_flight:
+            return
+        while self._quarantine:
+            copy = self._quarantine.popleft()
+            if self._current(copy.entry):
+                self._q_publisher.publish(copy.exchange, copy.routing_key,
+                                          copy.body, copy, **copy.kwargs)
+                return
+
+    def _q_outcome(self, copy, outcome):
+        if outcome == publishing.ACK:
+            copy.suspect = False    # not this one; it is placed
+        self._outcomes.append((copy, outcome))
+
+    # --- what goes out -------------------------------------------------------------
+    def bounded(self, untrusted, ours):
+        """A sender's headers cut to what fits beside `ours` in one content
+        frame, then `ours` on top (they win over anything sent as theirs)."""
+        headers, cut = inbound.bounded_beside(untrusted, ours, self.frame_max)
+        if cut:
+            self.stats["headers_cut"] += 1
+            LOG.info("headers cut from a copy: %s", cut)
+        return headers
+
+    def complete(self, entry):
+        """`entry` needs no copy (the memory transport's parked retry)."""
+        entry.remaining += 1
+        self._ended(entry)
+
+    def dead_letter(self, entry, reason, detail, *, extra_headers=None):
+        """One more copy for `entry`: the message to the dead-letter exchange
+        with a reason. Everything taken from the message is untrusted and
+        passes inbound's filters, bounded to fit in one frame: this step
+        cannot fail on what a sender put there."""
+        message = entry.message
+        # The id its sender gave it, which is what an operator looks for;
+        # the id in its body only when the sender gave none (or no usable one)
+        msg_id = (inbound.safe_shortstr(property_of(message, "message_id"))
+                  or inbound.safe_shortstr(entry.env_id if entry.env_id != "-"
+                                           else None))
+        ours = {contract.HEADER_REASON: reason,
+                contract.HEADER_DETAIL: inbound.clip(detail),
+                "x-evrouter-router": self._router}
+        if extra_headers:
+            ours.update(extra_headers)
+        headers = self.bounded(untrusted_headers(message, entry.ours), ours)
+        self.send(entry, DEAD, None, self.topo.dead_letter_exchange_name,
+                  reason, inbound.raw_body(message.body), message_id=msg_id,
+                  headers=headers,
+                  content_type=inbound.safe_shortstr(
+                      property_of(message, "content_type")))
+        self.stats[f"dead_lettered:{reason}"] += 1
+        LOG.warning("event %s dead-lettered (%s): %s", inbound.loggable(msg_id),
+                    reason, inbound.clip(detail, 300))
+
+
+def untrusted_headers(message, ours):
+    """The sender's headers, without any x-evrouter-* a sender other than
+    the router itself put there (they would be trusted on the way back)."""
+    headers = property_of(message, "application_headers")
+    if type(headers) is not dict or ours:
+        return headers
+    return {k: v for k, v in headers.items()
+            if not (type(k) is str and k.startswith("x-evrouter-"))}
+
+
+def property_of(message, name):
+    """One AMQP property of a kombu message, whatever the transport."""
+    if name == "application_headers":
+        return getattr(message, "headers", None)
+    if name == "content_type":
+        return getattr(message, "content_type", None)
+    props = getattr(message, "properties", None)
+    return props.get(name) if type(props) is dict else None
+
+
+def _for_host(copy):
+    return f" for host {copy.host}" if copy.host else ""
+
+
+def _brief(exc):
+    code = getattr(exc, "reply_code", None)
+    text = inbound.clip(getattr(exc, "reply_text", None) or str(exc), 200)
+    return f"{code} {text}" if code else text

@@ -1,0 +1,167 @@
+"""What the router knows about hosts: placement from the lifecycle fanout,
+and which host exchanges exist.
+
+The placement consumer reads a queue of its own (a new name per session,
+no_ack) bound to the lifecycle fanout. Its messages come from every compute
+host, so each one is decoded totally and checked against its sender; a bad
+one is ignored and counted, never requeued (there is nothing to requeue).
+If the broker closes its channel (the queue deleted under it), the session
+calls ``reopen()``: a new queue, and a resync request so the agents fill the
+gap with snapshots.
+"""
+
+import logging
+import time
+import uuid
+
+from kombu import Consumer
+
+from router import routing
+from router.bus import contract, inbound
+from router.bus.connection import take, user_of
+from router.delivery import property_of
+
+LOG = logging.getLogger(__name__)
+
+# A host exchange seen to exist is checked again after this long, so one
+# deleted since (a decommissioned host) is noticed; one seen missing, after
+# the shorter time.
+_POSITIVE_HOST_TTL = 60.0
+_NEGATIVE_HOST_TTL = 0.5
+
+
+class PlacementObserver:
+    def __init__(self, conn, delivery, settings, placement, stats, *, memory):
+        self.conn = conn
+        self.delivery = delivery
+        self.s = settings
+        self.topo = settings.topology
+        self.placement = placement
+        self.stats = stats
+        self.memory = memory
+        self._messages = []
+        self.channel = self.consumer = None
+
+    def start(self):
+        # A new name per session: after a half-open connection the old
+        # exclusive queue lingers until the broker reaps it, and declaring
+        # the same name would fail RESOURCE_LOCKED.
+        queue = self.topo.placement_queue(
+            f"{self.s.name}.{uuid.uuid4().hex[:8]}")
+        self.channel = self.delivery.watch(self.conn.channel())
+        self.consumer = Consumer(self.channel, [queue], no_ack=True,
+                                 on_message=self._messages.append)
+        self.consumer.consume()
+        self.ask_for_snapshots()
+
+    def reopen(self, exc):
+        self.stats["placement_channel_faults"] += 1
+        LOG.warning("router %s: the broker closed the placement consumer's "
+                    "channel (%s); consuming a new queue", self.s.name, exc)
+        if getattr(self.channel, "is_open", False):
+            try:
+                self.channel.close()
+            except self.conn.channel_errors:
+                pass
+        self.start()
+
+    def ask_for_snapshots(self):
+        """Every agent answers with its host's whole placement: a router that
+        (re)connects knows it within seconds instead of learning it from
+        whatever lifecycle events happen next."""
+        self.placement.connected(self.s.resync_window)
+        if self.memory:
+            return      # the memory transport's agents snapshot on start
+        request = contract.envelope(contract.ResyncRequest(self.s.name),
+                                    f"router@{self.s.name}")
+        self.delivery.send_untracked(self.topo.control_exchange_name, "",
+                                     contract.encode(request),
+                                     message_id=request.id, mandatory=False,
+                                     user_id=user_of(self.conn))
+        LOG.info("router %s asked the agents for snapshots (%s)", self.s.name,
+                 request.id)
+
+    @property
+    def pending(self):
+        return bool(self._messages)
+
+    def pump(self, broker_errors):
+        if not self._messages:
+            return          # the usual turn: nothing from the fanout
+        for message in take(self._messages):
+            try:
+                self._observe(message)
+            except broker_errors:
+                raise
+            except Exception:
+                # Consumed without ack: nothing comes back to loop on, and
+                # one compute host's bad message must not stop every router.
+                self.stats["lifecycle_errors"] += 1
+                LOG.exception("lifecycle message %s: unexpected error; ignored",
+                              inbound.loggable(property_of(message, "message_id")))
+
+    def _observe(self, message):
+        try:
+            env = inbound.decode_message(message.body,
+                                         inbound.properties_of(message),
+                                         self.s.max_body_bytes)
+        except contract.ContractError as exc:
+            self.stats["lifecycle_invalid"] += 1
+            LOG.warning("lifecycle message %s ignored (%s): %s",
+                        inbound.loggable(property_of(message, "message_id")),
+                        exc.reason, exc)
+            return
+        p = env.payload
+        if env.kind == contract.RESYNC_REQUEST:
+            return      # another router asking the agents; not for us
+        refusal = routing.lifecycle_refusal(property_of(message, "user_id"), p.host,
+                                            self.s.policy, authenticated=not self.memory)
+        if refusal is not None:
+            self.stats[f"forbidden:{env.kind}"] += 1
+            LOG.warning("%s %s ignored: %s", env.kind, env.id, refusal)
+            return
+        if env.kind == contract.LIFECYCLE_EVENT:
+            self.placement.observe(p)
+            self.stats["lifecycle_seen"] += 1
+        elif env.kind == contract.HOST_SNAPSHOT:
+            self.placement.replace_host(p.host, p.instances)
+            self.stats["snapshots_seen"] += 1
+            LOG.info("host %s snapshot %s: %d instance(s)", p.host, env.id,
+                     len(p.instances))
+        # A host that announces itself is not yet a host whose exchange
+        # exists (its consumer may start later): routing checks that.
+
+
+class KnownHosts:
+    """Whether a host's exchange exists, asked of the broker and cached.
+
+    A passive declare that fails closes its channel: it has one of its own,
+    and waits on it synchronously, so the answer is its own error.
+    """
+
+    def __init__(self, conn, topo, clock=time.monotonic):
+        self.conn = conn
+        self.topo = topo
+        self._clock = clock
+        self._known = {}            # host -> (exists, checked at)
+        self._channel = None
+
+    def forget(self, host):
+        self._known[host] = (False, self._clock())
+
+    def __call__(self, host):
+        known, checked = self._known.get(host, (None, 0.0))
+        age = self._clock() - checked
+        if (known and age < _POSITIVE_HOST_TTL) or (
+                known is False and age < _NEGATIVE_HOST_TTL):
+            return known
+        if self._channel is None:
+            self._channel = self.conn.channel()
+        try:
+            self._channel.exchange_declare(self.topo.host_exchange_name(host),
+                                           "topic", passive=True)
+            known = True
+        except self.conn.channel_errors:
+            known = False           # py-amqp reopened the channel in place
+        self._known[host] = (known, self._clock())
+        return known

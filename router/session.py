@@ -1,0 +1,381 @@
+"""One connection's worth of routing: the loop, and what it does per message.
+
+One thread owns the connection. Broker callbacks (deliveries, confirms,
+lifecycle messages, channel closes) only append values to lists; the loop
+alone publishes, acknowledges and decides, so nothing is ever published from
+inside a callback (py-amqp would drain the socket and recurse).
+
+Failures stay where they happen (README, "Fault model"): a bad message is
+dead-lettered by itself; a copy the broker refuses or a channel it closes
+is handled by the publish side (router/delivery.py); a lane or placement
+channel the broker closes is reopened here, its unacknowledged messages
+requeued by the broker. Only a lost connection ends a session.
+"""
+
+import heapq
+import itertools
+import logging
+import time
+
+from amqp.exceptions import ConsumerCancelled
+
+from router import routing
+from router.bus import connection as bus_connection
+from router.bus import contract, inbound, topology
+from router.bus.connection import take
+from router.delivery import DEAD, HOST_COPY, RETRY, Delivery, property_of, untrusted_headers
+from router.lanes import HEADER_REDELIVERIES, HEADER_VERDICT, HEADER_VERDICT_DETAIL, Lane
+from router.observer import KnownHosts, PlacementObserver
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["Session", "HOST_COPY", "RETRY", "DEAD"]
+
+
+class Session:
+    def __init__(self, service, conn):
+        self.service = service
+        self.s = service.settings
+        self.topo = self.s.topology
+        self.conn = conn
+        self.stats = service.stats
+        self._broker_errors = conn.connection_errors + conn.channel_errors
+        self._parked = []           # memory transport only: (due, n, ...)
+        self._n = itertools.count()
+        # ingress tags whose counted copy went to probation: that copy is
+        # routed only once their acknowledgements have left (_route_probation)
+        self._probation_blockers = set()
+        self.probation = None
+
+    # --- set-up -------------------------------------------------------------
+    def run(self):
+        conn = self.conn
+        try:
+            bus_connection.connect_once(conn)
+            self.memory = bus_connection.is_memory(conn)
+            self.user = bus_connection.user_of(conn)
+            topology.declare(conn.channel(), *self.topo.central())
+            if not self.memory and not self.service.parking_checked:
+                self.service.parking_checked = True
+                self._check_parking()
+            self.hosts = KnownHosts(conn, self.topo)
+            self.delivery = Delivery(
+                conn, self.topo, self.stats, settled=self._settled,
+                host_gone=self.hosts.forget, router_name=self.s.name,
+                patience=self.s.refused_patience, memory=self.memory)
+            self.observer = PlacementObserver(
+                conn, self.delivery, self.s, self.service.placement,
+                self.stats, memory=self.memory)
+            self.observer.start()
+            self.main = Lane("main", self.topo.router_queue(), self.s.prefetch,
+                             memory=self.memory, consume_check=self.s.consume_check)
+            self.main.open(conn, self.delivery.watch)
+            if not self.memory:
+                self.probation = Lane("probation", self.topo.probation_queue(),
+                                      1, memory=False,
+                                      consume_check=self.s.consume_check)
+                self.probation.open(conn, self.delivery.watch)
+            self.stats["sessions"] += 1
+            self.service.last_connect_error = None
+            self.service.ready.set()
+            LOG.info("router %s consuming %s (prefetch %d)", self.s.name,
+                     self.topo.router_queue_name, self.s.prefetch)
+            self._loop()
+        finally:
+            conn.release()
+
+    # --- the loop -----------------------------------------------------------
+    def _loop(self):
+        stopping_since = None
+        next_heartbeat = 0.0
+        lanes = [lane for lane in (self.main, self.probation) if lane]
+        while True:
+            if self.service._stop.is_set() and stopping_since is None:
+                stopping_since = time.monotonic()
+                for lane in lanes:
+                    lane.cancel()
+                LOG.info("router %s stopping: %d in flight", self.s.name,
+                         len(self.delivery.entries) + len(self.main.deliveries))
+            if stopping_since is not None:
+                idle = self.delivery.idle and not any(
+                    lane.deliveries for lane in lanes)
+                if idle or time.monotonic() - stopping_since > self.s.drain_timeout:
+                    return
+            bus_connection.drain(self.conn, 0.25)
+            self._pump()
+            now = time.monotonic()
+            while self._parked and self._parked[0][0] <= now:
+                _, _, body, env, headers = heapq.heappop(self._parked)
+                self.delivery.send_untracked(
+                    self.topo.ingress_exchange_name, topology.RETRY_ROUTING_KEY,
+                    body, message_id=env.id, headers=headers)
+            if now >= next_heartbeat and not self.memory:
+                self.conn.heartbeat_check()
+                next_heartbeat = now + 1.0
+            if stopping_since is None and not self.memory:
+                self._check_lanes(lanes, now)
+
+    def _check_lanes(self, lanes, now):
+        """A lane whose queue was deleted without a cancel (RabbitMQ 3.10,
+        quorum queues: router/bus/consuming.py) is reopened as a cancelled
+        one is: the queue declared again, consumed on a new channel."""
+        for lane in lanes:
+            try:
+                lane.queue_watch.check(now)
+            except ConsumerCancelled as exc:
+                self._reopen_lane(lane, exc)
+
+    def _check_parking(self):
+        """Once per process: said at ERROR, and routing goes on (events are
+        at risk only while the router queue refuses a parked one)."""
+        why = topology.parking_refusal(self.conn, self.topo)
+        if why is not None:
+            LOG.error("router %s: parked events may be lost: %s", self.s.name,
+                      why)
+
+    def _pump(self):
+        delivery = self.delivery
+        while True:
+            self.observer.pump(self._broker_errors)
+            if self.main.deliveries:
+                self.main.queue_watch.delivered()
+            for message in take(self.main.deliveries):
+                self._route_safely(message, self.main)
+            if not delivery.pump() and not (self.main.deliveries
+                                            or self.observer.pending):
+                break
+        self._reopen_closed_channels()
+        self.main.flush()
+        if self.probation is not None:
+            if self.probation.deliveries:
+                self.probation.queue_watch.delivered()
+                self._route_probation()
+            self.probation.flush()
+
+    def _reopen_closed_channels(self):
+        for channel, exc in self.delivery.closed_channels():
+            for lane in (self.main, self.probation):
+                if lane is not None and channel is lane.channel:
+                    self._reopen_lane(lane, exc)
+            if channel is self.observer.channel:
+                self.observer.reopen(exc)
+
+    def _reopen_lane(self, lane, exc):
+        """The broker closed a lane's channel (the queue deleted, an ack it
+        did not like): it requeued what that channel held, so those entries
+        settle nothing any more; consume again on a new channel."""
+        self.stats["lane_channel_faults"] += 1
+        LOG.warning("router %s: the broker closed the %s lane's channel (%s); "
+                    "%d message(s) in hand go back to the queue; consuming "
+                    "again", self.s.name, lane.name, exc, len(lane.window or ()))
+        self.delivery.forget_lane(lane)
+        if lane is self.main:
+            self._probation_blockers.clear()
+        _close_quietly(lane.channel, self._broker_errors)
+        # a deleted queue is declared again, as at the session's start
+        topology.declare(self.conn.channel(), *self.topo.central())
+        lane.open(self.conn, self.delivery.watch)
+
+    def _route_probation(self):
+        """Route the redelivered message in hand, alone.
+
+        Not before the acknowledgements of the originals it was counted
+        from have left: if it is the one that kills routers, its original
+        must not come back as well and start a second count.
+        """
+        window = self.main.window
+        self._probation_blockers = {
+            t for t in self._probation_blockers if window.holds(t)}
+        if self._probation_blockers:
+            return
+        for message in take(self.probation.deliveries):
+            self._route_safely(message, self.probation)
+
+    def _settled(self, entry):
+        # A dropped entry (its dead letter refused for the whole patience)
+        # is acknowledged as well: rejected, the queue's own dead-lettering
+        # put it in the dead-letter queue without our reason once the
+        # refusal ended (found by tests/chaos). The ERROR line and
+        # dropped:<reason> say what happened to it.
+        entry.lane.window.settle(entry.tag, True)
+        self.service.latency.observe(time.monotonic() - entry.started)
+
+    # --- routing ------------------------------------------------------------
+    def _route_safely(self, message, lane):
+        try:
+            self._route(message, lane)
+        except self._broker_errors:
+            raise
+        except Exception as exc:
+            # A bug must not stop the service or lose the message: park it
+            # in the dead-letter queue, where an operator can replay it.
+            msg_id = property_of(message, "message_id")
+            LOG.exception("event %s: unexpected error while routing",
+                          inbound.loggable(msg_id))
+            self._dead_letter_or_drop(lane, message, msg_id,
+                                      contract.REASON_INTERNAL,
+                                      f"{type(exc).__name__}: {exc}")
+
+    def _dead_letter_or_drop(self, lane, message, msg_id, reason, detail):
+        """The last line of defence: it must work on any message."""
+        tag = message.delivery_tag
+        # Copies already published report to the dropped entry, harmlessly.
+        self.delivery.entries.pop((lane.name, tag), None)
+        try:
+            entry = self.delivery.track(lane, tag, message,
+                                        inbound.safe_shortstr(msg_id) or "-")
+            self.delivery.dead_letter(entry, reason, detail)
+        except self._broker_errors:
+            raise
+        except Exception:
+            self.delivery.entries.pop((lane.name, tag), None)
+            lane.window.settle(tag, False, requeue=False)
+            self.stats["dropped:internal-error"] += 1
+            LOG.exception("event %s could not be dead-lettered (%s); rejected "
+                          "without requeue", inbound.loggable(msg_id), reason)
+
+    def _route(self, message, lane):
+        tag = message.delivery_tag
+        lane.window.open(tag)
+        self.stats["in"] += 1
+        props = inbound.properties_of(message)
+        headers = props.get("application_headers")
+        user_id = props.get("user_id")
+        msg_id = props.get("message_id")
+        ours = not self.memory and user_id is not None and user_id == self.user
+        seen = lane.redeliveries(message, headers, ours)
+        limit = self.s.redelivery_limit
+        if seen >= limit + 2:
+            return self._drop_poison(lane, tag, msg_id, seen)
+        if seen >= limit:
+            entry = self.delivery.track(lane, tag, message,
+                                        inbound.safe_shortstr(msg_id) or "-",
+                                        ours=ours)
+            return self.delivery.dead_letter(
+                entry, contract.REASON_POISON,
+                f"delivered {seen + 1} times without being settled")
+        try:
+            env, verdict = inbound.decode_message(
+                message.body, props, self.s.max_body_bytes), None
+        except contract.ContractError as exc:
+            env, verdict = None, (exc.reason, str(exc))
+        publisher = user_id
+        now = time.time()
+        attempt, first_seen = 0, now
+        # Without headers every read below gives its default: skipped.
+        if headers and (ours or (self.memory and type(headers) is dict)):
+            # Our own copy: carries the original, broker-validated publisher.
+            publisher = inbound.header(headers, contract.HEADER_PUBLISHER,
+                                       str, publisher)
+            attempt = inbound.header(headers, contract.HEADER_ATTEMPT, int, 0)
+            first_seen = inbound.header(headers, contract.HEADER_FIRST_SEEN,
+                                        float, first_seen)
+            carried = inbound.header(headers, HEADER_VERDICT, str, None)
+            if carried and verdict is None:
+                verdict = (carried, inbound.header(
+                    headers, HEADER_VERDICT_DETAIL, str, ""))
+        entry = self.delivery.track(
+            lane, tag, message,
+            env.id if env else inbound.safe_shortstr(msg_id) or "-", ours=ours)
+        if seen:
+            return self._to_probation(entry, verdict, publisher, seen, attempt,
+                                      first_seen)
+        if verdict is not None:
+            return self.delivery.dead_letter(entry, *verdict)
+        decision = routing.decide(
+            env, publisher=publisher,
+            hosts_for=self.service.placement.hosts_for,
+            is_known_host=self.hosts, attempt=attempt,
+            first_seen=first_seen, now=now, policy=self.s.policy,
+            placement_ready=self.service.placement.ready,
+            authenticated=not self.memory)
+        if type(decision) is routing.Deliver:
+            self._deliver(entry, env, decision.hosts, publisher)
+        elif type(decision) is routing.Retry:
+            self._retry(entry, env, decision, publisher, first_seen)
+        else:
+            self.delivery.dead_letter(entry, decision.reason, decision.detail)
+
+    def _drop_poison(self, lane, tag, msg_id, seen):
+        """Its poison dead letter failed too, every time: let it go."""
+        lane.window.settle(tag, False, requeue=False)
+        self.stats["dropped:poison"] += 1
+        LOG.error("event %s: dropped after %d deliveries: even its poison "
+                  "dead letter could not be placed", inbound.loggable(msg_id),
+                  seen + 1)
+
+    def _to_probation(self, entry, verdict, publisher, seen, attempt,
+                      first_seen):
+        """Copy the message, as it came and counted, to the probation queue;
+        the original is acknowledged once the copy is confirmed."""
+        message = entry.message
+        counted = {HEADER_REDELIVERIES: seen,
+                   contract.HEADER_ATTEMPT: attempt,
+                   contract.HEADER_FIRST_SEEN: first_seen,
+                   contract.HEADER_PUBLISHER: publisher or ""}
+        if verdict is not None:
+            counted[HEADER_VERDICT] = verdict[0]
+            counted[HEADER_VERDICT_DETAIL] = inbound.clip(verdict[1])
+        headers = untrusted_headers(message, entry.ours)
+        if type(headers) is dict:
+            headers = {k: v for k, v in headers.items()
+                       if k not in ("x-delivery-count", HEADER_VERDICT,
+                                    HEADER_VERDICT_DETAIL)}
+        headers = self.delivery.bounded(headers, counted)
+        self.delivery.send(entry, RETRY, None, "",
+                           self.topo.probation_queue_name,
+                           inbound.raw_body(message.body),
+                           message_id=(inbound.safe_shortstr(
+                               property_of(message, "message_id"))
+                               or inbound.safe_shortstr(entry.env_id)),
+                           headers=headers, user_id=self.user)
+        if entry.lane is self.main:
+            # The probation lane takes one message at a time: the broker
+            # sends the copy only after this original is acknowledged.
+            self._probation_blockers.add(entry.tag)
+        self.stats["redelivered"] += 1
+        LOG.info("event %s redelivered (%d): to probation", entry.env_id, seen)
+
+    def _deliver(self, entry, env, hosts, publisher):
+        key = topology.instance_routing_key(env.payload.name)
+        headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
+        body = inbound.raw_body(entry.message.body)
+        for host in hosts:
+            self.delivery.send(entry, HOST_COPY, host,
+                               self.topo.host_exchange_name(host), key, body,
+                               message_id=env.id, headers=headers)
+        if LOG.isEnabledFor(logging.DEBUG):     # not the join, per event
+            LOG.debug("event %s %s for %s routed to %s", env.id,
+                      env.payload.name, env.payload.server_uuid,
+                      ",".join(hosts))
+
+    def _retry(self, entry, env, decision, publisher, first_seen):
+        delay = self.topo.retry_delay_ms(decision.attempt)
+        headers = {contract.HEADER_ATTEMPT: decision.attempt,
+                   contract.HEADER_FIRST_SEEN: first_seen,
+                   contract.HEADER_PUBLISHER: publisher or ""}
+        body = inbound.raw_body(entry.message.body)
+        if self.memory:
+            # The memory transport has no TTLs to park a message with: keep
+            # it here (it has no durability to lose) and put it back later.
+            heapq.heappush(self._parked, (time.monotonic() + delay / 1000,
+                                          next(self._n), body, env, headers))
+            self.delivery.complete(entry)
+        else:
+            self.delivery.send(entry, RETRY, None, "",
+                               self.topo.retry_queue_name(delay), body,
+                               message_id=env.id, headers=headers,
+                               user_id=self.user)
+        self.stats["retried"] += 1
+        LOG.info("event %s retry %d in %dms: %s", env.id, decision.attempt,
+                 delay, decision.detail)
+
+
+def _close_quietly(channel, errors):
+    """Close a channel the broker may have closed already (a cancelled
+    consumer leaves it open, holding nothing)."""
+    if getattr(channel, "is_open", False):
+        try:
+            channel.close()
+        except errors:
+            pass
