@@ -20,9 +20,10 @@ A snapshot of the host (one host-snapshot message, which replaces what
 consumers knew of the host) goes out when libvirt connects, after a broker
 reconnect, every ``snapshot_interval`` and when a router asks for one: a
 router publishes a resync request on the control fanout whenever its
-session starts, each agent hears it on its own control queue and answers,
-at most once per ``resync_min_interval`` (requests in between coalesce
-into one later snapshot).
+session starts, each agent hears it on a control queue of its current
+broker session's own (Topology.agent_control_queue) and answers, at most
+once per ``resync_min_interval`` (requests in between coalesce into one
+later snapshot).
 
 Health: ``healthy`` is False until libvirt and the broker are both
 connected, and whenever either is lost. On stop, events still held back
@@ -41,6 +42,7 @@ from compute import libvirt_watch
 from compute.handoff import Handoff, blocking_call
 from compute.lifecycle import LifecycleTranslator, SnapshotPacer
 from compute.lifecycle_publisher import LifecyclePublisher, Outbox, Outgoing
+from router import routing
 from router.bus import connection as bus_connection
 from router.bus import contract, inbound
 from router.bus.topology import Topology
@@ -48,6 +50,8 @@ from router.bus.topology import Topology
 LOG = logging.getLogger(__name__)
 
 _WATCHER_STOP_TIMEOUT = 5.0
+# Nothing due: wake anyway after this (a bound, not a poll).
+_IDLE_WAIT_MAX = 60.0
 
 
 @dataclass
@@ -73,9 +77,9 @@ class AgentSettings:
     # Answer routers' resync requests (a snapshot), at most one per this
     # many seconds; requests in between are coalesced.
     resync_min_interval: float = 1.0
-    # Broker users whose resync requests are answered; empty: whoever may
-    # write the control exchange (by the deployment's permissions, only
-    # the router user).
+    # Broker users whose resync requests are answered; empty: any user
+    # that may write the control exchange (by the deployment's permissions,
+    # only the router user). A request without a user_id never is.
     resync_from: tuple = ()
 
 
@@ -115,12 +119,23 @@ class LifecycleAgent:
 
     @property
     def health(self):
-        return f"libvirt {self._libvirt}, broker {self._broker}"
+        text = f"libvirt {self._libvirt}, broker {self._broker}"
+        for part, state, backoff in (
+                ("libvirt", self._libvirt, self._watcher.backoff),
+                ("broker", self._broker, self._publisher.backoff)):
+            if state.startswith("down") and backoff.attempt:
+                text += f"; {part} {backoff.status()}"
+        return text
 
     @property
     def published(self):
         """Messages the broker confirmed so far."""
         return self._publisher.published
+
+    @property
+    def control_queue(self):
+        """The control queue of the current broker session (None before)."""
+        return self._publisher.control_queue
 
     @property
     def held(self):
@@ -168,11 +183,8 @@ class LifecycleAgent:
                 next_snapshot = time.monotonic() + interval
             if self._pacer.due():
                 self._snapshot_now()
-            wait = min((w for w in (self._translator.seconds_until_due(),
-                                    self._pacer.seconds_until_due())
-                        if w is not None), default=1.0)
-            wait = min(wait, 1.0)
-            for item in self._handoff.take(wait):
+            for item in self._handoff.take(self._idle_wait(next_snapshot,
+                                                           stop_by)):
                 kind = item[0]
                 if kind == "stop":
                     if stop_by is None:
@@ -191,6 +203,19 @@ class LifecycleAgent:
                 LOG.warning("stopping: libvirt watcher did not stop within "
                             "%.0fs", _WATCHER_STOP_TIMEOUT)
                 return False
+
+    def _idle_wait(self, next_snapshot, stop_by):
+        """Until the next thing due: a held event, a paced or periodic
+        snapshot, the watcher's stop deadline. Hand-overs (events, stop())
+        end the wait at once, so nothing here polls: an idle agent costs
+        no measurable CPU (issue 22)."""
+        now = time.monotonic()
+        due = [self._translator.seconds_until_due(),
+               self._pacer.seconds_until_due(),
+               None if next_snapshot is None else next_snapshot - now,
+               None if stop_by is None else stop_by - now]
+        return min((max(0.0, w) for w in due if w is not None),
+                   default=_IDLE_WAIT_MAX)
 
     def _on_event(self, position, domain, event, detail, handle):
         self.stats["events"] += 1
@@ -248,14 +273,15 @@ class LifecycleAgent:
             LOG.warning("control message %s ignored: kind %s", env.id,
                         env.kind)
             return
-        allowed = self.settings.resync_from
-        # Without a user_id the broker vouches for nothing, but only the
-        # router user may write the control exchange (permissions).
-        if allowed and user_id and user_id not in allowed:
+        # Only the router user may write the control fanout (permissions);
+        # the user_id says who did, and without one the broker vouched for
+        # nothing: refused, whatever resync_from says.
+        refusal = routing.control_refusal(user_id, self.settings.resync_from)
+        if refusal is not None:
             self.stats["resync_refused"] += 1
-            LOG.warning("resync request %s from router %s ignored: sent by "
-                        "broker user %s, not one of %s", env.id,
-                        env.payload.router, user_id, ", ".join(allowed))
+            self.stats[f"forbidden:{env.kind}"] += 1
+            LOG.warning("resync request %s from router %s ignored: %s", env.id,
+                        env.payload.router, refusal)
             return
         self.stats["resync_requests"] += 1
         if self._pacer.request():
@@ -278,15 +304,14 @@ class LifecycleAgent:
         self._set_health(libvirt="up")
 
     def _on_libvirt_down(self, reason):
-        LOG.warning("libvirt %s lost (%s); reconnecting",
-                    self.settings.libvirt_uri, reason)
+        # Logged with its reconnect attempt (libvirt-retry follows).
         self._set_health(libvirt=f"down ({reason})")
 
-    def _on_libvirt_retry(self, error, seconds):
-        LOG.warning("libvirt %s unavailable (%s), retrying in %.1fs",
-                    self.settings.libvirt_uri, error, seconds)
+    def _on_libvirt_retry(self, cause, seconds, attempt):
+        LOG.warning("libvirt %s: %s; reconnect attempt %d in %.2fs",
+                    self.settings.libvirt_uri, cause, attempt, seconds)
         if not self._libvirt.startswith("down"):   # keep why it was lost
-            self._set_health(libvirt=f"down ({error})")
+            self._set_health(libvirt=f"down ({cause})")
 
     def _on_broker(self, up, detail):
         if up:

@@ -60,9 +60,10 @@ agent_opts = [
                 help="Broker users whose resync requests are answered (the "
                      "router user, e.g. evrouter-router); a request with "
                      "another broker-validated user_id is ignored. Empty: "
-                     "whoever may write the control exchange, which the "
-                     "permissions of `evrouter permissions` give the router "
-                     "user only."),
+                     "any user that may write the control exchange, which "
+                     "the permissions of `evrouter permissions` give the "
+                     "router user only. A request without a user_id is "
+                     "always ignored."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9311",
                help="host:port of the operations endpoint (/metrics, "
                     "/healthz); empty disables it."),

@@ -2,6 +2,8 @@
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from router.metrics import forbidden_family
+
 
 class AgentCollector:
     def __init__(self, agent):
@@ -22,10 +24,12 @@ class AgentCollector:
                 ("evrouter_agent_resync_requests", "resync_requests",
                  "Resync requests accepted from routers."),
                 ("evrouter_agent_resync_refused", "resync_refused",
-                 "Resync requests ignored: not sent by an allowed broker user."),
+                 "Resync requests ignored: no user_id, or not an allowed "
+                 "broker user's."),
                 ("evrouter_agent_dropped", "dropped",
                  "Messages dropped from a full outbox while the broker was away.")):
             yield CounterMetricFamily(name, text, value=stats.get(key, 0))
+        yield forbidden_family(stats)
         yield CounterMetricFamily("evrouter_agent_published",
                                   "Lifecycle messages confirmed by the broker.",
                                   value=agent.published)

@@ -19,16 +19,18 @@ Decisions an operator should know:
   go to the waiter's error callback, as OpenStack treats them.
 - ``clear(instance)`` and ``cancel_all()`` resolve pending events as failed,
   so their waiters stop at once instead of running into their deadline.
-- An early event must not satisfy a wait it does not belong to. When a wait
-  for a key ends without its event (timeout, error, exit early, clear), the
-  registry remembers when (``ended_memory_seconds``, bounded). An event
-  created (the envelope's ``created_at``, wall clock) before that end, less
-  ``max_clock_skew`` for the publisher's clock, belongs to the finished wait
-  or an earlier one: it is neither held nor handed to a wait prepared after
-  that end (``STALE``, ``stats["stale"]``). The work a later wait covers
-  starts after the earlier one ended, so what it causes is created later.
-  Without ``created_at`` (older callers) an event cannot be judged and is
-  held as before.
+- Whether an event is out of date is decided by what this host observed,
+  never by the envelope's ``created_at`` (the sender's wall clock):
+  compute/staleness.py. A held event is valid for ``hold_seconds`` after it
+  ARRIVED, on this host's monotonic clock, however old it was then. When a
+  wait for a key ends without its event (timeout, error, exit early,
+  clear), the first event for that key that arrives while nobody waits is
+  that wait's late event: neither held nor handed on (``STALE``,
+  ``stats["stale"]``). An event whose source revision is not above one
+  already heard for its port (and family: a plug older than a heard unplug)
+  is ``STALE`` too, whoever waits. The case no receiver can decide alone: a
+  late event of a timed-out wait that arrives after the retry prepared, with
+  nothing newer heard, wakes the retry (so would OpenStack's own).
 """
 
 import collections
@@ -37,7 +39,7 @@ import sys
 import threading
 import time
 
-from compute import waiting
+from compute import staleness, waiting
 from router.bus import contract
 
 LOG = logging.getLogger(__name__)
@@ -59,13 +61,12 @@ _HELD_OVERHEAD = 400
 
 
 class _Held:
-    __slots__ = ("event", "message_id", "held_at", "created_at", "size")
+    __slots__ = ("event", "message_id", "held_at", "size")
 
-    def __init__(self, event, message_id, held_at, created_at):
+    def __init__(self, event, message_id, held_at):
         self.event = event
         self.message_id = message_id
-        self.held_at = held_at
-        self.created_at = created_at
+        self.held_at = held_at      # when it arrived, on this host's clock
         self.size = _HELD_OVERHEAD + sum(
             sys.getsizeof(s) for s in (event.server_uuid, event.tag,
                                        message_id) if s is not None)
@@ -84,13 +85,8 @@ class InstanceEvents:
     def __init__(self, *, hold_seconds=DEFAULT_HOLD_SECONDS, max_held=10_000,
                  max_held_bytes=8 << 20, max_seen_ids=20_000,
                  ended_memory_seconds=DEFAULT_ENDED_MEMORY_SECONDS,
-                 max_ended=20_000, max_clock_skew=2.0,
-                 clock=time.monotonic, wall_clock=time.time):
+                 max_ended=20_000, clock=time.monotonic):
         self.hold_seconds = hold_seconds
-        self.ended_memory_seconds = ended_memory_seconds
-        self.max_ended = max_ended
-        self.max_clock_skew = max_clock_skew
-        self.wall_clock = wall_clock
         self.max_held = max_held
         self.max_held_bytes = max_held_bytes
         self.max_seen_ids = max_seen_ids
@@ -102,8 +98,9 @@ class InstanceEvents:
         self._held_bytes = 0
         self._seen = set()
         self._seen_order = collections.deque()
-        # key -> (wall time, clock time) a wait for it ended unsatisfied
-        self._ended = collections.OrderedDict()
+        self._late = staleness.LateEvents(memory_seconds=ended_memory_seconds,
+                                          max_owed=max_ended,
+                                          max_heard=max_ended)
         self._closed = False
 
     # --- the waiting side -----------------------------------------------------
@@ -179,11 +176,9 @@ class InstanceEvents:
                                           error_callback))
 
     # --- the bus side ---------------------------------------------------------
-    def deliver(self, event, message_id, *, created_at=None):
+    def deliver(self, event, message_id):
         """Hand an InstanceEvent from the bus to whoever prepared it.
 
-        `created_at` is the envelope's (seconds since the epoch); with it a
-        late event of a finished wait is recognised (see the module doc).
         Returns DELIVERED, HELD, DUPLICATE, STALE or CLOSED (after
         cancel_all: the caller should leave the message to the next process).
         """
@@ -199,28 +194,7 @@ class InstanceEvents:
                 self._remember(message_id)
                 now = self.clock()
                 self._expire(now)
-                stale_since = self._stale_since(key, created_at)
-                present = self._pending.pop(key, None)
-                waiters = ()
-                if present is not None:
-                    waiters = present if type(present) is list else [present]
-                    if stale_since is not None:
-                        # Waits prepared after the end it predates are not its.
-                        later = [p for p in waiters if p.prepared_at >= stale_since]
-                        waiters = [p for p in waiters if p.prepared_at < stale_since]
-                        if later:
-                            self._pending[key] = later if len(later) > 1 else later[0]
-                for prepared in waiters:
-                    prepared._resolve(event, message_id, now, waiting.RECEIVED)
-                if waiters:
-                    self.stats["delivered"] += 1
-                    outcome = DELIVERED
-                elif stale_since is not None:
-                    self.stats["stale"] += 1
-                    outcome = STALE
-                else:
-                    dropped = self._hold(key, event, message_id, now, created_at)
-                    outcome = HELD
+                outcome, dropped = self._judge(key, event, message_id, now)
         LOG.info("event %s %s for instance %s (tag %s, %s): %s", message_id,
                  event.name, event.server_uuid, event.tag, event.status,
                  _SAID[outcome])
@@ -292,6 +266,39 @@ class InstanceEvents:
             return len(self._held)
 
     # --- under the lock -------------------------------------------------------
+    def _judge(self, key, event, message_id, now):
+        """What a new message does (see the module doc): outcome, dropped."""
+        late = self._late
+        if late.superseded(event, key, now):
+            self.stats["stale"] += 1
+            return STALE, ()
+        self._drop_superseded_held(key, event.revision)
+        present = self._pending.pop(key, None)
+        if present is not None:
+            waiters = present if type(present) is list else (present,)
+            late.paid(key, waiters)
+            for prepared in waiters:
+                prepared._resolve(event, message_id, now, waiting.RECEIVED)
+            self.stats["delivered"] += 1
+            return DELIVERED, ()
+        if late.paid(key):
+            self.stats["stale"] += 1
+            return STALE, ()
+        return HELD, self._hold(key, event, message_id, now)
+
+    def _drop_superseded_held(self, key, revision):
+        """Held events of the same port family older than `revision`."""
+        if revision is None or not self._held:
+            return
+        for name in staleness.family(key[1]):
+            other = (key[0], name, key[2])
+            held = self._held.get(other)
+            if held is not None and self._late.older_than_heard(
+                    other, held.event.revision):
+                del self._held[other]
+                self._held_bytes -= held.size
+                self.stats["early_superseded"] += 1
+
     def _fail(self, key, present, now, how):
         failed = contract.InstanceEvent(key[1], key[0], key[2], contract.FAILED)
         for prepared in present if type(present) is list else (present,):
@@ -305,31 +312,15 @@ class InstanceEvents:
 
     def _end(self, key, now):
         """A wait for `key` ended without its event."""
-        ended = self._ended
-        ended.pop(key, None)
-        ended[key] = (self.wall_clock(), now)
-        limit = now - self.ended_memory_seconds
-        while ended and (len(ended) > self.max_ended or
-                         next(iter(ended.values()))[1] <= limit):
-            ended.popitem(last=False)
+        others = self._pending.get(key, ())
+        self._late.ended(key, now, others if type(others) is list else (others,))
 
-    def _stale_since(self, key, created_at):
-        """The clock time of the end `created_at` predates, or None."""
-        if created_at is None:
-            return None
-        ended = self._ended.get(key)
-        if ended is None or created_at >= ended[0] - self.max_clock_skew:
-            return None
-        if ended[1] <= self.clock() - self.ended_memory_seconds:
-            return None
-        return ended[1]
-
-    def _hold(self, key, event, message_id, now, created_at=None):
+    def _hold(self, key, event, message_id, now):
         old = self._held.pop(key, None)
         if old is not None:
             self._held_bytes -= old.size
             self.stats["early_replaced"] += 1
-        held = self._held[key] = _Held(event, message_id, now, created_at)
+        held = self._held[key] = _Held(event, message_id, now)
         self._held_bytes += held.size
         self.stats["early_held"] += 1
         dropped = []
@@ -343,6 +334,7 @@ class InstanceEvents:
 
     def _expire(self, now):
         # Oldest first: a replaced key moves to the end with its new time.
+        self._late.forget(now)
         limit = now - self.hold_seconds
         held = self._held
         while held:
@@ -357,7 +349,8 @@ class InstanceEvents:
 _SAID = {DELIVERED: "woke its waiter",
          HELD: "nobody waits yet, held",
          DUPLICATE: "duplicate message id, ignored",
-         STALE: "created before a wait for it ended unsatisfied: stale, ignored",
+         STALE: "out of date (late for a wait that ended, or older than a "
+                "revision heard): stale, ignored",
          CLOSED: "not taken: shutting down"}
 
 

@@ -5,26 +5,27 @@ must not touch green locks, and logging handlers hold some):
 - ``libvirt-events``, one per process, runs ``virEventRunDefaultImpl``.
   Its callbacks turn each call into a tuple on a Handoff and return.
 - a ``LibvirtWatcher`` per agent owns the connection: opens it with
-  backoff, registers the callbacks, notices its loss (close callback and
-  keepalive where the driver has them, a liveness probe otherwise), lists
-  the domains for snapshots, and reopens it. It reports what happens as
+  backoff (router.bus.backoff), registers the callbacks, notices its loss
+  (close callback and keepalive where the driver has them, a liveness probe
+  otherwise), lists the domains for snapshots, and reopens it. It reports what happens as
   tuples on the same Handoff, in the order it happens:
 
     ("event", position, uuid, event, detail, domain)
     ("libvirt-up", how)            how: "keepalive" or "probe"
     ("snapshot", listed_after, [(uuid, state), ...])
     ("libvirt-down", reason)
-    ("libvirt-retry", error, seconds)
+    ("libvirt-retry", cause, seconds, attempt)   after every failed open or loss
     ("watcher-stopped",)
 """
 
 import threading
+import time
 
 import libvirt
-import tenacity
 
 from compute import lifecycle
 from compute.handoff import native_event, native_thread
+from router.bus.backoff import Backoff, reconnect_schedule
 
 CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
@@ -97,12 +98,14 @@ def migration_completed(domain):
 class LibvirtWatcher:
     def __init__(self, uri, handoff, *, keepalive_interval=5,
                  keepalive_count=3, probe_interval=5.0, reconnect_max=30.0,
-                 opener=libvirt.open):
+                 reconnect=None, opener=libvirt.open):
         self.uri = uri
         self._handoff = handoff
         self._keepalive = (keepalive_interval, keepalive_count)
         self._probe_interval = probe_interval
-        self._reconnect_max = reconnect_max
+        # One Backoff across losses: only a connection that stayed up for
+        # the schedule's healthy_after starts the waits afresh.
+        self.backoff = Backoff(reconnect or reconnect_schedule(reconnect_max))
         self._opener = opener
         self._stop = native_event()     # sleeps between attempts wait on it
         self._wake = native_event()     # the watch loop waits on it
@@ -127,34 +130,25 @@ class LibvirtWatcher:
     def _run(self):
         try:
             while not self._stop.is_set():
-                opened = self._open()
-                if opened is None:
-                    break
-                conn, callback_id, how = opened
                 try:
-                    self._watch(conn, how)
-                finally:
-                    self._forget(conn, callback_id)
+                    conn, callback_id, how = self._connect()
+                except libvirt.libvirtError as exc:
+                    cause, up_since = str(exc), None
+                else:
+                    up_since = time.monotonic()
+                    try:
+                        cause = self._watch(conn, how)
+                    finally:
+                        self._forget(conn, callback_id)
+                    if cause is None:
+                        break                   # stopped
+                # Reported, not logged: this is a native thread.
+                delay = self.backoff.failed(cause, up_since)
+                self._handoff.put(("libvirt-retry", self.backoff.cause,
+                                   delay, self.backoff.attempt))
+                self._stop.wait(delay)
         finally:
             self._handoff.put(("watcher-stopped",))
-
-    def _open(self):
-        """(connection, callback id, how loss is noticed), None if stopped."""
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(libvirt.libvirtError),
-            wait=(tenacity.wait_exponential(multiplier=0.2,
-                                            max=self._reconnect_max)
-                  + tenacity.wait_random(0, 0.2)),
-            stop=lambda state: self._stop.is_set(),
-            sleep=self._stop.wait,
-            before_sleep=lambda state: self._handoff.put(
-                ("libvirt-retry", str(state.outcome.exception()),
-                 state.next_action.sleep)),
-            reraise=True)
-        try:
-            return retrying(self._connect)
-        except libvirt.libvirtError:
-            return None
 
     def _connect(self):
         conn = self._opener(self.uri)
@@ -184,6 +178,7 @@ class LibvirtWatcher:
         return conn, callback_id, how
 
     def _watch(self, conn, how):
+        """Until the connection is lost (returns why) or stop() (None)."""
         self._handoff.put(("libvirt-up", how))
         self._snapshot_wanted = True
         # With keepalive, libvirt itself closes a connection whose daemon
@@ -196,17 +191,20 @@ class LibvirtWatcher:
             closed = self._closed
             if closed is not None and closed[0] == self._generation:
                 reason = CLOSE_REASONS.get(closed[1], f"reason {closed[1]}")
-                return self._handoff.put(("libvirt-down", reason))
+                return self._down(reason)
             if self._snapshot_wanted:
                 self._snapshot_wanted = False
                 error = self._snapshot(conn)
                 if error:
-                    return self._handoff.put(("libvirt-down", error))
+                    return self._down(error)
             if how == "probe" and not self._alive(conn):
-                return self._handoff.put(("libvirt-down",
-                                          "liveness probe failed"))
+                return self._down("liveness probe failed")
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _down(self, reason):
+        self._handoff.put(("libvirt-down", reason))
+        return reason
 
     def _snapshot(self, conn):
         listed_after = self._handoff.next_position()

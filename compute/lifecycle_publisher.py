@@ -18,12 +18,14 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from kombu import Consumer, Exchange
 
 from router.bus import connection as bus_connection
 from router.bus import inbound, publishing, topology
+from router.bus.backoff import Backoff, reconnect_schedule
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ class Outbox:
         self._items = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        # Woken with every put and at close: the publisher waits on it and
+        # on the broker's socket at once (connection.wait_readable).
+        self.waker = bus_connection.Waker()
 
     def __len__(self):
         return len(self._items)
@@ -61,7 +66,8 @@ class Outbox:
                 self.dropped += 1
             self._items.append(message)
             self._cond.notify()
-            return dropped
+        self.waker.wake()
+        return dropped
 
     def head(self, timeout):
         """The oldest message (left in place), or None after `timeout`."""
@@ -81,6 +87,7 @@ class Outbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self.waker.wake()
 
     @property
     def closed(self):
@@ -89,10 +96,6 @@ class Outbox:
 
 class TopologyMissing(Exception):
     """A central exchange this agent publishes to or listens on is missing."""
-
-
-class _Lost(Exception):
-    """A session that had been publishing lost its connection."""
 
 
 class LifecyclePublisher:
@@ -114,7 +117,8 @@ class LifecyclePublisher:
 
     def __init__(self, outbox, topology_, on_state, *, transport_url,
                  heartbeat=30, ssl=False, confirm_timeout=10.0,
-                 reconnect_max=30.0, control_host=None, on_control=None):
+                 reconnect_max=30.0, reconnect=None, control_host=None,
+                 on_control=None):
         self.outbox = outbox
         self.published = 0
         self._topology = topology_
@@ -123,10 +127,14 @@ class LifecyclePublisher:
         self._heartbeat = heartbeat
         self._ssl = ssl
         self._confirm_timeout = confirm_timeout
-        self._reconnect_max = reconnect_max
+        # reconnect: a Schedule; reconnect_max alone keeps the default
+        # schedule with that cap.
+        self.backoff = Backoff(reconnect or reconnect_schedule(reconnect_max))
+        self._up_since = None
         self._control_host = control_host
         self._on_control = on_control
         self._control = []          # deliveries, appended by the callback
+        self.control_queue = None   # this session's control queue, if any
         self._abandon = threading.Event()
         self._sessions = 0
         self._connected = False
@@ -145,6 +153,7 @@ class LifecyclePublisher:
                 break           # nothing left, and no broker to say goodbye to
             self._thread.join(0.05)
         self._abandon.set()
+        self.outbox.waker.wake()
         self._thread.join(timeout=self._confirm_timeout + 5)
         return len(self.outbox) == 0
 
@@ -154,25 +163,17 @@ class LifecyclePublisher:
         errors = (conn.connection_errors + conn.channel_errors
                   + (publishing.PublishError, OSError, TopologyMissing))
         while not self._abandon.is_set():
+            self._up_since = None
             try:
-                # A fresh retry loop per loss: the backoff of an outage last
-                # week must not delay the reconnect after today's.
-                for attempt in bus_connection.reconnecting(
-                        self._abandon, "lifecycle publisher", errors=errors,
-                        max_wait=self._reconnect_max):
-                    with attempt:
-                        self._session(conn.clone(), errors)
-                return
-            except _Lost as lost:
-                LOG.warning("lifecycle publisher: connection lost (%s), "
-                            "reconnecting", lost.__cause__)
+                self._session(conn.clone(), errors)
+                return                      # outbox closed and empty
             except errors as exc:
-                LOG.error("lifecycle publisher gave up with %d message(s) "
-                          "unpublished: %s", len(self.outbox), exc)
+                cause = exc
+            if not self.backoff.wait(self._abandon, "lifecycle publisher",
+                                     cause, self._up_since, conn):
                 return
 
     def _session(self, conn, errors):
-        publishing_ = False
         try:
             bus_connection.connect_once(conn)
             self._require(conn, self._topology.lifecycle_exchange_name)
@@ -180,13 +181,12 @@ class LifecyclePublisher:
             publisher = publishing.BlockingPublisher(
                 conn, user_id=bus_connection.user_of(conn))
             self._sessions += 1
-            self._connected = publishing_ = True
+            self._connected = True
+            self._up_since = time.monotonic()
             self._on_state(True, "first" if self._sessions == 1 else "again")
             self._publish_until_closed(conn, publisher, control)
         except errors as exc:
             self._on_state(False, f"{type(exc).__name__}: {exc}")
-            if publishing_:
-                raise _Lost() from exc
             raise
         finally:
             self._connected = False
@@ -228,7 +228,10 @@ class LifecyclePublisher:
                       "requests until it reconnects; run `evrouter topology "
                       "--declare`", name)
             return None
-        queue = self._topology.agent_control_queue(self._control_host)
+        # A queue of this session's own (see Topology.agent_control_queue).
+        queue = self._topology.agent_control_queue(self._control_host,
+                                                   uuid.uuid4().hex)
+        self.control_queue = queue.name
         consumer = Consumer(conn.channel(), [queue], no_ack=True,
                             on_message=self._control.append, accept=None)
         consumer.consume()
@@ -247,8 +250,8 @@ class LifecyclePublisher:
         while not self._abandon.is_set():
             if self._control:
                 self._hand_over_control()
-            message = self.outbox.head(timeout=0.25 if control is None
-                                       else 0.05)
+            message = self.outbox.head(timeout=0 if not memory else
+                                       0.25 if control is None else 0.05)
             if message is not None:
                 publisher.publish(exchange, "", message.body,
                                   message_id=message.id, mandatory=False,
@@ -259,13 +262,18 @@ class LifecyclePublisher:
                 continue
             if self.outbox.closed:
                 return
-            if memory and control is None:
+            if memory:
+                if control is not None:
+                    bus_connection.drain(conn, 0.01)
                 continue
-            # Idle: read the socket so a dead broker is noticed now, the
-            # broker's heartbeats count and resync requests come in; send
-            # our heartbeat when due.
-            bus_connection.drain(conn, 0.01)     # and whatever else came
+            # Idle: wait for the broker (a dead broker is noticed now, its
+            # heartbeats count, resync requests come in) and for the outbox
+            # at once, until our next heartbeat is due: nothing polls, so an
+            # idle agent costs no measurable CPU (issue 22).
+            if bus_connection.wait_readable(
+                    conn, next_heartbeat - time.monotonic(), self.outbox.waker):
+                bus_connection.drain(conn, 1.0)
             now = time.monotonic()
-            if now >= next_heartbeat and not memory:
+            if now >= next_heartbeat:
                 conn.heartbeat_check()
-                next_heartbeat = now + 1.0
+                next_heartbeat = now + bus_connection.heartbeat_every(conn)

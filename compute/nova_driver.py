@@ -7,7 +7,12 @@ Nova. Configured in nova.conf, no file of Nova patched::
     compute_driver = evrouter.EvrouterComputeDriver
     [evrouter]
     compute_driver = libvirt.LibvirtDriver
-    transport_url = amqp://evrouter-compute-cmp-1:...@rabbit:5672/
+    transport_url = rabbit://rabbit.example:5671/
+    ssl = true
+    ssl_ca_file = /etc/nova/evrouter/ca.pem
+    ssl_cert_file = /etc/nova/evrouter/cmp-1.pem
+    ssl_key_file = /etc/nova/evrouter/cmp-1.key
+    ssl_login = external
 
 Why a driver: ``[DEFAULT] compute_driver`` is the one class path nova-compute
 loads from configuration and hands its ``ComputeVirtAPI`` (hence its
@@ -18,7 +23,8 @@ out-of-tree drivers do. ``EvrouterComputeDriver(virtapi)`` builds an
 instance of a subclass of the configured real driver class, so every
 method, capability and ``isinstance`` check is the real driver's; the
 subclass only adds, in ``init_host``, the bridge below and the host
-consumer thread, and stops them in ``cleanup_host``.
+consumer thread, and stops them in ``cleanup_host``. With ``[evrouter]
+enabled = false`` it returns an instance of the real class itself.
 
 ``NovaEventBridge`` connects the bus to Nova's own machinery:
 - Nova's ``instance_events`` becomes a ``BusInstanceEvents`` (Nova's own
@@ -45,6 +51,7 @@ from oslo_utils import importutils
 
 from compute import events as evr_events
 from compute import host_consumer, waiting
+from router import options
 from router.bus import contract
 from router.bus.topology import Topology
 
@@ -65,8 +72,9 @@ OPTS = [
     cfg.FloatOpt("hold_seconds", default=evr_events.DEFAULT_HOLD_SECONDS,
                  help="How long an event nobody prepared for is held."),
     cfg.BoolOpt("enabled", default=True,
-                help="False: behave exactly as the real driver (rollback)."),
-]
+                help="False: nova-compute gets the real driver itself, "
+                     "evrouter's subclass is not built (rollback)."),
+] + options.tls_opts    # ssl, ssl_ca_file, ... ssl_login = external: no password
 
 # Events Nova's ComputeManager handles itself; nothing waits for them.
 NOVA_HANDLED = frozenset({contract.NETWORK_CHANGED, contract.VIF_DELETED,
@@ -162,16 +170,55 @@ class NovaEventBridge:
         self._hand_over()       # takes the cleared ones out; Nova has cleared its own
 
     # --- the bus side ----------------------------------------------------------
-    def deliver(self, event, message_id, *, created_at=None):
+    def deliver(self, event, message_id):
         """The host consumer's callback; returns an evrouter outcome."""
         if event.name in NOVA_HANDLED:
             if not self.registry.first_sight(message_id):
                 return evr_events.DUPLICATE
             self._handled_by_nova(event, message_id)
             return evr_events.DELIVERED
-        outcome = self.registry.deliver(event, message_id, created_at=created_at)
+        if not self._expected(event) and not self._is_here(event.server_uuid):
+            # Nobody here waits and the instance is not here: holding it
+            # would let it satisfy a wait of a later stay on this host.
+            if not self.registry.first_sight(message_id):
+                return evr_events.DUPLICATE
+            self.stats["not_here"] += 1
+            LOG.info("event %s %s for instance %s (tag %s): the instance is "
+                     "not on host %s (nor migrating to or from it): not "
+                     "held", message_id, event.name, event.server_uuid,
+                     event.tag, self.manager.host)
+            return evr_events.STALE
+        outcome = self.registry.deliver(event, message_id)
         self._hand_over()
         return outcome
+
+    def _expected(self, event):
+        with self._lock:
+            return evr_events._key(event.server_uuid, event.name,
+                                   event.tag) in self._prepared
+
+    def _is_here(self, server_uuid, instance=None):
+        """Nova's own rule (nova-api's ``_get_relevant_hosts``): this host
+        is the instance's host or a side of its migration."""
+        _, exception, objects, _ = _nova()
+        try:
+            if instance is None:
+                instance = objects.Instance.get_by_uuid(
+                    self.context, server_uuid, expected_attrs=["migration_context"])
+            hosts = {instance.host}
+            if instance.migration_context is not None:
+                migration = objects.Migration.get_by_id(
+                    self.context, instance.migration_context.migration_id)
+                hosts |= {migration.source_compute, migration.dest_compute}
+        except exception.InstanceNotFound:
+            return False
+        except Exception:
+            # The database cannot say: hold it, as before this check.
+            LOG.warning("instance %s: cannot tell whether it is on host %s; "
+                        "events for it are held", server_uuid,
+                        self.manager.host, exc_info=True)
+            return True
+        return self.manager.host in hosts
 
     def _handled_by_nova(self, event, message_id):
         _, exception, objects, _ = _nova()
@@ -183,6 +230,13 @@ class NovaEventBridge:
         except exception.InstanceNotFound:
             LOG.info("event %s %s for instance %s: no such instance here",
                      message_id, event.name, event.server_uuid)
+            return
+        if not self._is_here(event.server_uuid, instance):
+            # nova-api would not have sent it here either.
+            self.stats["not_here"] += 1
+            LOG.info("event %s %s for instance %s: the instance is not on "
+                     "host %s: not handed to Nova", message_id, event.name,
+                     event.server_uuid, self.manager.host)
             return
         self.manager.external_instance_event(
             self.context, [instance], [self._nova_event(event, instance.uuid)])
@@ -283,9 +337,8 @@ class _BusDriver:
     def init_host(self, host):
         result = super().init_host(host)
         conf = _conf()
-        if conf.evrouter.enabled:
-            self._evrouter = HostBus.start(self.virtapi._compute, conf,
-                                           conf.evrouter.host or host)
+        self._evrouter = HostBus.start(self.virtapi._compute, conf,
+                                       conf.evrouter.host or host)
         return result
 
     def cleanup_host(self, host):
@@ -309,16 +362,21 @@ class HostBus:
         registry = evr_events.InstanceEvents(hold_seconds=opts.hold_seconds)
         bridge = NovaEventBridge(manager, registry)
         bridge.install()
+        # A contradiction or an unreadable file in [evrouter]'s TLS options
+        # stops nova-compute here with one line naming them.
+        tls = options.checked_tls(opts.transport_url, options.ssl_from(conf, GROUP))
         settings = host_consumer.HostConsumerSettings(
             host=host, transport_url=opts.transport_url,
-            topology=Topology(prefix=opts.topology_prefix))
+            topology=Topology(prefix=opts.topology_prefix), ssl=tls)
         consumer = host_consumer.HostConsumer(settings, bridge.deliver)
         # A native thread: nova-compute 34 runs on native threads. Under
         # eventlet mode the service has monkey-patched threading already.
         thread = threading.Thread(target=consumer.run, daemon=True,
                                   name=f"evrouter-host-consumer-{host}")
         thread.start()
-        LOG.info("evrouter: consuming events of host %s", host)
+        LOG.info("evrouter: consuming events of host %s%s", host,
+                 f" as {tls.certificate_user()} (certificate)"
+                 if tls and tls.login_method else "")
         return cls(bridge, consumer, thread)
 
     def stop(self, timeout=10.0):
@@ -338,7 +396,9 @@ class EvrouterComputeDriver:
     """``compute_driver = evrouter.EvrouterComputeDriver``.
 
     Builds the configured real driver as a subclass with the bus added; the
-    object nova-compute gets *is* a (subclass of the) real driver.
+    object nova-compute gets *is* a (subclass of the) real driver. With
+    ``[evrouter] enabled = false`` it is an instance of the real driver class
+    itself.
     """
 
     _classes = {}
@@ -347,6 +407,11 @@ class EvrouterComputeDriver:
         conf = _conf()
         path = conf.evrouter.compute_driver
         real = importutils.import_class(f"nova.virt.{path}")
+        if not conf.evrouter.enabled:
+            # Rollback: the real driver itself, not our subclass with the bus
+            # switched off, so nothing of evrouter runs in nova-compute.
+            LOG.info("evrouter: disabled, compute driver %s as it is", path)
+            return real(virtapi, read_only)
         wrapped = cls._classes.get(real)
         if wrapped is None:
             wrapped = cls._classes[real] = type(
