@@ -12,7 +12,10 @@ they were emitted, and the translator's memory is not shared. A notification
 is acknowledged only after its events are safe (confirmed or spooled); when
 publishing fails (spool full, or no spool and no broker), it is requeued
 after a pause, and the translator is left as it was so the requeued copy is
-judged the same way.
+judged the same way. The pause grows while publishing keeps failing (the
+reconnect schedule of router.bus.backoff, from ``requeue_delay``) and starts
+afresh once a notification went through: a broker that stays away is not
+asked about the same notification every two seconds for ever.
 
 A notification is judged before anything of it is published: translated
 and each event checked against the contract. One that fails there -- or
@@ -31,6 +34,7 @@ redelivered after its events went out -- an adapter killed before its ack
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import oslo_messaging
@@ -44,6 +48,7 @@ from network.notifications import (
     event_message_id,
 )
 from router.bus import contract
+from router.bus.backoff import Backoff, Schedule
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +75,11 @@ class PortNotificationEndpoint:
         self.translator = translator
         self.publish = publish
         self.requeue_delay = requeue_delay
+        # Publishing has been healthy since (None: the last one failed).
+        self._ok_since = time.monotonic()
+        self._pause = Backoff(Schedule(
+            first=requeue_delay, cap=max(30.0, requeue_delay),
+            healthy_after=0))
         self.producer = producer
         self._stop = stop or threading.Event()
         self.handled = 0
@@ -92,11 +102,16 @@ class PortNotificationEndpoint:
             # publisher could not make the events safe. The events published
             # before the failure go out again with the requeued notification,
             # under the same ids, so the waiter drops them.
-            LOG.error("notification %s %s from %s requeued: %s", message_id,
-                      event_type, publisher_id, exc)
-            self._stop.wait(self.requeue_delay)
+            delay = self._pause.failed(exc, self._ok_since)
+            self._ok_since = None
+            LOG.error("notification %s %s from %s requeued in %.1fs "
+                      "(failure %d in a row): %s", message_id, event_type,
+                      publisher_id, delay, self._pause.attempt, exc)
+            self._stop.wait(delay)
             return oslo_messaging.NotificationResult.REQUEUE
         remember()
+        if self._ok_since is None:
+            self._ok_since = time.monotonic()
         self.handled += 1
         LOG.debug("notification %s %s from %s: %d event(s)", message_id,
                   event_type, publisher_id, len(named))

@@ -4,9 +4,15 @@ The Neutron edge of the network side; the only network module that imports
 Neutron. In neutron.conf::
 
     [DEFAULT]
-    service_plugins = router,evrouter      # the entry point of this class
+    # evrouter: the entry point of this class
+    service_plugins = router,evrouter
     [evrouter]
-    transport_url = amqp://evrouter-network:...@rabbit:5672/
+    transport_url = rabbit://rabbit.example:5671/
+    ssl = true
+    ssl_ca_file = /etc/neutron/evrouter/ca.pem
+    ssl_cert_file = /etc/neutron/evrouter/evrouter-network.pem
+    ssl_key_file = /etc/neutron/evrouter/evrouter-network.key
+    ssl_login = external
     spool_path = /var/lib/neutron/evrouter-spool
 
 What it publishes, read from neutron/notifiers/nova.py (29.0.0), through the
@@ -29,16 +35,14 @@ spooled publisher (network/publisher.py) and the pure mapping
 Never inside a transaction: an event raised while the session is still in
 one is published on its commit and dropped on its rollback.
 
-The gap, precisely: ``Notifier.notify_port_active_direct`` sends
+What that cannot see: ``Notifier.notify_port_active_direct`` sends
 ``network-vif-plugged`` without any registry event, when the port's status
 does not change -- ML2's ``update_device_up`` from an agent on a host the
-port is not bound to (live migration: the destination wires the port while
-the binding still names the source), and OVN's ``set_port_status_up`` for an
-already ACTIVE compute port. This plugin cannot see those calls. Mitigation:
-keep ``notify_nova_on_port_status_changes = true`` where live migration
-waits for plugging (Nova's ``[compute] live_migration_wait_for_vif_plug``,
-default true) -- the REST path then still carries that one event, and the
-duplicate of the others is harmless -- or set that Nova option to false.
+port is not bound to (live migration) and OVN's ``set_port_status_up`` for
+an already ACTIVE port. With ``[evrouter] replace_nova_notifier = true`` the
+plugin observes nothing itself: Neutron's own notifier keeps deciding and
+network/neutron_transport.py makes the bus its transport, that event
+included; nothing goes to nova-api's REST.
 
 Message ids derive from the port (id, event, status, revision_number), so
 a retried request or a second API worker publishing the same revision makes
@@ -54,37 +58,16 @@ from neutron_lib.callbacks import events, registry, resources
 from neutron_lib.services import base as service_base
 from oslo_config import cfg
 
-from network import transitions
+from network import spool, transitions
+from network.neutron_options import GROUP, OPTS, list_opts, register_opts  # noqa: F401
 from network.publisher import InstanceEventPublisher, PublisherSettings
+from router import options
+from router.bus import contract, topology
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
 
-GROUP = "evrouter"
-OPTS = [
-    cfg.StrOpt("transport_url", secret=True,
-               default="amqp://guest:guest@127.0.0.1:5672//",
-               help="evrouter's broker, as the network publisher user."),
-    cfg.StrOpt("spool_path",
-               help="File spool for events while the broker is away (one "
-                    "per process: the worker's pid is appended)."),
-    cfg.StrOpt("topology_prefix", default="evrouter",
-               help="Prefix of evrouter's exchanges and queues."),
-    cfg.FloatOpt("publish_timeout", default=10.0,
-                 help="Seconds a request waits for its event to be confirmed "
-                      "or spooled before it goes on (the event is then "
-                      "logged as lost)."),
-]
-
 _NAMESPACE = uuid.UUID("6f1c3f7e-2d4b-4c55-9a1e-6b0f5e0c9a21")
-
-
-def register_opts(conf):
-    conf.register_opts(OPTS, group=GROUP)
-
-
-def list_opts():
-    return [(GROUP, OPTS)]
 
 
 def message_id(port, name, status, extra=""):
@@ -118,18 +101,38 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
         self.conf = conf or cfg.CONF
         if GROUP not in self.conf:
             register_opts(self.conf)
+        try:
+            self.tls()
+        except ValueError as exc:
+            # A wrong [evrouter] option stops neutron-server here, loudly, as
+            # a wrong [evrouter] option stops nova-compute's init_host: with
+            # replace_nova_notifier every event Nova hears goes this way.
+            LOG.critical("evrouter: %s", exc)
+            raise
         # Neutron forks its API and RPC workers after loading plugins: each
         # process starts its own publisher (thread + connection) on first use.
         self._publisher_factory = publisher_factory or self._new_publisher
         self._publisher = None
         self._pid = None
         self._lock = threading.Lock()
+        self.carrier = None
+        if self.conf.evrouter.replace_nova_notifier:
+            # Neutron's notifier decides what Nova hears; the bus carries it.
+            # Observing the registry as well would send everything twice.
+            self.carrier = self._carry_neutrons_notifier()
+            return
         registry.subscribe(self._port_created, resources.PORT, events.AFTER_CREATE)
         registry.subscribe(self._port_updated, resources.PORT, events.AFTER_UPDATE)
         registry.subscribe(self._api_response, resources.PORT,
                            events.BEFORE_RESPONSE)
         registry.subscribe(self._api_response, resources.FLOATING_IP,
                            events.BEFORE_RESPONSE)
+
+    def tls(self):
+        """[evrouter]'s TLS options; ValueError naming the option and file
+        when they contradict the URL or a file cannot be read."""
+        return options.checked_tls(self.conf.evrouter.transport_url,
+                                   options.ssl_from(self.conf, GROUP))
 
     def get_plugin_type(self):
         return "evrouter"
@@ -208,10 +211,44 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
             return
         self._send(port, found, extra)
 
+    def _carry_neutrons_notifier(self):
+        from neutron.db import models_v2
+        from neutron_lib.plugins import directory
+
+        from network.neutron_transport import NotifierOnTheBus
+        notifier = getattr(directory.get_plugin(), "nova_notifier", None)
+        if notifier is None:
+            LOG.warning("evrouter: replace_nova_notifier is set but Neutron's "
+                        "nova notifier is off (notify_nova_on_port_status_"
+                        "changes and _data_changes false): Nova hears nothing, "
+                        "as without evrouter")
+            return None
+        carrier = NotifierOnTheBus(notifier, self._carry, models_v2.Port)
+        carrier.install()
+        return carrier
+
+    def _carry(self, items, session):
+        """[(event, message id)] now, or when `session` commits."""
+        if session is not None and _in_transaction(session):
+            _after_commit(session, lambda: self._publish_all(items))
+            return
+        self._publish_all(items)
+
     def _send(self, port, found, extra):
-        publisher = self.publisher()
-        for event in found:
-            mid = message_id(port, event.name, event.status, extra)
+        self._publish_all([(event, message_id(port, event.name, event.status, extra))
+                           for event in found])
+
+    def _publish_all(self, items):
+        try:
+            publisher = self.publisher()
+        except Exception as exc:
+            # The options were right at start-up (checked there) and are not
+            # now (a certificate removed...): never fail the API request or
+            # the agent's RPC, and lose nothing -- spool the events for the
+            # publisher this process or the next one starts.
+            self._spool_unpublished(items, exc)
+            return
+        for event, mid in items:
             try:
                 publisher.publish(event, message_id=mid,
                                   timeout=self.conf.evrouter.publish_timeout)
@@ -228,17 +265,53 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
                 self._pid = os.getpid()
             return self._publisher
 
+    def _spool_path(self):
+        path = self.conf.evrouter.spool_path
+        return path and f"{path}.{os.getpid()}"
+
+    def _spool_unpublished(self, items, exc):
+        path = self._spool_path()
+        ids = ", ".join(mid for _, mid in items)
+        if not path:
+            LOG.error("%d event(s) NOT published (%s), no [evrouter] "
+                      "spool_path to keep them: %s", len(items), exc, ids)
+            return
+        producer = self._producer()
+        try:
+            spool.append_now(path, [
+                (topology.instance_routing_key(event.name), contract.encode(
+                    contract.envelope(event, producer, message_id=mid)))
+                for event, mid in items])
+        except Exception as spool_exc:
+            LOG.error("%d event(s) NOT published (%s) and NOT spooled (%s): "
+                      "%s", len(items), exc, spool_exc, ids)
+            return
+        LOG.error("%d event(s) spooled to %s, not published: %s; they go out "
+                  "once a publisher starts (fix [evrouter], restart "
+                  "neutron-server): %s", len(items), path, exc, ids)
+
+    def _producer(self):
+        return f"neutron@{self.conf.host}"
+
     def _new_publisher(self):
         opts = self.conf.evrouter
-        spool = opts.spool_path and f"{opts.spool_path}.{os.getpid()}"
+        path = self._spool_path()
+        ssl = self.tls()
+        if path:
+            # What this process spooled before it had a publisher, and what
+            # processes that are gone left (a restart, a worker that died).
+            spool.adopt_orphans(path, f"{opts.spool_path}.")
         publisher = InstanceEventPublisher(PublisherSettings(
             transport_url=opts.transport_url,
             topology=Topology(prefix=opts.topology_prefix),
-            producer=f"neutron@{self.conf.host}", spool_path=spool))
+            producer=self._producer(), spool_path=path, ssl=ssl))
         publisher.start()
         return publisher
 
     def stop(self):
+        if self.carrier is not None:
+            self.carrier.uninstall()
+            self.carrier = None
         with self._lock:
             if self._publisher is not None:
                 self._publisher.close()
@@ -254,28 +327,34 @@ def _in_transaction(session):
 
 
 def _after_commit(session, publish):
-    """Publish once the session's outermost transaction commits; never on rollback."""
+    """Publish once the session's outermost transaction commits; never on rollback.
+
+    One pair of listeners per session, installed once and never removed:
+    removing a listener while SQLAlchemy dispatches that very event fails the
+    commit ("deque mutated during iteration") as soon as two events wait on
+    one transaction. What waits is a list in ``session.info``.
+    """
     from sqlalchemy import event as sa_event
 
-    state = {"done": False}
+    info = session.info
+    info.setdefault(_PENDING, []).append(publish)
+    if info.get(_HOOKED):
+        return
+    info[_HOOKED] = True
 
     def committed(_session):
-        if not state["done"]:
-            state["done"] = True
-            unhook()
-            publish()
+        pending, _session.info[_PENDING] = _session.info.get(_PENDING, []), []
+        for each in pending:
+            each()
 
     def ended(_session, transaction):
-        # The outermost transaction ended without a commit: drop the event.
-        if transaction.parent is None and not state["done"]:
-            state["done"] = True
-            unhook()
-
-    def unhook():
-        for name, fn in (("after_commit", committed),
-                         ("after_transaction_end", ended)):
-            if sa_event.contains(session, name, fn):
-                sa_event.remove(session, name, fn)
+        # The outermost transaction ended without a commit: drop the events.
+        if transaction.parent is None:
+            _session.info[_PENDING] = []
 
     sa_event.listen(session, "after_commit", committed)
     sa_event.listen(session, "after_transaction_end", ended)
+
+
+_PENDING = "evrouter_pending_publishes"
+_HOOKED = "evrouter_publish_hooks"

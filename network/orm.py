@@ -19,7 +19,12 @@ never hears of a port state the database does not hold:
 - the outermost transaction publishes its events when it committed;
   ending any other way -- rollback, ``Session.close()`` without a commit,
   ``scoped_session.remove()``, a ``with Session()`` block left uncommitted --
-  drops them.
+  drops them;
+- a Session joined to a transaction it does not own (bound to a Connection
+  already in one: ``join_transaction_mode`` ``create_savepoint``,
+  ``rollback_only``, ``conditional_savepoint``) commits nothing real: its
+  events then wait for that transaction (network/orm_outer.py) and are
+  published only when the Connection's own transaction commits.
 
 The decision is made in one place, ``after_transaction_end``, with
 ``after_commit`` only noting which transaction committed. The publish
@@ -43,11 +48,13 @@ from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session, attributes, object_session
 
 from network import transitions
+from network.orm_outer import OuterTransactions
 
 LOG = logging.getLogger(__name__)
 
 _PENDING = "evrouter.network.pending"        # {transaction: [events]}
 _COMMITTED = "evrouter.network.committed"    # {transactions that committed}
+_CONNECTIONS = "evrouter.network.connections"  # {root transaction: [Connection]}
 _UNSET = {attributes.NO_VALUE, attributes.NEVER_SET, None}
 
 
@@ -60,6 +67,7 @@ class PortColumns:
     status: str = "status"
     host: Optional[str] = "host"    # the binding host; None: not on the model
     fixed_ips: Optional[str] = None  # e.g. a JSON column; None: not tracked
+    revision: Optional[str] = None   # a counter bumped on every change; None: none
 
 
 def port_view(port, columns):
@@ -70,6 +78,8 @@ def port_view(port, columns):
             "status": getattr(port, columns.status)}
     if columns.host:
         view[transitions.HOST_KEY] = getattr(port, columns.host)
+    if columns.revision:
+        view["revision_number"] = getattr(port, columns.revision)
     return view
 
 
@@ -85,12 +95,16 @@ class PortHooks:
         # Per attachment, so two attachments (two publishers) both see all.
         self._pending_key = f"{_PENDING}.{id(self)}"
         self._committed_key = f"{_COMMITTED}.{id(self)}"
+        self._connections_key = f"{_CONNECTIONS}.{id(self)}"
+        self._outer = OuterTransactions(
+            lambda events: self._publish_all(events, raise_failure=False))
         self._transition_attr = f"_evrouter_transition_{id(self)}"
         self._listeners = [
             (self._status, "set", self._record_status, {"active_history": True}),
             (model, "after_insert", self._after_write, {}),
             (model, "after_update", self._after_write, {}),
             (model, "after_delete", self._after_delete, {}),
+            (session_class, "after_begin", self._after_begin, {}),
             (session_class, "after_commit", self._after_commit, {}),
             (session_class, "after_transaction_end", self._after_end, {}),
         ]
@@ -100,6 +114,7 @@ class PortHooks:
     def detach(self):
         for target, name, fn, _ in self._listeners:
             event.remove(target, name, fn)
+        self._outer.detach()
 
     # --- mapper and attribute events (inside the flush) -------------------
     def _record_status(self, port, value, oldvalue, initiator):
@@ -143,6 +158,12 @@ class PortHooks:
         pending.setdefault(boundary, []).extend(events)
 
     # --- session events (after the transaction) ---------------------------
+    def _after_begin(self, session, transaction, connection):
+        if transaction.parent is None:
+            # Whose transaction the root's commit really is: read at its end.
+            session.info.setdefault(self._connections_key, {}).setdefault(
+                transaction, []).append(connection)
+
     def _after_commit(self, session):
         # Fired for the outermost transaction and for a released SAVEPOINT,
         # while the committing one is still the innermost boundary.
@@ -153,6 +174,10 @@ class PortHooks:
         committed = session.info.get(self._committed_key, set())
         was_committed = transaction in committed
         committed.discard(transaction)
+        connections = ()
+        if transaction.parent is None:
+            connections = session.info.get(self._connections_key, {}).pop(
+                transaction, ())
         pending = session.info.get(self._pending_key)
         events = pending.pop(transaction, None) if pending else None
         if not events:
@@ -165,9 +190,15 @@ class PortHooks:
             # transaction around it.
             pending.setdefault(_boundary(transaction.parent), []).extend(events)
         else:
+            for connection in connections:
+                if OuterTransactions.open_transaction(connection) is not None:
+                    # Still in a transaction the Session did not own (it
+                    # closes its own): that one decides.
+                    self._outer.hold(connection, events)
+                    return
             self._publish_all(events)
 
-    def _publish_all(self, events):
+    def _publish_all(self, events, raise_failure=True):
         failed = None
         for ev in events:
             try:
@@ -176,7 +207,7 @@ class PortHooks:
                 LOG.error("port %s: %s for %s committed but not published: %s",
                           ev.tag, ev.name, ev.server_uuid, exc)
                 failed = failed or exc
-        if failed is not None:
+        if failed is not None and raise_failure:
             raise failed
 
 

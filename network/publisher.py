@@ -8,13 +8,20 @@ from many threads costs one confirm round trip, not one each.
 
 ``publish`` returns normally only when the event is safe: the broker
 confirmed it (persistent, mandatory, routed to a queue), or, with a spool,
-it is fsync'd to the spool file. Broker trouble is retried with tenacity for
-``retry_for`` seconds; after that the event goes to the spool, and so does
-every later event while the spool is not empty, so order holds. The owner
-thread drains the spool, oldest first, whenever the broker answers again
-(and at start-up, for what a previous process left behind). Without a spool,
-or with a full one, ``publish`` raises: the caller learns the event was not
-accepted.
+it is fsync'd to the spool file. Broker trouble is retried for ``retry_for``
+seconds; after that the event goes to the spool, and so does every later
+event while the spool is not empty, so order holds. The owner thread drains
+the spool, oldest first, whenever the broker answers again (and at start-up,
+for what a previous process left behind). Without a spool, or with a full
+one, ``publish`` raises: the caller learns the event was not accepted.
+
+Connections follow the reconnect schedule of every evrouter service
+(router.bus.backoff), across calls: a session that dropped (a lost broker,
+a 403) is not replaced before its backoff ran out, and the backoff restarts
+only after a session stayed up for a while. Until then calls do not
+connect: they wait for the reconnect if it comes within their
+``retry_for``, else they spool (or raise) at once. Retrying a batch the
+broker nacked or returned, on a live session, has its own short pauses.
 
 Messages carry the connection's login as ``user_id``, which RabbitMQ checks,
 so the router knows the publisher for certain.
@@ -32,11 +39,11 @@ from typing import Optional
 
 import amqp.exceptions
 import kombu.exceptions
-import tenacity
 
 from network.spool import Spool, SpoolFull
 from router.bus import connection as bus_connection
 from router.bus import contract, publishing, topology
+from router.bus.backoff import Backoff, Schedule, describe
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +52,10 @@ LOG = logging.getLogger(__name__)
 _REFUSED = (amqp.exceptions.AccessRefused, amqp.exceptions.PreconditionFailed,
             amqp.exceptions.NotAllowed)
 _TICK = 1.0
+# Pauses before a batch the broker nacked or returned goes again (a live
+# session: no reconnect), per call; and before the spool is tried again.
+_RESEND = Schedule(first=0.1, cap=0.5)
+_REDRAIN = Schedule(first=0.4, cap=5.0)
 
 
 class BrokerUnavailable(Exception):
@@ -69,6 +80,7 @@ class PublisherSettings:
     heartbeat: int = 30
     ssl: object = False
     max_batch: int = 256
+    reconnect: Schedule = Schedule()
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,15 @@ class _Unconfirmed(Exception):
     """The broker nacked or returned some messages of a batch."""
 
 
+class _BackingOff(Exception):
+    """Not connecting yet: the last session's backoff has not run out."""
+
+    def __init__(self, seconds, cause):
+        super().__init__(f"reconnecting in {seconds:.1f}s after: "
+                         f"{describe(cause)}")
+        self.cause = cause
+
+
 class InstanceEventPublisher:
     def __init__(self, settings):
         self.settings = settings
@@ -108,8 +129,12 @@ class InstanceEventPublisher:
         self._conn = None           # base connection (failover list)
         self._session = None        # (connection, publisher, outcomes)
         self._drain_at = 0.0
-        self._drain_backoff = 0.0
+        self._redrain = Backoff(_REDRAIN)
         self._drained = threading.Condition()
+        self.backoff = Backoff(settings.reconnect)
+        self._reconnect_at = 0.0    # no connect attempt before this
+        self._last_cause = None     # why the last session ended
+        self._up_since = None       # when the current session connected
 
     # --- caller side (any thread) -------------------------------------------
     def start(self):
@@ -163,6 +188,11 @@ class InstanceEventPublisher:
                 if not owner.is_alive() and not future.done():
                     raise RuntimeError("publisher stopped before event "
                                        f"{env.id} was handled") from None
+
+    @property
+    def connected(self):
+        """Whether a broker session is open now (for health and tests)."""
+        return self._session is not None
 
     @property
     def spooled(self):
@@ -259,33 +289,47 @@ class InstanceEventPublisher:
     def _send_or_spool(self, jobs):
         s = self.settings
         retryable = self._retryable()
-        try:
-            for attempt in tenacity.Retrying(
-                    retry=tenacity.retry_if_exception(
-                        lambda e: isinstance(e, retryable)
-                        and not isinstance(e, _REFUSED)),
-                    stop=tenacity.stop_after_delay(s.retry_for),
-                    wait=tenacity.wait_exponential(multiplier=0.05, max=0.5)
-                    + tenacity.wait_random(0, 0.05),
-                    before_sleep=self._log_retry, reraise=True):
-                with attempt:
-                    self._send(jobs)
-        except _REFUSED as exc:
-            pending = [job for job in jobs if not job.settled]
-            self._fail(pending, PublishRefused(f"broker refused: {exc}"))
-        except retryable as exc:
-            pending = [job for job in jobs if not job.settled]
-            if self._spool is None:
-                self._fail(pending, BrokerUnavailable(
-                    f"not confirmed by {self._where()} within "
-                    f"{s.retry_for:.1f}s: {_describe(exc)}"))
-            else:
-                LOG.warning("not confirmed within %.1fs (%s): spooling %d "
-                            "event(s)", s.retry_for, _describe(exc),
-                            len(pending))
-                self._spool_jobs(pending)
-                self._drain_backoff = 0.0
-                self._schedule_drain(failed=True)
+        deadline = time.monotonic() + s.retry_for
+        resend = Backoff(_RESEND)           # per call: no state leaks
+        while True:
+            try:
+                self._send(jobs)
+                return
+            except _REFUSED as exc:
+                refused = exc
+                break
+            except _BackingOff as exc:
+                if isinstance(exc.cause, _REFUSED):
+                    refused = exc.cause     # what trying again would get
+                    break
+                last = exc
+            except retryable as exc:
+                last = exc
+            now = time.monotonic()
+            wait = max(self._reconnect_at - now, 0.0 if self._session is None
+                       else resend.failed(last))
+            if now + wait > deadline:
+                return self._give_up(jobs, last)
+            if self._session is not None:   # a reconnect logged its own line
+                LOG.warning("publish not confirmed (%s), retrying in %.2fs",
+                            _describe(last), wait)
+            # Bounded by retry_for: close() finishes what it was handed.
+            time.sleep(wait)
+        pending = [job for job in jobs if not job.settled]
+        self._fail(pending, PublishRefused(f"broker refused: {refused}"))
+
+    def _give_up(self, jobs, exc):
+        s = self.settings
+        pending = [job for job in jobs if not job.settled]
+        if self._spool is None:
+            self._fail(pending, BrokerUnavailable(
+                f"not confirmed by {self._where()} within "
+                f"{s.retry_for:.1f}s: {_describe(exc)}"))
+            return
+        LOG.warning("not confirmed within %.1fs (%s): spooling %d event(s)",
+                    s.retry_for, _describe(exc), len(pending))
+        self._spool_jobs(pending)
+        self._schedule_drain(failed=True)
 
     def _fail(self, jobs, exc):
         for job in jobs:
@@ -318,9 +362,10 @@ class InstanceEventPublisher:
             self._send(jobs)
         except self._retryable() + _REFUSED as exc:
             self._schedule_drain(failed=True)
-            LOG.warning("spool: %d event(s) still waiting (%s); next try in "
-                        "%.1fs", len(self._spool), _describe(exc),
-                        self._drain_backoff)
+            if not isinstance(exc, _BackingOff):
+                LOG.warning("spool: %d event(s) still waiting (%s); next try "
+                            "in %.1fs", len(self._spool), _describe(exc),
+                            self._drain_at - time.monotonic())
             return
         self._schedule_drain(failed=False)
         if not len(self._spool):
@@ -329,21 +374,28 @@ class InstanceEventPublisher:
                 self._drained.notify_all()
 
     def _schedule_drain(self, failed):
+        now = time.monotonic()
         if failed:
-            self._drain_backoff = min(max(self._drain_backoff * 2, 0.2), 5.0)
+            # Not before the reconnect is due: a drain that finds the
+            # backoff still running would only try again at once.
+            self._drain_at = max(now + self._redrain.failed("not drained"),
+                                 self._reconnect_at)
         else:
-            self._drain_backoff = 0.0
-        self._drain_at = time.monotonic() + self._drain_backoff
+            self._redrain = Backoff(_REDRAIN)
+            self._drain_at = now
 
     # --- the connection -----------------------------------------------------
     def _retryable(self):
         conn = self._conn
         return (conn.connection_errors + conn.channel_errors
                 + (OSError, kombu.exceptions.OperationalError,
-                   publishing.PublishError, _Unconfirmed))
+                   publishing.PublishError, _Unconfirmed, _BackingOff))
 
     def _open_session(self):
         if self._session is None:
+            wait = self._reconnect_at - time.monotonic()
+            if wait > 0:
+                raise _BackingOff(wait, self._last_cause)
             conn = self._conn
             try:
                 # Each failover host once, without kombu's 2 s pause between
@@ -360,6 +412,7 @@ class InstanceEventPublisher:
                 ch, outcomes.__setitem__,
                 user_id=bus_connection.user_of(conn))
             self._session = (conn, publisher, outcomes)
+            self._up_since = time.monotonic()
             LOG.info("network publisher connected to %s as %s",
                      bus_connection.display(conn), bus_connection.user_of(conn) or "-")
         return self._session
@@ -368,6 +421,18 @@ class InstanceEventPublisher:
         if self._session is not None:
             self._session = None
             self._conn.collect()
+
+    def _lost(self, cause):
+        """The session (or the attempt to open one) failed: drop it, and
+        connect again only after the backoff."""
+        if isinstance(cause, _BackingOff):
+            return                  # nothing was tried
+        up_since = self._up_since if self._session is not None else None
+        self._drop_session()
+        self._up_since = None
+        self._last_cause = cause
+        self._reconnect_at = time.monotonic() + self.backoff.retry_in(
+            "network publisher", cause, up_since, self._conn)
 
     def _where(self):
         return bus_connection.display(self._conn)
@@ -398,8 +463,8 @@ class InstanceEventPublisher:
                     conn.drain_events(timeout=min(remaining, _TICK))
                 except socket.timeout:
                     pass
-        except BaseException:
-            self._drop_session()
+        except BaseException as exc:
+            self._lost(exc)
             self._settle(jobs, outcomes)
             raise
         refused = self._settle(jobs, outcomes)
@@ -447,15 +512,7 @@ class InstanceEventPublisher:
                 pass
             conn.heartbeat_check()
         except self._retryable() as exc:
-            LOG.warning("network publisher lost the broker while idle: %s",
-                        _describe(exc))
-            self._drop_session()
-
-    @staticmethod
-    def _log_retry(state):
-        LOG.warning("publish not confirmed (%s), retrying in %.2fs",
-                    _describe(state.outcome.exception()),
-                    state.next_action.sleep)
+            self._lost(exc)
 
 
 def _message_id(body):

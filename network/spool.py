@@ -25,6 +25,7 @@ written, cut off and raised, never reported as spooled.
 import collections
 import errno
 import fcntl
+import glob
 import logging
 import os
 
@@ -215,6 +216,79 @@ class Spool:
         self._bytes = 0
         for r in records:
             self._remember(r)
+
+
+def append_now(path, items, **limits):
+    """Durably add (routing_key, body) pairs to the spool at `path` without
+    a publisher: for events a process could not hand to one (its bus
+    settings are wrong). The next publisher on that file sends them."""
+    spool = Spool(path, **limits)
+    try:
+        spool.append(items)
+    finally:
+        spool.close()
+
+
+def adopt_orphans(path, prefix, **limits):
+    """Move the pending records of the spool files ``<prefix>*`` whose
+    process is gone into the spool at `path`, oldest file first; remove them.
+
+    A process spools to a file of its own (Neutron's API and RPC workers
+    fork: ``<spool_path>.<pid>``); after a restart nobody has that name
+    again, so a new process takes over what the old ones left. A file still
+    locked belongs to a live process and is left alone. A crash between the
+    append and the unlink sends those records twice: the waiter drops the
+    second copy by id. Each file's records keep their order; files are
+    taken oldest first (mtime), which orders nothing between processes.
+    Returns the number of records adopted.
+    """
+    here = os.path.abspath(path)
+    adopted = 0
+    candidates = [f for f in glob.glob(glob.escape(prefix) + "*")
+                  if os.path.abspath(f) != here and not f.endswith(".compact")
+                  and os.path.isfile(f)]
+    for orphan_path in sorted(candidates, key=_mtime):
+        try:
+            orphan = Spool(orphan_path, **limits)
+        except SpoolLocked:
+            continue
+        except (OSError, SpoolError) as exc:
+            LOG.error("spool %s: cannot be read, left in place: %s",
+                      orphan_path, exc)
+            continue
+        try:
+            if not _same_file(orphan, orphan_path):
+                continue    # taken over and removed while we opened it
+            records = orphan.peek(len(orphan))
+            if records:
+                append_now(path, [(r.routing_key, r.body) for r in records],
+                           **limits)
+                LOG.warning("spool %s: %d record(s) left by a process that is "
+                            "gone, taken over by %s", orphan_path,
+                            len(records), path)
+            os.unlink(orphan_path)
+            _fsync_dir(orphan_path)
+            adopted += len(records)
+        except (OSError, SpoolError) as exc:
+            LOG.error("spool %s: %d record(s) could not be taken over, left "
+                      "in place: %s", orphan_path, len(orphan), exc)
+        finally:
+            orphan.close()
+    return adopted
+
+
+def _same_file(spool, path):
+    try:
+        return os.path.samestat(os.fstat(spool._fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _write_all(fd, data, offset):

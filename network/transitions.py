@@ -14,6 +14,9 @@ Follows the network service's compute notifier (neutron/notifiers/nova.py):
   issue narrows it to address changes, which is what the compute side acts on.)
 
 The tag is always the port id, and the port's binding host is the host hint.
+The port's ``revision_number`` (the network API bumps it on every change of
+the port) is the event's revision: the compute side orders one port's events
+by it instead of by anyone's clock.
 Ports are dicts shaped like the network API's (``binding:host_id`` included).
 """
 
@@ -24,9 +27,11 @@ from oslo_utils import uuidutils
 
 from router.bus.contract import (
     COMPLETED,
+    EVENT_NAMES,
     FAILED,
     HOST_PATTERN,
     NETWORK_CHANGED,
+    STATUSES,
     VIF_DELETED,
     VIF_PLUGGED,
     VIF_UNPLUGGED,
@@ -66,10 +71,14 @@ def _event(port, name, status=COMPLETED):
     # table decides instead of the event being dead-lettered.
     if not isinstance(host, str) or not _host_re.search(host):
         host = None
+    revision = port.get("revision_number")
+    if type(revision) is not int or revision < 0:
+        revision = None     # the contract would refuse it; order alone decides
     # The network API accepts any UUID-like spelling; the compute side keys
     # instances by the canonical one.
     return InstanceEvent(name=name, server_uuid=str(uuid.UUID(port["device_id"])),
-                         tag=port["id"], status=status, host=host)
+                         tag=port["id"], status=status, host=host,
+                         revision=revision)
 
 
 def status_changed(port, previous, current):
@@ -140,3 +149,27 @@ def floating_ip_changed(original_port_id, port_id, port_of):
         if port is not None:
             events += network_changed(port)
     return events
+
+
+def from_nova_notifier(event, host=None):
+    """An InstanceEvent from one event dict of Neutron's nova notifier.
+
+    Neutron's dicts: ``server_uuid``, ``name``, ``tag`` (the port id) and,
+    for status events, ``status``. None for anything the contract could not
+    carry (the caller logs it); `host` is dropped, as in ``_event``, when the
+    contract would refuse it, so placement decides.
+    """
+    try:
+        name, server, tag = event["name"], event["server_uuid"], event.get("tag")
+        status = event.get("status") or COMPLETED
+        server = str(uuid.UUID(server))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if name not in EVENT_NAMES or status not in STATUSES:
+        return None
+    if not (tag is None or (isinstance(tag, str) and 0 < len(tag) <= 255)):
+        return None
+    if not isinstance(host, str) or not _host_re.search(host):
+        host = None
+    return InstanceEvent(name=name, server_uuid=server, tag=tag, status=status,
+                         host=host)
