@@ -23,7 +23,6 @@ setup(
         "oslo.log>=5.0",
         "libvirt-python>=9.0",
         "eventlet>=0.33",
-        "tenacity>=8.2",
         "prometheus-client>=0.17",
         "oslo.utils>=6.0",
     ],
