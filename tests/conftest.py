@@ -8,6 +8,7 @@ import kombu
 import pytest
 
 from router.bus import topology
+from tests.isolation import logging_restored, no_thread_left_behind  # noqa: F401 (autouse)
 
 BROKER_URL = os.environ.get("EVROUTER_TEST_URL",
                             "amqp://guest:guest@127.0.0.1:5672//")
@@ -96,13 +97,24 @@ def bus():
         b.cleanup()
 
 
+def single_user_policy(url=BROKER_URL, **policy):
+    """The router policy of a broker where every service is one user (the
+    tests' guest): that user speaks for every host's lifecycle."""
+    from router.routing import Policy
+    user = kombu.Connection(url).userid
+    return Policy(lifecycle_trusted_users=frozenset({user}), **policy)
+
+
 class RunningRouter:
-    """A RouterService on its own thread, against a Bus's topology."""
+    """A RouterService on its own thread, against a Bus's topology; without
+    a policy, the single-user one of the bus's URL."""
 
     def __init__(self, bus, **settings):
         import threading
 
         from router.service import RouterService, RouterSettings
+        if "policy" not in settings:
+            settings["policy"] = single_user_policy(bus.url)
         self.service = RouterService(RouterSettings(
             transport_url=bus.url, topology=bus.topology, **settings))
         self.thread = threading.Thread(target=self.service.run, daemon=True,
@@ -142,16 +154,18 @@ def router(bus):
         r.stop()
 
 
-def collect(url, queue_name, count, timeout=15.0, *, ack=True):
+def collect(url, queue_name, count, timeout=15.0, *, ack=True, until=None):
     """Consume up to `count` messages from a queue, waiting at most `timeout`.
 
     Returns kombu Messages, each acked as it arrives unless ack=False (then
     they go back to the queue when this returns); fewer than `count` means
-    the deadline passed first.
+    the deadline passed first. `until(got)`, if given, ends the wait instead
+    of the count.
     """
     import time
 
     got = []
+    done = until or (lambda got: len(got) >= count)
 
     def take(message):
         got.append(message)
@@ -165,7 +179,7 @@ def collect(url, queue_name, count, timeout=15.0, *, ack=True):
         consumer.qos(prefetch_count=200 if ack else max(1, min(count, 65535)))
         with consumer:
             deadline = time.monotonic() + timeout
-            while len(got) < count:
+            while not done(got):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -174,6 +188,16 @@ def collect(url, queue_name, count, timeout=15.0, *, ack=True):
                 except socket.timeout:
                     pass
     return got
+
+
+def collect_ids(url, queue_name, ids, timeout=15.0):
+    """Consume until a message with each of `ids` (AMQP message_id) came,
+    at most `timeout`. Returns every message taken, duplicates included:
+    after a channel or connection fault a copy may legitimately arrive
+    twice (at-least-once), so counting copies cannot tell when all came."""
+    want = set(ids)
+    return collect(url, queue_name, None, timeout, until=lambda got: want
+                   <= {m.properties.get("message_id") for m in got})
 
 
 def queue_depth(url, queue_name):

@@ -129,7 +129,8 @@ def _publish(url, exchange, payloads, rate, t0):
     """In a process of its own: pipelined confirms; paced when rate is set."""
     conn = bus_connection.connect_once(bus_connection.connection(url))
     outcomes = []
-    pub = ConfirmedPublisher(conn.channel(), lambda t, o: outcomes.append(o))
+    pub = ConfirmedPublisher(conn.channel(), lambda t, o: outcomes.append(o),
+                             user_id=bus_connection.user_of(conn))
     for i, body in enumerate(payloads):
         if rate:
             delay = t0 + i / rate - time.monotonic()

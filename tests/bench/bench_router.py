@@ -62,7 +62,8 @@ def publish_process(exchange, key, payloads):
         with bus_connection.connect_once(bus_connection.connection(URL)) as conn:
             outcomes = []
             pub = ConfirmedPublisher(conn.channel(),
-                                     lambda t, o: outcomes.append(o))
+                                     lambda t, o: outcomes.append(o),
+                                     user_id=bus_connection.user_of(conn))
             for i, body in enumerate(payloads):
                 pub.publish(exchange, key, body, i)
                 if i % 256 == 255:
@@ -284,7 +285,8 @@ def latency(n, rate):
         contract.VIF_PLUGGED, s, "port", host="lat-host"), "bench") for s in servers]
     try:
         with bus_connection.connect_once(bus_connection.connection(URL)) as conn:
-            pub = ConfirmedPublisher(conn.channel(), lambda t, o: None)
+            pub = ConfirmedPublisher(conn.channel(), lambda t, o: None,
+                                     user_id=bus_connection.user_of(conn))
             start = time.monotonic()
             for i, env in enumerate(envs):
                 pause = start + i / rate - time.monotonic()

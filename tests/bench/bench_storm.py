@@ -219,7 +219,10 @@ class StormRouter(bench_router.Router):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "router", "--bus-prefix", prefix,
-             "--transport-url", url, "--router-ops_listen", f"127.0.0.1:{self.port}"],
+             "--transport-url", url, "--router-ops_listen", f"127.0.0.1:{self.port}",
+             # every simulated host is the one benchmark user
+             "--router-lifecycle_trusted_users",
+             bus_connection.user_of(bus_connection.connection(url))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _until(lambda: self.metric("evrouter_router_connected") == 1, 60)
 

@@ -135,7 +135,8 @@ def _publish_process(mode, exchange, payloads):
         conn = bus_connection.connection(mode.url, ssl_opts=mode.tls)
         with bus_connection.connect_once(conn):
             outcomes = []
-            pub = ConfirmedPublisher(conn.channel(), lambda t, o: outcomes.append(o))
+            pub = ConfirmedPublisher(conn.channel(), lambda t, o: outcomes.append(o),
+                                     user_id=bus_connection.user_of(conn))
             for i, body in enumerate(payloads):
                 pub.publish(exchange, KEY, body, i)
                 if i % 256 == 255:
@@ -191,7 +192,8 @@ def latency(mode, n, per_second=200):
     try:
         conn = bus_connection.connection(mode.url, ssl_opts=mode.tls)
         with bus_connection.connect_once(conn):
-            pub = ConfirmedPublisher(conn.channel(), lambda t, o: None)
+            pub = ConfirmedPublisher(conn.channel(), lambda t, o: None,
+                                     user_id=bus_connection.user_of(conn))
             start = time.monotonic()
             for i, env in enumerate(envs):
                 pause = start + i / per_second - time.monotonic()

@@ -144,7 +144,10 @@ def latency(args):
     ch = conn.channel()
     topology.declare(ch, *topo.central())
     topology.declare(ch, *topo.for_host(host))
-    router = RouterService(RouterSettings(transport_url=args.url, topology=topo))
+    from router.routing import Policy
+    router = RouterService(RouterSettings(
+        transport_url=args.url, topology=topo,
+        policy=Policy(lifecycle_trusted_users=frozenset({connection.user_of(conn)}))))
     consumer = HostConsumer(HostConsumerSettings(
         host=host, transport_url=args.url, topology=topo), deliver)
     threads = [threading.Thread(target=router.run, daemon=True),
@@ -154,7 +157,7 @@ def latency(args):
     try:
         if not (router.ready.wait(15) and consumer.ready.wait(15)):
             raise SystemExit("router or consumer did not start")
-        publisher = publishing.BlockingPublisher(conn)
+        publisher = publishing.BlockingPublisher(conn, user_id=connection.user_of(conn))
         key = topology.instance_routing_key(contract.VIF_PLUGGED)
         print(f"\nwake-up latency ({args.samples} sequential events, "
               f"{registry.pending:,} other events pending):")

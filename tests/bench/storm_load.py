@@ -87,8 +87,8 @@ def _sleep_until(when):
 
 def _recorder(registry, arrivals):
     """deliver() for the host consumer / endpoint: the registry's, timed."""
-    def deliver(event, message_id, *, created_at=None):
-        outcome = registry.deliver(event, message_id, created_at=created_at)
+    def deliver(event, message_id):
+        outcome = registry.deliver(event, message_id)
         if outcome in (DELIVERED, HELD):
             arrivals[(event.server_uuid, event.tag)] = (time.time(), outcome)
         return outcome

@@ -76,6 +76,13 @@ class Cluster:
     def start_node(self, n):
         _script("start-node", n)
 
+    def freeze(self, n):
+        """SIGSTOP of the node's Erlang VM (undo with thaw)."""
+        _script("freeze", n)
+
+    def thaw(self, n):
+        _script("thaw", n)
+
     def running(self):
         up = [line.split()[0] for line in _script("status").stdout.splitlines()
               if line and not line.endswith(" down")]
@@ -83,6 +90,8 @@ class Cluster:
 
     def make_whole(self):
         """Every node up again (after a scenario, whatever it did)."""
+        for n in NODES:
+            self.thaw(n)        # before `running`, which asks each node
         for n in NODES:
             if n not in self.running():
                 self.revive(n)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A three-node RabbitMQ cluster on this machine, beside the main broker.
 #
-#   tests/cluster/rabbitmq-cluster.sh start|stop|status|url|kill N|run N|stop-node N|start-node N
+#   tests/cluster/rabbitmq-cluster.sh start|stop|status|url|kill N|run N|stop-node N|start-node N|freeze N|thaw N
 #
 # Nodes c1@localhost, c2@localhost, c3@localhost listen on 127.0.0.1:5681-5683
 # (distribution 25681-25683), each with its own mnesia, log, config, pid and
@@ -9,6 +9,11 @@
 # owned by the rabbitmq user the server drops to. The Debian wrappers run the
 # server and rabbitmqctl as that user (HOME=/var/lib/rabbitmq), so every node
 # and every rabbitmqctl call shares the main broker's Erlang cookie.
+#
+# With EVROUTER_CLUSTER_MGMT=1 each node also runs rabbitmq_management on
+# 127.0.0.1:15681-15683 (the chaos stage's broker-side faults: an HTTP call
+# costs milliseconds where a rabbitmqctl call starts an Erlang VM); unset,
+# no plugin (the default).
 #
 # The main broker (rabbit@localhost on 5672) is never touched: every
 # rabbitmqctl call here names its node with -n.
@@ -18,6 +23,9 @@ BASE=${EVROUTER_CLUSTER_DIR:-/tmp/evrouter-cluster}
 NODES=(1 2 3)
 PORT0=5680
 DIST0=25680
+MGMT0=15680
+MGMT=${EVROUTER_CLUSTER_MGMT:-}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 node() { echo "c$1@localhost"; }
@@ -39,7 +47,15 @@ prepare() {
   mkdir -p "$dir/mnesia" "$dir/log"
   printf 'listeners.tcp.local = 127.0.0.1:%s\nloopback_users = none\n' "$(port "$n")" \
     > "$dir/rabbitmq.conf"
-  echo '[].' > "$dir/enabled_plugins"
+  if [ "$MGMT" = 1 ]; then
+    printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' $((MGMT0 + n)) \
+      >> "$dir/rabbitmq.conf"
+    echo '[rabbitmq_management].' > "$dir/enabled_plugins"
+  else
+    echo '[].' > "$dir/enabled_plugins"
+  fi
+  # The parking queues' resend timeout of deploy/rabbitmq/advanced.config.
+  cp "$REPO/deploy/rabbitmq/advanced.config" "$dir/advanced.config"
   chown -R rabbitmq:rabbitmq "$BASE"
 }
 
@@ -55,6 +71,7 @@ start_node() {
       RABBITMQ_DIST_PORT=$((DIST0 + n)) \
       RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
       RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_PID_FILE="$dir/pid" \
+      RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
       RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
       rabbitmq-server -detached >/dev/null 2>&1
 }
@@ -79,6 +96,15 @@ kill_node() {
   kill -9 "$pid"
   for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
 }
+
+# SIGSTOP of the node's Erlang VM: frozen, it keeps its sockets open but
+# answers nothing (neither AMQP nor its peers' votes). Thawing a node that
+# is not running is a no-op, so clean-ups can thaw every node.
+freeze_node() {
+  alive "$1" || { log "c$1 is not running"; return 1; }
+  kill -STOP "$(pid_of "$1")"
+}
+thaw_node() { if alive "$1"; then kill -CONT "$(pid_of "$1")"; fi; }
 
 # Until node N sees all three running. A quorum queue declared before that
 # gets only the members the node saw (3.10 does not grow it later).
@@ -139,5 +165,7 @@ case "${1:-}" in
   run) start_node "$2"; await_node "$2"; await_whole "$2" ;;   # after kill: same data, rejoins
   stop-node) ctl "$2" stop ;;                          # the whole Erlang node, cleanly
   start-node) start_node "$2"; await_node "$2"; await_whole "$2" ;;
-  *) echo "usage: $0 start|stop|status|url|kill N|run N|stop-node N|start-node N" >&2; exit 2 ;;
+  freeze) freeze_node "$2" ;;
+  thaw) thaw_node "$2" ;;
+  *) echo "usage: $0 start|stop|status|url|kill N|run N|stop-node N|start-node N|freeze N|thaw N" >&2; exit 2 ;;
 esac

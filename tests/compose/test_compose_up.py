@@ -77,6 +77,16 @@ def test_the_broker_has_no_guest_and_services_use_their_users(deployment):
                             f"evrouter-compute-{COMPUTE_HOST}", "openstack"]), users
 
 
+def test_the_broker_runs_with_evrouter_s_advanced_config(deployment):
+    """deploy/rabbitmq/advanced.config: a parked event the router queue
+    refused is tried again after 5 s, not RabbitMQ's 180 s."""
+    [broker] = deployment.containers("rabbitmq")
+    got = run(["docker", "exec", broker, "rabbitmqctl", "eval",
+               "application:get_env(rabbit, "
+               "dead_letter_worker_publisher_confirm_timeout)."]).stdout
+    assert got.strip() == "{ok,5000}", got
+
+
 def _notifier(url):
     conf = cfg.ConfigOpts()
     conf([], project="evrouter-compose-test")

@@ -30,7 +30,9 @@ METRIC = re.compile(r"\b(evrouter_[a-z_]+)")
 def exposed():
     """Every sample name the router's and the agent's /metrics serve."""
     router = type("Router", (), {
-        "stats": collections.Counter({"in": 1, "dead_lettered:malformed": 1}),
+        "stats": collections.Counter({"in": 1, "dead_lettered:malformed": 1,
+                                      "dropped:malformed": 1,
+                                      "forbidden:host-snapshot": 1}),
         "latency": LatencyHistogram(), "placement": {}, "ready": threading.Event()})
     agent = type("Agent", (), {"stats": collections.Counter(), "published": 0,
                                "held": 0, "outbox": [], "healthy": True})

@@ -12,10 +12,14 @@ import time
 import uuid
 
 import kombu
+import libvirt
 
+from compute import libvirt_watch
 from compute.agent import AgentSettings, LifecycleAgent
 from router.bus import contract, topology
 from tests.conftest import wait_for
+
+HOST = "compute-1"      # the agent's host name unless a test says otherwise
 
 
 class FanoutListener:
@@ -161,16 +165,40 @@ def remove_domain(dom):
             pass
 
 
+class Driver:
+    """Domains on a test-driver connection, removed at teardown."""
+
+    def __init__(self, uri="test:///default"):
+        libvirt_watch.start_event_loop()
+        self.conn = libvirt.open(uri)
+        self.made = []
+
+    def define(self, domain_uuid=None):
+        dom = self.conn.defineXML(domain_xml(
+            f"evt-{uuid.uuid4().hex[:10]}", domain_uuid))
+        self.made.append(dom)
+        return dom
+
+    def close(self):
+        for dom in self.made:
+            remove_domain(dom)
+        self.conn.close()
+
+
 class TcpProxy:
     """127.0.0.1:port → upstream. cut() drops every connection and refuses
     new ones until restore(): the broker, as far as the client can tell,
-    is gone."""
+    is gone. half_open() drops only the clients' side: the broker, as far
+    as it can tell, still has them."""
 
     def __init__(self, upstream=("127.0.0.1", 5672)):
         self.upstream = upstream
         self._lock = threading.Lock()
         self._sockets = []
+        self._orphans = set()       # broker sides left open by half_open()
+        self._threads = []
         self.port = None
+        self.accepted = []      # monotonic time of each client connection
         self._listen()
 
     @property
@@ -184,8 +212,15 @@ class TcpProxy:
         listener.listen(16)
         self.port = listener.getsockname()[1]
         self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,),
-                         daemon=True).start()
+        self._spawn(self._accept, listener)
+
+    def _spawn(self, target, *args):
+        thread = threading.Thread(target=target, args=args, daemon=True,
+                                  name="tcp-proxy")
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
 
     def _accept(self, listener):
         while True:
@@ -193,6 +228,7 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted.append(time.monotonic())
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
             except OSError:
@@ -202,25 +238,43 @@ class TcpProxy:
             with self._lock:
                 self._sockets += [client, server]
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b),
-                                 daemon=True).start()
+                self._spawn(self._pump, a, b)
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
-                if not data:
+                if not data or src in self._orphans or dst in self._orphans:
                     break
                 dst.sendall(data)
         except OSError:
             pass
         finally:
             for s in (src, dst):
+                if s in self._orphans:
+                    continue        # left open, unread, on purpose
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def half_open(self):
+        """Drop the client side of every connection, leave the broker side
+        open and unread: a client that vanished without a FIN (a crashed
+        host, a NAT that forgot the flow). To the broker that connection
+        and its consumers live on until its heartbeat timeout; the client
+        sees the connection die and connects again, through this proxy."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+            # accept() makes (client, server) pairs in this order
+            clients, servers = sockets[0::2], sockets[1::2]
+            self._orphans.update(servers)
+        for s in clients:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
     def cut(self):
         try:
@@ -228,6 +282,10 @@ class TcpProxy:
         except OSError:
             pass
         self._listener.close()
+        self.drop()
+
+    def drop(self):
+        """Drop every connection, and keep accepting new ones."""
         with self._lock:
             sockets, self._sockets = self._sockets, []
         for s in sockets:
@@ -241,4 +299,16 @@ class TcpProxy:
         self._listen()
 
     def close(self):
+        """Everything down, half-open connections too; threads joined."""
         self.cut()
+        with self._lock:
+            orphans, self._orphans = self._orphans, set()
+            threads = list(self._threads)
+        for s in orphans:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for thread in threads:
+            thread.join(5)

@@ -10,7 +10,6 @@ own, which is how two hosts live in one process.
 import time
 import uuid
 
-import kombu
 import libvirt
 import pytest
 
@@ -18,68 +17,13 @@ from compute import libvirt_watch
 from router.bus import contract
 from tests.conftest import wait_for
 from tests.functional.agent_harness import (
-    FanoutListener,
+    HOST,
     RunningAgent,
     TcpProxy,
     domain_xml,
-    remove_domain,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-HOST = "compute-1"
-
-
-@pytest.fixture
-def listener(bus):
-    lst = FanoutListener(bus)
-    yield lst
-    lst.close()
-
-
-class Driver:
-    """Domains on a test-driver connection, removed at teardown."""
-
-    def __init__(self, uri="test:///default"):
-        libvirt_watch.start_event_loop()
-        self.conn = libvirt.open(uri)
-        self.made = []
-
-    def define(self, domain_uuid=None):
-        dom = self.conn.defineXML(domain_xml(
-            f"evt-{uuid.uuid4().hex[:10]}", domain_uuid))
-        self.made.append(dom)
-        return dom
-
-    def close(self):
-        for dom in self.made:
-            remove_domain(dom)
-        self.conn.close()
-
-
-@pytest.fixture
-def driver():
-    d = Driver()
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def start_agent(bus):
-    agents = []
-
-    def start(**settings):
-        settings.setdefault("host", HOST)
-        settings.setdefault("libvirt_uri", "test:///default")
-        agent = RunningAgent(bus, **settings)
-        agents.append(agent)
-        agent.wait_healthy()
-        return agent
-
-    yield start
-    for agent in agents:
-        if agent.thread.is_alive():
-            agent.stop()
 
 
 def test_transitions_arrive_in_order_numbered_per_host(driver, listener,
@@ -341,87 +285,3 @@ def test_undefine_for_good_is_published_after_the_delay(driver, listener,
     listener.wait_transitions(uid, ["DEFINED", "STARTED", "STOPPED",
                                     "UNDEFINED"])
     assert listener.arrival(uid, "UNDEFINED") - gone_at >= delay
-
-
-def _resync_request(bus, routers=("r-1",), **properties):
-    with kombu.Connection(bus.url) as conn:
-        producer = kombu.Producer(conn.channel())
-        for router in routers:
-            env = contract.envelope(contract.ResyncRequest(router),
-                                    f"router/{router}")
-            producer.publish(
-                contract.encode(env), routing_key="", message_id=env.id,
-                exchange=bus.topology.control_exchange_name,
-                content_type="application/json", **properties)
-
-
-def test_a_resync_request_is_answered_with_one_snapshot(bus, driver, listener,
-                                                       start_agent):
-    dom = driver.define()
-    dom.create()
-    uid = dom.UUIDString()
-    running = start_agent(resync_min_interval=0.5, snapshot_interval=0)
-    listener.wait_snapshot(uid)                     # the start-up one
-    wait_for(lambda: running.agent.stats["snapshots"] == 1, what="snapshot")
-    time.sleep(0.6)                                 # past the interval
-    seen = len(listener.envelopes())
-    asked = time.monotonic()
-    _resync_request(bus)
-    entry = listener.wait_snapshot(uid, after=seen, timeout=5)
-    answered = time.monotonic() - asked
-    print(f"resync request -> host snapshot on the fanout: "
-          f"{answered * 1000:.0f} ms")
-    assert entry.transition == "STARTED" and answered < 1.0
-
-    # A burst of requests (ten routers starting together) costs one more
-    # snapshot, sent once the interval has passed.
-    seen = len(listener.envelopes())
-    _resync_request(bus, [f"r-{n}" for n in range(10)])
-    wait_for(lambda: running.agent.stats["resync_requests"] == 11,
-             what="the burst received")
-    listener.wait_snapshot(uid, after=seen, timeout=5)
-    time.sleep(1.2)
-    assert len(listener.snapshots()) == 3
-    assert running.agent.stats["snapshots"] == 3
-
-
-def test_resync_requests_from_other_users_are_ignored(bus, driver, listener,
-                                                      start_agent):
-    running = start_agent(resync_from=("evrouter-router",),
-                          resync_min_interval=0, snapshot_interval=0)
-    wait_for(lambda: running.agent.stats["snapshots"] == 1, what="snapshot")
-    _resync_request(bus, user_id="guest")           # validated: it is guest
-    wait_for(lambda: running.agent.stats["resync_refused"] == 1,
-             what="the request refused")
-    time.sleep(0.3)
-    assert running.agent.stats["snapshots"] == 1
-    assert len(listener.snapshots()) == 1
-
-
-def test_poison_on_the_control_queue_does_not_stop_the_agent(bus, driver, listener,
-                                                             start_agent):
-    """Whoever can write the control fanout: every hostile message is
-    ignored with a reason, and the next real request is still answered."""
-    from tests.functional import poison
-
-    dom = driver.define()
-    dom.create()
-    uid = dom.UUIDString()
-    running = start_agent(resync_min_interval=0, snapshot_interval=0)
-    listener.wait_snapshot(uid)
-    cases = poison.cases(running.agent.settings.host)
-    raw = poison.RawPublisher(bus.url)
-    try:
-        for _, body, props, raw_props, _ in cases:
-            if raw_props is not None:
-                raw.publish_raw(bus.topology.control_exchange_name, "", body, raw_props)
-            else:
-                raw.publish(bus.topology.control_exchange_name, "", body, **props)
-    finally:
-        raw.close()
-    wait_for(lambda: running.agent.stats["resync_invalid"] == len(cases),
-             what="every poison message judged")
-    seen = len(listener.envelopes())
-    _resync_request(bus)
-    listener.wait_snapshot(uid, after=seen, timeout=5)
-    assert running.agent.healthy

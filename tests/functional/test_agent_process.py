@@ -9,7 +9,6 @@ import pytest
 
 from router.bus import contract
 from tests.conftest import wait_for
-from tests.functional.agent_harness import FanoutListener
 from tests.functional.test_router_ops import free_port, get, metric
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,13 +23,6 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-@pytest.fixture
-def listener(bus):
-    lst = FanoutListener(bus)
-    yield lst
-    lst.close()
 
 
 def test_cli_agent_announces_and_stops_cleanly_on_sigterm(bus, listener,

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from compute.events import DELIVERED, DUPLICATE, InstanceEvents
 from router.bus import contract
-from router.routing import Policy
 from tests.conftest import (
     BROKER_URL,
     Bus,
@@ -26,6 +25,7 @@ from tests.conftest import (
     broker_reachable,
     collect,
     report_fault,
+    single_user_policy,
     wait_for,
 )
 from tests.functional.test_router import publish_env, publish_raw
@@ -213,7 +213,7 @@ def test_fuzzed_bad_input_is_dead_lettered_and_good_events_all_arrive(docs):
     b = Bus(BROKER_URL, retry_delays_ms=(100, 200))
     try:
         b.declare_central()
-        router = RunningRouter(b, policy=Policy(no_host_timeout=1.0))
+        router = RunningRouter(b, policy=single_user_policy(no_host_timeout=1.0))
         waiters = CountingWaiters()
         host = HostEvents(b, deliver=waiters.deliver)
         bad = [(body, reason) for body, reason in CORPUS]

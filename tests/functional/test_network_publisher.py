@@ -5,6 +5,7 @@ a dead port (nothing listens on 127.0.0.1:1), and a TCP proxy in front of
 RabbitMQ that this test stops and starts again, cutting live connections.
 """
 
+import os
 import select
 import socket
 import threading
@@ -180,6 +181,33 @@ def test_spooled_while_unreachable_then_delivered_once_in_order_after_restart(
         after.message_id]
     assert [env.payload for _, env in events] == [plugged(i) for i in range(7)]
     assert router.service.stats["in"] == 7
+
+
+def test_a_gone_processs_spool_is_sent_by_the_next_process(bus, router, tmp_path):
+    """Neutron's workers spool to <spool_path>.<pid>: the process that comes
+    after a restart (another pid) takes the file over and sends it, after
+    what a process without any publisher wrote straight to its own spool."""
+    from network.spool import adopt_orphans, append_now
+    bus.declare_host(HOST)
+    prefix = str(tmp_path / "evrouter-spool.")
+    with InstanceEventPublisher(settings(bus, DEAD_URL,
+                                         spool_path=prefix + "101")) as pub:
+        receipts = [pub.publish(plugged(i)) for i in range(3)]
+    assert all(r.spooled for r in receipts)
+    late = contract.envelope(plugged(3), "network-test")
+    append_now(prefix + "102", [("instance.network-vif-plugged",
+                                 contract.encode(late))])
+    mine = prefix + "200"
+    assert adopt_orphans(mine, prefix) == 4
+    with InstanceEventPublisher(settings(bus, spool_path=mine)) as pub:
+        assert pub.wait_drained(15)
+    events = host_events(bus, 4)
+    ids = [env.id for _, env in events]
+    # Each file's records in their order; files are taken oldest first by
+    # mtime, which orders nothing between two processes' events.
+    assert sorted(ids) == sorted([r.message_id for r in receipts] + [late.id])
+    assert [i for i in ids if i != late.id] == [r.message_id for r in receipts]
+    assert sorted(os.listdir(tmp_path)) == ["evrouter-spool.200"]
 
 
 def test_a_live_connection_cut_spools_and_drains_in_the_same_process(

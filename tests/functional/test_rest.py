@@ -2,12 +2,20 @@
 
 import json
 import signal
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 
+import kombu
+
+from router import rest
 from router.bus import contract
-from tests.conftest import collect, wait_for
+from router.bus.publishing import BlockingPublisher
+from router.service import RouterService, RouterSettings
+from tests.conftest import collect, single_user_policy, wait_for
+from tests.functional.agent_harness import TcpProxy
 from tests.functional.test_router import publish_lifecycle
 from tests.functional.test_router_ops import free_port
 from tests.functional.test_router_process import consumers, start_router, stop
@@ -107,3 +115,86 @@ def test_the_router_refuses_an_unauthenticated_rest_endpoint_beyond_loopback(bus
         code, out = stop(proc)
         assert code == 2, out
         assert "without authentication" in out
+
+
+def post_for_headers(url, document):
+    """(status, Retry-After or None) of a POST."""
+    request = urllib.request.Request(url, data=json.dumps(document).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=15) as resp:
+            return resp.status, resp.headers.get("Retry-After")
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Retry-After")
+
+
+def _snapshot(bus, host, instances):
+    """What an agent answers a router's resync request with."""
+    env = contract.envelope(contract.HostSnapshot(host, 1, tuple(instances)), "agent")
+    with kombu.Connection(bus.url) as conn:
+        BlockingPublisher(conn, user_id=conn.userid).publish(
+            bus.topology.lifecycle_exchange_name, "", contract.encode(env),
+            mandatory=False)
+
+
+def test_unknown_is_503_with_retry_after_until_the_router_can_know(bus):
+    """Issue 19, item 5: with the broker away the router knows nothing, and
+    right after connecting it knows only what the snapshots have told it."""
+    bus.declare_central()
+    bus.declare_host("cmp-ready")
+    proxy = TcpProxy()
+    proxy.cut()                         # the broker is away from the start
+    svc = RouterService(RouterSettings(transport_url=proxy.url,
+                                       topology=bus.topology, resync_window=2.0,
+                                       policy=single_user_policy()))
+    thread = threading.Thread(target=svc.run, daemon=True)
+    thread.start()
+    ingress = rest.RestIngress(proxy.url, bus.topology, svc.placement).start()
+    server = rest.serve("127.0.0.1", 0, rest.RestApp(ingress.handle),
+                        authenticated=False)
+    url = f"http://127.0.0.1:{server.server_address[1]}{rest.PATH}"
+    placed, unknown = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def events(server_uuid):
+        return {"events": [{"name": "network-vif-plugged",
+                            "server_uuid": server_uuid, "tag": "port-1"}]}
+    try:
+        # The whole outage, twice the window: 503, never 404.
+        answers = []
+        end = time.monotonic() + 4.0
+        while time.monotonic() < end:
+            answers.append(post_for_headers(url, events(unknown)))
+            time.sleep(0.1)             # pacing the samples, not waiting for a state
+        assert len(answers) >= 10
+        assert {status for status, _ in answers} == {503}, answers
+        assert all(int(retry_after) >= 1 for _, retry_after in answers)
+
+        proxy.restore()
+        wait_for(svc.ready.is_set, 30, what="the router connected")
+        _snapshot(bus, "cmp-ready", [(placed, "STARTED")])
+        wait_for(lambda: post_for_headers(url, events(placed))[0] == 200, 15,
+                 what="the snapshot's instance accepted")
+        wait_for(lambda: post_for_headers(url, events(unknown))[0] == 404, 15,
+                 what="an unknown instance answered 404 once warm")
+        [m] = collect(bus.url, bus.topology.host_queue_name("cmp-ready"), 1)
+        assert contract.decode(m.body).payload.server_uuid == placed
+
+        # The connection is lost: what it knows may be stale, what it does not
+        # know may have appeared meanwhile.
+        proxy.cut()
+        wait_for(lambda: not svc.ready.is_set(), 15, what="the loss noticed")
+        status, retry_after = post_for_headers(url, events(unknown))
+        assert status == 503 and int(retry_after) >= 1
+        proxy.restore()
+        wait_for(svc.ready.is_set, 30, what="the router reconnected")
+        _snapshot(bus, "cmp-ready", [(placed, "STARTED")])
+        wait_for(lambda: post_for_headers(url, events(unknown))[0] == 404, 15,
+                 what="404 again once the known host's snapshot is in")
+    finally:
+        server.shutdown()
+        server.server_close()
+        ingress.stop()
+        svc.stop()
+        thread.join(20)
+        proxy.close()
+    assert not thread.is_alive()

@@ -8,7 +8,14 @@ import pytest
 
 from router.bus import contract, topology
 from router.bus.publishing import BlockingPublisher
-from tests.conftest import BROKER_URL, Bus, RunningRouter, collect, queue_depth
+from tests.conftest import (
+    BROKER_URL,
+    Bus,
+    RunningRouter,
+    collect,
+    queue_depth,
+    single_user_policy,
+)
 
 UUID = "0f5d3c1e-2b1a-4c9e-8f00-123456789abc"
 
@@ -41,8 +48,9 @@ def publish_lifecycle(bus, host, transition, server, detail=0, seq=0):
     env = contract.envelope(contract.LifecycleEvent(
         server, host, transition, 0, detail, seq), "agent")
     with kombu.Connection(bus.url) as conn:
-        BlockingPublisher(conn).publish(bus.topology.lifecycle_exchange_name, "",
-                                        contract.encode(env), mandatory=False)
+        BlockingPublisher(conn, user_id=conn.userid).publish(
+            bus.topology.lifecycle_exchange_name, "", contract.encode(env),
+            mandatory=False)
 
 
 def test_plain_kombu_event_lands_on_the_host_exchange(bus, router):
@@ -118,11 +126,10 @@ def test_event_for_an_unplaced_instance_waits_for_placement(bus):
 
 
 def test_no_host_is_dead_lettered_after_the_bounded_wait(bus):
-    from router.routing import Policy
     bus_fast = Bus(bus.url, retry_delays_ms=(100, 200))
     try:
         bus_fast.declare_central()
-        r = RunningRouter(bus_fast, policy=Policy(no_host_timeout=1.0))
+        r = RunningRouter(bus_fast, policy=single_user_policy(no_host_timeout=1.0))
         try:
             env = instance_env()
             hinted = instance_env(host="no-such-host")

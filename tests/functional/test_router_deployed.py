@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(90)
 
 def _publish(bus, exchange, env, key=None):
     with kombu.Connection(bus.url) as conn:
-        BlockingPublisher(conn).publish(
+        BlockingPublisher(conn, user_id=conn.userid).publish(
             exchange, key if key is not None else
             f"instance.{getattr(env.payload, 'name', 'x')}",
             contract.encode(env), message_id=env.id,

@@ -42,8 +42,8 @@ def memory_router():
 
 def publish(bus, body, key="instance.network-vif-plugged"):
     with kombu.Connection(bus.url) as conn:
-        BlockingPublisher(conn).publish(bus.topology.ingress_exchange_name, key, body,
-                                        mandatory=False)
+        BlockingPublisher(conn, user_id=conn.userid).publish(
+            bus.topology.ingress_exchange_name, key, body, mandatory=False)
 
 
 def test_routes_rejects_and_retries_as_on_rabbitmq(memory_router):

@@ -26,7 +26,10 @@ def start_router(bus, name, ops_listen="", extra=()):
             [sys.executable, "-m", "router.cli", "router",
              "--transport-url", bus.url.replace("amqp://", "rabbit://"),
              "--bus-prefix", bus.prefix, "--router-name", name,
-             "--router-prefetch", "200", "--router-ops_listen", ops_listen, *extra],
+             "--router-prefetch", "200", "--router-ops_listen", ops_listen,
+             # one broker user for every service here: it speaks for all hosts
+             "--router-lifecycle_trusted_users", kombu.Connection(bus.url).userid,
+             *extra],
             stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log_path = log.name
     return proc
@@ -43,7 +46,8 @@ def publish_pipelined(bus, envs):
     outcomes = []
     with kombu.Connection(bus.url) as conn:
         pub = ConfirmedPublisher(conn.channel(),
-                                 lambda token, outcome: outcomes.append(outcome))
+                                 lambda token, outcome: outcomes.append(outcome),
+                                 user_id=conn.userid)
         for i, env in enumerate(envs):
             pub.publish(bus.topology.ingress_exchange_name,
                         topology.instance_routing_key(env.payload.name),

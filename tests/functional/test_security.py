@@ -141,6 +141,6 @@ def test_permissions_confine_every_user_to_its_role(secure):
                     contract.encode(env), mandatory=False)
         wait_for(lambda: router.service.placement.hosts_for(server), what="placement")
         assert router.service.placement.hosts_for(server) == ("a",)
-        assert router.service.stats["lifecycle_forged"] == 1
+        assert router.service.stats["forbidden:lifecycle-event"] == 1
     finally:
         router.stop()

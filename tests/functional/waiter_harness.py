@@ -74,7 +74,8 @@ class HostEvents:
 
 
 def publish_with_kombu(bus, env):
-    """Publish to ingress with a plain kombu Producer, as any client would."""
+    """Publish to ingress with a plain kombu Producer, as any client would
+    (with its user_id: the router refuses events without one)."""
     with kombu.Connection(bus.url) as conn:
         producer = kombu.Producer(conn.channel())
         producer.publish(contract.encode(env),
@@ -83,7 +84,7 @@ def publish_with_kombu(bus, env):
                              env.payload.name),
                          message_id=env.id, delivery_mode=2,
                          content_type="application/json",
-                         content_encoding="utf-8")
+                         content_encoding="utf-8", user_id=conn.userid)
 
 
 class Publisher:
@@ -93,7 +94,8 @@ class Publisher:
         self.bus = bus
         self.conn = kombu.Connection(bus.url)
         self.conn.connect()
-        self._blocking = publishing.BlockingPublisher(self.conn)
+        self._blocking = publishing.BlockingPublisher(self.conn,
+                                                      user_id=self.conn.userid)
 
     def to_ingress(self, env):
         self._blocking.publish(self.bus.topology.ingress_exchange_name,

@@ -33,12 +33,16 @@ def pytest_configure(config):
     side = os.environ.get("EVROUTER_OPENSTACK_SIDE") or (
         "neutron" if any(w in str(a) for a in config.args
                          for w in ("neutron", "test_rest")) else "nova")
-    if side == "nova":
+    if side in ("nova", "nova-eventlet"):
         # Before any other Nova or Neutron module (Neutron's package imports
         # futurist, which imports eventlet): Nova chooses its concurrency
-        # backend first, as nova/tests/unit/__init__.py does. Native threads,
-        # the default of nova-compute 34.
-        os.environ.setdefault("OS_NOVA_DISABLE_EVENTLET_PATCHING", "1")
+        # backend first, as nova/tests/unit/__init__.py does. "nova": native
+        # threads, the default of nova-compute 34; "nova-eventlet": eventlet
+        # mode, which nova-compute 34 runs when OS_NOVA_DISABLE_EVENTLET_
+        # PATCHING is set to anything but 1/true/yes (or, unset, with
+        # [DEFAULT] concurrency_backend = eventlet): nova/monkey_patch.py.
+        os.environ["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = (
+            "0" if side == "nova-eventlet" else "1")
         from nova import monkey_patch
 
         monkey_patch.patch()

@@ -4,12 +4,15 @@ real RabbitMQ through the router to the bound host's queue.
 """
 
 import threading
+import urllib.parse
 
+import fixtures
 from neutron.plugins.ml2 import rpc as ml2_rpc
 from neutron.tests.unit.plugins.ml2 import test_plugin as ml2_test
 from neutron_lib import constants
 from neutron_lib import context as n_context
 from neutron_lib.plugins import directory
+from oslo_config import cfg
 
 from network import neutron_plugin
 from router.bus import contract
@@ -46,14 +49,15 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
 
     def setUp(self):
         super().setUp()
-        self.bus, self.router = routed_bus([HOST], self.addCleanup)
-        conf = deploy_config.neutron_conf()
+        self.bus, self.router = self.routed_bus()
+        self.guide = deploy_config.load_with_oslo("neutron.conf", neutron_plugin.OPTS)
         self.plugin_evr = directory.get_plugin("evrouter")
         self.assertIsInstance(self.plugin_evr, neutron_plugin.EvrouterNotifierPlugin)
         self.plugin_evr.conf.set_override(
             "topology_prefix", self.bus.prefix, group="evrouter")
-        self.plugin_evr.conf.set_override(
-            "transport_url", conf["evrouter"]["transport_url"], group="evrouter")
+        for name, value in self.broker_overrides().items():
+            self.plugin_evr.conf.set_override(name, value, group="evrouter")
+            self.addCleanup(self.plugin_evr.conf.clear_override, name, group="evrouter")
         self.recorder = None
         real_factory = self.plugin_evr._new_publisher
 
@@ -64,6 +68,13 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
         self.plugin_evr._publisher_factory = factory
         self.addCleanup(self.plugin_evr.stop)
         self.ctx = n_context.get_admin_context()
+
+    def routed_bus(self):
+        return routed_bus([HOST], self.addCleanup)
+
+    def broker_overrides(self):
+        """On plain TCP to the main broker as guest: not the guide's TLS."""
+        return {"transport_url": self.bus.url}
 
     def _compute_port(self, host=HOST, net=None):
         if net is None:
@@ -174,3 +185,78 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
         # Associated with A; moved from A to B: both told, as Neutron's notifier.
         self.assertEqual(sorted([port_a["id"], port_a["id"], port_b["id"]]),
                          sorted(tags))
+
+
+class EvrouterMl2OverTLSTest(EvrouterMl2Test):
+    """Every test above again, with deploy/openstack/neutron.conf's TLS
+    settings as written (the test's CA, certificate and broker address in
+    place of the example's): the plugin's publisher logs in to the TLS node
+    as the network user by its certificate; the router is its own x509 user."""
+
+    def routed_bus(self):
+        from tests.tls.nodes import routed_tls_bus
+        bus, router, self.tls = routed_tls_bus([HOST], self.addCleanup)
+        return bus, router
+
+    def broker_overrides(self):
+        d, guide = self.tls, self.guide
+        cert, key = d.node.client(d.network)
+        self.assertIsNone(urllib.parse.urlsplit(guide.transport_url).password)
+        return {"transport_url": d.url(d.network), "ssl": guide.ssl,
+                "ssl_login": guide.ssl_login,
+                "ssl_cert_login_from": guide.ssl_cert_login_from,
+                "ssl_ca_file": d.node.ca, "ssl_cert_file": cert, "ssl_key_file": key}
+
+    def test_events_carry_the_network_users_certificate_identity(self):
+        port = self._compute_port()
+        self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
+        [message] = collect(self.bus.url, self.bus.topology.host_queue_name(HOST), 1)
+        # the router copies the user_id the broker validated: the CN of the
+        # plugin's certificate, no password anywhere in neutron.conf
+        self.assertEqual(self.tls.network, message.headers[contract.HEADER_PUBLISHER])
+
+    def test_a_ca_file_gone_at_run_time_spools_and_never_fails_the_request(self):
+        """The options were right when neutron-server started; the CA file
+        went away since: the request succeeds, the event is spooled (with
+        the ids in one ERROR line) and sent once a publisher can start."""
+        spool_dir = self.useFixture(fixtures.TempDir()).path
+        self.plugin_evr.conf.set_override("spool_path", f"{spool_dir}/spool",
+                                          group="evrouter")
+        self.addCleanup(self.plugin_evr.conf.clear_override, "spool_path",
+                        group="evrouter")
+        ca = self.plugin_evr.conf.evrouter.ssl_ca_file
+        self.plugin_evr.conf.set_override("ssl_ca_file", "/nonexistent/ca.pem",
+                                          group="evrouter")
+        with self.assertLogs("network.neutron_plugin", "ERROR") as logs:
+            port = self._compute_port()
+            self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
+        self.assertEqual(constants.PORT_STATUS_ACTIVE,
+                         self.plugin.get_port(self.ctx, port["id"])["status"])
+        said = "\n".join(logs.output)
+        self.assertIn("spooled to", said)
+        self.assertIn("[evrouter] ssl_ca_file = /nonexistent/ca.pem: No such file or "
+                      "directory", said)
+        # The CA is back (the operator fixed it; a restart does the same
+        # with a new pid, see adopt_orphans): the next publisher sends it.
+        self.plugin_evr.conf.set_override("ssl_ca_file", ca, group="evrouter")
+        self.plugin_evr.publisher()
+        self.assertTrue(self.recorder.real.wait_drained(15))
+        [message] = collect(self.bus.url, self.bus.topology.host_queue_name(HOST), 1)
+        self.assertEqual(port["device_id"],
+                         contract.decode(message.body).payload.server_uuid)
+
+    def test_a_wrong_tls_option_stops_the_plugin_from_loading(self):
+        """As nova-compute's init_host stops on a wrong [evrouter] option:
+        neutron-server does not start on a configuration that would lose
+        every event Nova hears (replace_nova_notifier)."""
+        conf = cfg.ConfigOpts()
+        neutron_plugin.register_opts(conf)
+        conf([], project="neutron")
+        conf.set_override("transport_url", self.tls.url(self.tls.network),
+                          group="evrouter")
+        conf.set_override("ssl", True, group="evrouter")
+        conf.set_override("ssl_ca_file", "/nonexistent/ca.pem", group="evrouter")
+        with self.assertRaises(ValueError) as caught:
+            neutron_plugin.EvrouterNotifierPlugin(conf)
+        self.assertIn("[evrouter] ssl_ca_file = /nonexistent/ca.pem",
+                      str(caught.exception))

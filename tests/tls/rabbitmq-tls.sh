@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A TLS-enabled RabbitMQ node on this machine, beside the main broker.
 #
-#   tests/tls/rabbitmq-tls.sh start|stop|status|dir|client NAME [DAYS]|ctl ARGS...
+#   tests/tls/rabbitmq-tls.sh start|stop|status|dir|client[-san] NAME [DAYS]|ctl ARGS...
 #
 # Node tls1@localhost: plain AMQP on 127.0.0.1:5694 (set-up only), AMQPS on
 # 127.0.0.1:5695 (TLS 1.2 and 1.3), distribution port 25694; its own mnesia,
@@ -13,8 +13,15 @@
 # Certificates are made here, at start, with openssl: a throwaway CA, the
 # server's certificate (CN localhost, SAN localhost and 127.0.0.1), and a
 # second CA nobody trusts (for wrong-CA tests). `client NAME` makes a client
-# certificate with CN NAME signed by the CA. Nothing here is secret or kept:
-# stop removes the directory.
+# certificate with CN NAME signed by the CA; `client-san NAME` one with no
+# CN and NAME as its only subjectAltName (DNS). Nothing here is secret or
+# kept: stop removes the directory.
+#
+# EVROUTER_TLS_STRICT=1: a deployment where every service shows a
+# certificate: fail_if_no_peer_cert = true (the TLS listener refuses a
+# client without one) and the broker user is the certificate's first DNS
+# subjectAltName (ssl_cert_login_from = subject_alternative_name). Its own
+# certificate names localhost only (no 127.0.0.1).
 #
 # The main broker (rabbit@localhost on 5672) is never touched: every
 # rabbitmqctl call here names the node with -n.
@@ -26,6 +33,7 @@ PORT=${EVROUTER_TLS_PLAIN_PORT:-5694}
 TLS_PORT=${EVROUTER_TLS_PORT:-5695}
 DIST=${EVROUTER_TLS_DIST_PORT:-25694}
 CERTS=$BASE/certs
+STRICT=${EVROUTER_TLS_STRICT:-0}
 
 log() { printf '[tls] %s\n' "$*" >&2; }
 ctl() { rabbitmqctl -q -n "$NODE" "$@"; }
@@ -38,13 +46,13 @@ alive() {
     | grep -qx "RABBITMQ_NODENAME=$NODE"
 }
 
-sign() {   # sign NAME CA SUBJECT DAYS [SAN]
-  local name=$1 ca=$2 subject=$3 days=$4 san=${5:-}
+sign() {   # sign NAME CA SUBJECT DAYS [SAN [USAGE]]
+  local name=$1 ca=$2 subject=$3 days=$4 san=${5:-} usage=${6:-serverAuth}
   local ext=$CERTS/$name.ext
   openssl req -new -newkey rsa:2048 -nodes -keyout "$CERTS/$name.key" \
     -out "$CERTS/$name.csr" -subj "$subject" 2>/dev/null
   if [ -n "$san" ]; then
-    printf 'subjectAltName = %s\nextendedKeyUsage = serverAuth\n' "$san" > "$ext"
+    printf 'subjectAltName = %s\nextendedKeyUsage = %s\n' "$san" "$usage" > "$ext"
   else
     printf 'extendedKeyUsage = clientAuth\n' > "$ext"
   fi
@@ -65,13 +73,36 @@ certificates() {
   mkdir -p "$CERTS"
   make_ca ca "/CN=evrouter test CA"
   make_ca other-ca "/CN=evrouter untrusted CA"
-  sign server ca "/CN=localhost" 2 "DNS:localhost,IP:127.0.0.1"
+  # The strict node's certificate names localhost only: clients must check
+  # the name of the URL, not the address kombu turns localhost into.
+  if [ "$STRICT" = 1 ]; then
+    sign server ca "/CN=localhost" 2 "DNS:localhost"
+  else
+    sign server ca "/CN=localhost" 2 "DNS:localhost,IP:127.0.0.1"
+  fi
 }
 
 client() {   # client NAME [DAYS]: a client certificate, CN NAME
   [ -f "$CERTS/ca.key" ] || { log "no CA: start the node first"; return 1; }
   sign "$1" ca "/CN=$1" "${2:-2}"
   echo "$CERTS/$1.pem $CERTS/$1.key"
+}
+
+client_san() {   # client-san NAME [DAYS]: no CN, subjectAltName DNS:NAME
+  [ -f "$CERTS/ca.key" ] || { log "no CA: start the node first"; return 1; }
+  sign "$1" ca "/O=evrouter test client" "${2:-2}" "DNS:$1" clientAuth
+  echo "$CERTS/$1.pem $CERTS/$1.key"
+}
+
+login_settings() {
+  if [ "$STRICT" = 1 ]; then
+    printf '%s\n' "ssl_options.fail_if_no_peer_cert = true" \
+      "ssl_cert_login_from = subject_alternative_name" \
+      "ssl_cert_login_san_type = dns" "ssl_cert_login_san_index = 0"
+  else
+    printf '%s\n' "ssl_options.fail_if_no_peer_cert = false" \
+      "ssl_cert_login_from = common_name"
+  fi
 }
 
 prepare() {
@@ -84,13 +115,12 @@ ssl_options.cacertfile = $CERTS/ca.pem
 ssl_options.certfile = $CERTS/server.pem
 ssl_options.keyfile = $CERTS/server.key
 ssl_options.verify = verify_peer
-ssl_options.fail_if_no_peer_cert = false
 ssl_options.versions.1 = tlsv1.3
 ssl_options.versions.2 = tlsv1.2
 auth_mechanisms.1 = PLAIN
 auth_mechanisms.2 = AMQPLAIN
 auth_mechanisms.3 = EXTERNAL
-ssl_cert_login_from = common_name
+$(login_settings)
 EOF
   echo '[rabbitmq_auth_mechanism_ssl].' > "$BASE/enabled_plugins"
   chown -R rabbitmq:rabbitmq "$BASE/mnesia" "$BASE/log" "$BASE/rabbitmq.conf" \
@@ -146,6 +176,7 @@ case "${1:-}" in
   status) status ;;
   dir) echo "$BASE" ;;
   client) shift; client "$@" ;;
+  client-san) shift; client_san "$@" ;;
   ctl) shift; ctl "$@" ;;
-  *) echo "usage: $0 start|stop|status|dir|client NAME [DAYS]|ctl ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|dir|client[-san] NAME [DAYS]|ctl ARGS..." >&2; exit 2 ;;
 esac

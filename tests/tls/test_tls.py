@@ -112,7 +112,7 @@ def test_one_event_end_to_end_with_every_service_on_tls(deployment, tmp_path, ca
     users = d.node.ctl("list_users", "--formatter", "json").stdout
     assert d.compute("a") in users
     for user in (d.compute("a"), d.compute("b")):
-        done = subprocess.run(["rabbitmqctl", "-q", "-n", "tls1@localhost",
+        done = subprocess.run(["rabbitmqctl", "-q", "-n", d.node.node,
                                "authenticate_user", user, ""], capture_output=True)
         assert done.returncode != 0
 
@@ -186,7 +186,7 @@ def test_one_event_end_to_end_with_every_service_on_tls(deployment, tmp_path, ca
                     mandatory=False)
         # ...nor read host a's queues.
         for queue in (d.topology.host_queue_name("a"),
-                      d.topology.agent_control_queue_name("a")):
+                      d.topology.agent_control_queue_name("a", "0" * 32)):
             with connection.connection(
                     d.url(), ssl_opts=d.node.x509(d.compute("b"))) as conn:
                 connection.connect_once(conn)
@@ -227,7 +227,7 @@ def test_a_wrong_ca_is_refused_with_a_clear_message(deployment, tmp_path):
         with pytest.raises(BrokerCertificateRefused) as caught:
             connection.connect_once(conn)
     message = str(caught.value)
-    assert "certificate of broker 127.0.0.1:5695 was refused" in message
+    assert f"certificate of broker localhost:{d.node.port} was refused" in message
     assert "self-signed certificate in certificate chain" in message
     assert "ssl_ca_file" in message
 
@@ -235,7 +235,7 @@ def test_a_wrong_ca_is_refused_with_a_clear_message(deployment, tmp_path):
                      "--transport-url", d.url(d.router_user),
                      *d.node.flags(ca=d.node.other_ca))
     assert out.returncode == 1
-    assert "certificate of broker 127.0.0.1:5695 was refused" in out.stderr
+    assert f"certificate of broker localhost:{d.node.port} was refused" in out.stderr
     assert d.password not in out.stdout + out.stderr
 
     # A service keeps trying, says why in its log, and is not healthy.
@@ -282,14 +282,15 @@ def test_a_wrong_name_is_refused_with_a_clear_message(deployment):
 def test_tls_never_falls_back_to_plain_tcp(tls_node):
     # TLS asked for (amqps://, or [bus] ssl) against the plain listener:
     # the handshake fails, nothing is sent in clear.
-    for url, tls in ((f"amqps://guest:guest@127.0.0.1:{5694}/", False),
-                     (f"rabbit://guest:guest@127.0.0.1:{5694}/", tls_node.tls())):
+    plain = tls_node.plain_port
+    for url, tls in ((f"amqps://guest:guest@127.0.0.1:{plain}/", False),
+                     (f"rabbit://guest:guest@127.0.0.1:{plain}/", tls_node.tls())):
         with connection.connection(url, ssl_opts=tls) as conn:
             with pytest.raises(OSError):
                 connection.connect_once(conn)
             assert not conn.connected
     # amqps:// alone means TLS, with the system's CAs: our CA is not there.
-    with connection.connection("amqps://guest:guest@localhost:5695/") as conn:
+    with connection.connection(f"amqps://guest:guest@localhost:{tls_node.port}/") as conn:
         with pytest.raises(BrokerCertificateRefused):
             connection.connect_once(conn)
 
@@ -354,7 +355,7 @@ def test_password_users_and_x509_hosts_side_by_side(deployment):
     with connection.connection(url, ssl_opts=d.node.x509(d.compute("b"))) as conn:
         connection.connect_once(conn)
         assert connection.user_of(conn) == d.compute("b")
-        assert connection.display(conn).startswith("amqps://127.0.0.1:5695/")
+        assert connection.display(conn).startswith(f"amqps://localhost:{d.node.port}/")
         assert "anything" not in connection.display(conn)
     # PLAIN with a password still works over TLS for the password users
     with connection.connection(d.url(d.network), ssl_opts=d.node.tls()) as conn:
@@ -362,6 +363,7 @@ def test_password_users_and_x509_hosts_side_by_side(deployment):
         assert connection.user_of(conn) == d.network
         assert conn.connection.transport.sock.version() in ("TLSv1.2", "TLSv1.3")
     # and kombu's own Connection cannot log in as an x509 host by password
-    with kombu.Connection(f"amqp://{d.compute('a')}:@127.0.0.1:5694/{d.vhost}") as conn:
+    with kombu.Connection(
+            f"amqp://{d.compute('a')}:@127.0.0.1:{d.node.plain_port}/{d.vhost}") as conn:
         with pytest.raises(amqp.exceptions.AccessRefused):
             conn.connect()

@@ -43,7 +43,7 @@ def refuse(doc, reason=contract.REASON_INVALID):
 
 def test_round_trip_keeps_every_field():
     env = contract.envelope(contract.InstanceEvent(
-        "network-vif-plugged", UUID, "port-1", "failed", "cmp-1"), "neutron")
+        "network-vif-plugged", UUID, "port-1", "failed", "cmp-1", 7), "neutron")
     back = contract.decode(contract.encode(env))
     assert back == env
     assert back.payload.key == (UUID, "network-vif-plugged", "port-1")
@@ -53,6 +53,20 @@ def test_lifecycle_round_trip():
     env = contract.envelope(contract.LifecycleEvent(
         UUID, "cmp-1", "POSTCOPY_STARTED", 3, 7, 42, True), "agent")
     assert contract.decode(contract.encode(env)) == env
+
+
+def test_revision_is_optional_so_older_senders_stay_valid():
+    doc = instance_doc()
+    assert "revision" not in doc["payload"]
+    assert contract.from_document(doc).payload.revision is None
+    assert VALIDATOR.is_valid(doc)
+    doc["payload"]["revision"] = None
+    assert contract.from_document(doc).payload.revision is None
+    assert VALIDATOR.is_valid(doc)
+    assert b'"revision"' not in contract.encode(contract.envelope(
+        contract.InstanceEvent("network-vif-plugged", UUID), "p"))
+    doc["payload"]["revision"] = -1
+    assert refuse(doc).field == "payload.revision"
 
 
 def test_status_defaults_to_completed_and_unknown_fields_are_ignored():
@@ -157,6 +171,8 @@ _PAYLOADS = {
                 st.sampled_from(["", "t" * 256])),
         "host": (st.one_of(_hosts, st.none()),
                  st.sampled_from(["a b", "h\n", "-h", "h" * 201])),
+        "revision": (st.one_of(st.integers(0, 2**63), st.just(4.0), st.none()),
+                     st.sampled_from([-1, 1.5, "3", True, [1]])),
     },
     "lifecycle-event": {
         "instance_uuid": (_uuids, st.just("nope")),
@@ -238,7 +254,11 @@ def test_generated_documents_are_both_valid_and_invalid():
     # Guard against the agreement test passing vacuously on one side only.
     seen = []
 
-    @settings(max_examples=300, deadline=None)
+    # Derandomized: a proportion of a few hundred examples is a statistic,
+    # and hypothesis' example database skews later runs towards the
+    # failures it kept (seen here: 35 valid of 300 in one CI run).
+    @settings(max_examples=300, deadline=None, derandomize=True,
+              database=None)
     @given(_documents())
     def sample(doc):
         seen.append(VALIDATOR.is_valid(doc))
@@ -249,7 +269,8 @@ def test_generated_documents_are_both_valid_and_invalid():
 
 @given(st.builds(contract.InstanceEvent, st.sampled_from(contract.EVENT_NAMES),
                  _uuids, st.text(min_size=1, max_size=255),
-                 st.sampled_from(contract.STATUSES), st.one_of(st.none(), _hosts)))
+                 st.sampled_from(contract.STATUSES), st.one_of(st.none(), _hosts),
+                 st.one_of(st.none(), st.integers(0, 2**63))))
 def test_every_event_the_module_builds_passes_the_schema(event):
     env = contract.envelope(event, "p", message_id=uuid.uuid4().hex)
     doc = json.loads(contract.encode(env))

@@ -134,3 +134,49 @@ def test_any_content_header_decodes_or_is_marked(raw):
     message = _TotalMessage()
     message._load_properties(60, struct.pack(">H", 0xFFFC) + raw, 0)
     assert isinstance(message.properties, dict)
+
+
+# --- what goes back out is bounded: bounded_headers -------------------------
+
+_scalars = (st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70)
+            | st.floats(allow_nan=True, allow_infinity=True)
+            | st.text(max_size=300) | st.binary(max_size=300))
+_values = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=40)
+    | st.dictionaries(st.text(max_size=20), inner, max_size=10), max_leaves=200)
+_tables = st.dictionaries(st.text(max_size=140), _values, max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_tables, st.integers(0, 20_000))
+def test_bounded_headers_always_fit_their_budget(headers, budget):
+    clean, cut = inbound.bounded_headers(headers, budget)
+    size = inbound.encoded_size(clean)      # it encodes: py-amqp can send it
+    assert size <= max(budget, 4)
+    if cut is None:
+        assert clean == inbound.safe_headers(headers)
+    elif clean:
+        assert clean[inbound.HEADER_CUT] == cut
+        assert cut.isascii()
+
+
+@pytest.mark.parametrize("value", [
+    "A" * 130_950,                          # the measured case: 131,138 bytes out
+    [1] * 30_000,                           # 'b' ints arrive in 2 bytes, leave in 5
+    [1.5] * 20_000,                         # 'f' floats arrive in 5, leave in 9
+], ids=["long-string", "byte-ints", "floats"])
+def test_inflating_headers_are_cut_with_a_marker(value):
+    headers = {"pad": value, "keep": "me"}
+    clean, cut = inbound.bounded_headers(headers, 100_000)
+    assert inbound.encoded_size(clean) <= 100_000
+    assert "pad" not in clean and clean["keep"] == "me"
+    assert cut.startswith("1 header(s)") and "pad" in cut
+    assert clean[inbound.HEADER_CUT] == cut
+
+
+def test_byte_ints_really_inflate_when_py_amqp_encodes_them():
+    # 30,000 'b' entries in an array: 2 bytes each as sent, 5 re-encoded
+    raw = b"A" + struct.pack(">I", 60_000) + b"b\x01" * 30_000
+    table = b"\x03pad" + raw
+    decoded, _ = amqp.serialization.loads("F", struct.pack(">I", len(table)) + table, 0)
+    assert len(table) < 61_000 < 131_072 < inbound.encoded_size(decoded[0])

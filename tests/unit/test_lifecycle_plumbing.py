@@ -285,8 +285,10 @@ def test_watcher_probes_a_connection_without_keepalive(watch):
                                           "liveness probe failed")
     items.wait("snapshot", 2)               # reconnected and resynced
     assert first.closed and not second.closed
+    # A loss is a failed session like a refused open: reported with its
+    # reconnect attempt and delay, then the reconnect.
     assert items.kinds() == ["libvirt-up", "snapshot", "libvirt-down",
-                             "libvirt-up", "snapshot"]
+                             "libvirt-retry", "libvirt-up", "snapshot"]
 
 
 def test_watcher_reconnects_on_the_close_callback(watch):
@@ -310,7 +312,8 @@ def test_watcher_retries_opening_with_backoff(watch):
     items.wait("snapshot")
     retries = [i for i in items.seen if i[0] == "libvirt-retry"]
     assert len(retries) == 3 and opener.calls == 4
-    assert all(seconds <= 0.05 + 0.2 for _, _, seconds in retries)
+    assert [attempt for *_, attempt in retries] == [1, 2, 3]
+    assert all(0.025 <= seconds <= 0.05 for _, _, seconds, _ in retries)
 
 
 def test_watcher_stops_while_libvirt_is_away(watch):

@@ -7,7 +7,7 @@ sqlalchemy = pytest.importorskip("sqlalchemy")
 from sqlalchemy import JSON, Column, String, create_engine  # noqa: E402
 from sqlalchemy.orm import Session, declarative_base  # noqa: E402
 
-from network import orm  # noqa: E402
+from network import orm, transitions  # noqa: E402
 from router.bus.contract import InstanceEvent  # noqa: E402
 
 SERVER = "8d5f3a1e-4c2b-4f6a-9e7d-1a2b3c4d5e6f"
@@ -164,3 +164,14 @@ def test_detach_stops_events(db):
 
 def _raise(event):
     raise RuntimeError("spool full")
+
+
+def test_a_revision_column_becomes_the_events_revision():
+    port = new_port("DOWN")
+    port.fixed_ips = None
+    port.status = "ACTIVE"
+    port.rev = 7                # a plain attribute stands in for the column
+    view = orm.port_view(port, orm.PortColumns(revision="rev"))
+    [event] = transitions.status_changed(view, "DOWN", "ACTIVE")
+    assert event.revision == 7
+    assert "revision_number" not in orm.port_view(port, orm.PortColumns())

@@ -179,3 +179,70 @@ def test_behaves_like_a_queue_across_restarts(tmp_path_factory, script):
             s = Spool(path, max_bytes=300)
         assert bodies(s) == model
     s.close()
+
+
+# --- a process's spool taken over by the next one ---------------------------
+# Neutron's workers spool to <spool_path>.<pid>: after a restart no process
+# has that name again, so what was pending must be taken over, not lost.
+
+def _spooled(path, *bodies_):
+    s = Spool(path)
+    s.append([("instance.a", b) for b in bodies_])
+    s.close()
+
+
+def test_orphans_are_taken_over_in_order_and_removed(tmp_path):
+    from network.spool import adopt_orphans
+    prefix = str(tmp_path / "spool.")
+    _spooled(prefix + "101", b"1", b"2")
+    os.utime(prefix + "101", (1, 1))            # the older file comes first
+    _spooled(prefix + "102", b"3")
+    mine = prefix + "200"
+    assert adopt_orphans(mine, prefix) == 3
+    s = Spool(mine)
+    assert bodies(s) == [b"1", b"2", b"3"]
+    s.close()
+    assert sorted(os.listdir(tmp_path)) == ["spool.200"]
+
+
+def test_a_live_processs_spool_is_left_alone(tmp_path):
+    from network.spool import adopt_orphans
+    prefix = str(tmp_path / "spool.")
+    _spooled(prefix + "101", b"1")
+    live = Spool(prefix + "101")        # its process still holds the lock
+    try:
+        assert adopt_orphans(prefix + "200", prefix) == 0
+        assert len(live) == 1
+    finally:
+        live.close()
+    assert os.path.exists(prefix + "101")
+
+
+def test_done_records_are_not_taken_over_and_a_full_target_keeps_the_orphan(
+        tmp_path):
+    from network.spool import adopt_orphans
+    prefix = str(tmp_path / "spool.")
+    s = Spool(prefix + "101")
+    s.append([("instance.a", b"sent"), ("instance.a", b"pending")])
+    s.done(s.peek(1))
+    s.close()
+    assert adopt_orphans(prefix + "200", prefix) == 1
+    s = Spool(prefix + "200")
+    assert bodies(s) == [b"pending"]
+    s.close()
+    _spooled(prefix + "102", b"x", b"y")
+    assert adopt_orphans(prefix + "200", prefix, max_records=2) == 0
+    assert os.path.exists(prefix + "102")       # nothing lost: tried again later
+    s = Spool(prefix + "200")
+    assert bodies(s) == [b"pending"]
+    s.close()
+
+
+def test_append_now_is_what_the_next_publisher_finds(tmp_path):
+    from network.spool import append_now
+    path = tmp_path / "spool.1"
+    append_now(path, [("instance.a", b"1"), ("instance.b", b"2")])
+    s = Spool(path)
+    assert [(r.routing_key, r.body) for r in s.peek(10)] == [
+        ("instance.a", b"1"), ("instance.b", b"2")]
+    s.close()

@@ -85,6 +85,16 @@ def test_host_hint_is_the_binding_host_when_the_contract_accepts_it():
     assert e.host is None
 
 
+def test_revision_is_the_ports_revision_number_when_the_contract_accepts_it():
+    [e] = t.status_changed(port(revision_number=12), t.DOWN, t.ACTIVE)
+    assert e.revision == 12
+    for junk in (None, -1, True, 3.0, "12"):
+        [e] = t.status_changed(port(revision_number=junk), t.DOWN, t.ACTIVE)
+        assert e.revision is None, junk
+    [e] = t.port_deleted(port(revision_number=13))
+    assert e.revision == 13
+
+
 def test_port_created_counts_as_from_unset():
     assert t.port_created(port(status=t.DOWN)) == []
     assert t.port_created(port(status=t.BUILD)) == []
@@ -155,6 +165,7 @@ _ports = st.fixed_dictionaries({}, optional={
     "device_owner": _mostly("compute:nova", "compute:", "network:dhcp"),
     "status": _mostly(*STATUSES[1:]),
     t.HOST_KEY: _mostly("compute-1", ""),
+    "revision_number": _mostly(0, 7, 2**40, True, -1, 3.0),
     "fixed_ips": st.lists(st.fixed_dictionaries({
         "subnet_id": st.sampled_from(["s1", "s2"]),
         "ip_address": st.sampled_from(["10.0.0.1", "10.0.0.2"])}), max_size=3)})
@@ -171,3 +182,33 @@ def test_whatever_the_port_looks_like_events_pass_the_contract(
         env = contract.envelope(e, "test")
         assert contract.decode(contract.encode(env)).payload == e
         assert e.tag == p["id"]
+
+
+# Neutron's nova notifier's own event dicts (network/neutron_transport.py).
+UPPER_SERVER = "9ED3BB9A0C574A538E0F1F3F7A4C0D11"
+
+
+def test_notifier_events_as_neutron_builds_them():
+    plugged = {"server_uuid": UPPER_SERVER, "name": "network-vif-plugged",
+               "status": "completed", "tag": "p1"}
+    changed = {"name": "network-changed", "server_uuid": UPPER_SERVER, "tag": "p1"}
+    e = t.from_nova_notifier(plugged, "cmp-1")
+    assert (e.name, e.server_uuid, e.tag, e.status, e.host) == (
+        "network-vif-plugged", str(uuid.UUID(UPPER_SERVER)), "p1", "completed", "cmp-1")
+    assert t.from_nova_notifier(changed).status == "completed"
+    assert t.from_nova_notifier(changed, "").host is None
+
+
+_dicts = st.dictionaries(
+    st.sampled_from(["server_uuid", "name", "status", "tag", "other"]),
+    st.one_of(st.none(), st.integers(), st.text(max_size=40),
+              st.sampled_from([UPPER_SERVER, "network-vif-plugged", "failed", "x" * 300])),
+    max_size=5)
+
+
+@given(_dicts, st.one_of(st.none(), st.text(max_size=30), st.integers()))
+def test_any_notifier_dict_is_an_event_the_contract_accepts_or_none(event, host):
+    found = t.from_nova_notifier(event, host)
+    if found is not None:
+        env = contract.envelope(found, "test")
+        assert contract.decode(contract.encode(env)).payload == found

@@ -12,8 +12,11 @@ C = "0f5d3c1e-2b1a-4c9e-8f00-000000000003"   # unknown
 
 def run(events):
     body = json.dumps({"events": events}).encode()
-    return rest.evaluate(body, hosts_for=lambda u: ("cmp-1",) if u == A else (),
-                         is_hostless=lambda u: u == B)
+    status, doc, accepted, headers = rest.evaluate(
+        body, hosts_for=lambda u: ("cmp-1",) if u == A else (),
+        is_hostless=lambda u: u == B)
+    assert headers == []
+    return status, doc, accepted
 
 
 def test_codes_per_event_and_207_when_some_failed():
@@ -73,7 +76,7 @@ def test_bad_or_unsupported_microversions():
 def versioned(name, version, tag="t1"):
     body = json.dumps({"events": [{"name": name, "server_uuid": A, "tag": tag}]})
     return rest.evaluate(body.encode(), hosts_for=lambda u: ("cmp-1",),
-                         is_hostless=lambda u: False, microversion=version)
+                         is_hostless=lambda u: False, microversion=version)[:3]
 
 
 def test_event_names_need_their_microversion():
@@ -188,12 +191,40 @@ def test_unknown_instances_while_placement_warms_up_are_503_not_404():
         {"name": "network-vif-plugged", "server_uuid": C, "tag": "p1"}]}).encode()
     hosts = {"hosts_for": lambda u: ("cmp-1",) if u == A else (),
              "is_hostless": lambda u: False}
-    status, doc, accepted = rest.evaluate(body, is_warming=lambda: True, **hosts)
+    status, doc, accepted, headers = rest.evaluate(
+        body, unready=lambda: ("placement is warming up", 3), **hosts)
     assert status == 503 and accepted == [] and "retry" in doc["error"]
-    status, doc, accepted = rest.evaluate(body, is_warming=lambda: False, **hosts)
-    assert status == 207 and len(accepted) == 1
+    assert headers == [("Retry-After", "3")]
+    status, doc, accepted, headers = rest.evaluate(body, unready=lambda: None, **hosts)
+    assert status == 207 and len(accepted) == 1 and headers == []
+
+
+def test_an_instance_on_no_host_is_503_not_422_while_not_ready():
+    body = json.dumps({"events": [
+        {"name": "network-vif-plugged", "server_uuid": B, "tag": "p1"}]}).encode()
+    hosts = {"hosts_for": lambda u: (), "is_hostless": lambda u: u == B}
+    assert rest.evaluate(body, unready=lambda: ("not connected", 5), **hosts)[0] == 503
+    assert rest.evaluate(body, **hosts)[0] == 404   # 422 per event, none accepted
+
+
+def test_known_instances_are_answered_while_not_ready():
+    # Where the router knows an instance lives, the event is routed when it
+    # connects: no reason to make the sender wait.
+    body = json.dumps({"events": [
+        {"name": "network-vif-plugged", "server_uuid": A, "tag": "p1"}]}).encode()
+    status, _, accepted, _ = rest.evaluate(
+        body, hosts_for=lambda u: ("cmp-1",), is_hostless=lambda u: False,
+        unready=lambda: ("not connected", 5))
+    assert status == 200 and len(accepted) == 1
 
 
 def test_upper_case_server_uuids_are_found():
     status, doc, accepted = run([{"name": "network-changed", "server_uuid": A.upper()}])
     assert status == 200 and accepted[0].payload.server_uuid == A
+
+
+def test_wsgi_app_sends_the_handlers_headers():
+    app = rest.RestApp(lambda body, microversion: (
+        503, {"error": "not yet"}, [("Retry-After", "5")]))
+    status, _, headers = call(app, body=b"{}")
+    assert status == 503 and headers["Retry-After"] == "5"

@@ -51,13 +51,15 @@ def test_undefined_forgets_and_table_is_bounded():
 # --- routing decision --------------------------------------------------------
 
 def decide(event, *, known=("a", "b"), placed=(), attempt=0, waited=0.0,
-           policy=routing.Policy(no_host_timeout=60), publisher="neutron"):
+           policy=routing.Policy(no_host_timeout=60), publisher="neutron",
+           ready=True):
     env = contract.envelope(event, "test")
     return routing.decide(env, publisher=publisher,
                           hosts_for=lambda uuid: placed,
                           is_known_host=lambda h: h in known,
                           attempt=attempt, first_seen=100.0,
-                          now=100.0 + waited, policy=policy)
+                          now=100.0 + waited, policy=policy,
+                          placement_ready=ready)
 
 
 def ev(host=None):
@@ -69,6 +71,16 @@ def test_hint_and_placement_are_merged_without_duplicates():
     assert decide(ev(), placed=("b",)) == routing.Deliver(("b",))
 
 
+def test_live_migration_hint_on_the_destination_placement_on_the_source():
+    # Whoever names which side, both get the copy: the source, where Nova
+    # waits in _do_pre_live_migration_from_source, and the hinted host; each
+    # compute host then judges by Nova's own rule whether the event is its own.
+    assert decide(ev("dest"), placed=("source",), known=("source", "dest")) == \
+        routing.Deliver(("dest", "source"))
+    assert decide(ev("source"), placed=("source",), known=("source", "dest")) == \
+        routing.Deliver(("source",))
+
+
 def test_unknown_hosts_are_retried_then_dead_lettered():
     d = decide(ev(), attempt=2, waited=10)
     assert d == routing.Retry(3, f"no known host for instance {UUID}")
@@ -78,6 +90,29 @@ def test_unknown_hosts_are_retried_then_dead_lettered():
     assert d.reason == contract.REASON_UNKNOWN_HOST and "zzz" in d.detail
     # an unknown hint does not block a known placement
     assert decide(ev("zzz"), placed=("a",)) == routing.Deliver(("a",))
+
+
+def test_no_host_while_placement_is_not_ready_is_retried_not_dead_lettered():
+    # The router cannot know yet: snapshots not in, or not connected.
+    for hint in (None, "zzz"):
+        d = decide(ev(hint), attempt=7, waited=600, ready=False)
+        assert type(d) is routing.Retry and d.attempt == 8, hint
+        assert "warming up" in d.detail
+    assert decide(ev(), placed=("a",), ready=False) == routing.Deliver(("a",))
+
+
+def test_placement_readiness_given_as_a_callable_is_asked_only_without_a_host():
+    asked = []
+
+    def ready():
+        asked.append(1)
+        return False
+    assert decide(ev("a"), ready=ready) == routing.Deliver(("a",))
+    assert asked == []
+    d = decide(ev(), waited=600, ready=ready)
+    assert type(d) is routing.Retry and "warming up" in d.detail and asked == [1]
+    d = decide(ev(), waited=600, ready=lambda: True)
+    assert type(d) is routing.DeadLetter
 
 
 def test_forbidden_publisher_and_wrong_kind():
@@ -168,4 +203,26 @@ def test_compute_permissions_cover_only_the_hosts_own_names():
     policy = routing.Policy(compute_user_prefix="evrouter-compute-")
     assert lifecycle_sender_ok("evrouter-compute-a", "a", policy)
     assert not lifecycle_sender_ok("evrouter-compute-a", "b", policy)
-    assert lifecycle_sender_ok("guest", "b", policy)
+    assert not lifecycle_sender_ok("guest", "b", policy)
+
+
+def test_one_host_cannot_push_the_others_out_of_the_placement_table():
+    """A compromised host floods self-claims (its own user, so each is
+    legitimate in form): past its cap they are ignored and counted, and
+    host a's instances stay where a said they are (hostile review of
+    issue 20: 1,000 claims evicted a's instance from a 1,000-entry table)."""
+    t = PlacementTable(max_instances=1000, max_per_host=100)
+    t.observe(lc("a", "STARTED", uuid="x"))
+    for i in range(5000):
+        t.observe(lc("b", "STARTED", uuid=f"fake-{i}"))
+    assert t.hosts_for("x") == ("a",)
+    assert t.refused == 5000 - 100
+    assert len(t) == 101
+    # A snapshot over the cap keeps the first ones; the host is at its cap
+    # until it lets some go, then it may claim again.
+    t.replace_host("b", [(f"new-{i}", "STARTED") for i in range(150)])
+    assert sum(1 for i in range(150) if t.hosts_for(f"new-{i}")) == 100
+    t.observe(lc("b", "UNDEFINED", uuid="new-0"))
+    t.observe(lc("b", "STARTED", uuid="late"))
+    assert t.hosts_for("late") == ("b",)
+    assert t.hosts_for("x") == ("a",)

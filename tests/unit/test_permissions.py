@@ -1,0 +1,68 @@
+"""Per-host permissions against the names the agent really declares."""
+
+import re
+import uuid
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router.bus.topology import Topology
+from router.permissions import Deployment, grants
+
+# Host names as Nova sees them: short names and FQDNs, dots included.
+hosts = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True)
+sessions = st.uuids().map(lambda u: u.hex)
+
+
+def _compute_grants(prefix, host, other):
+    d = Deployment(prefix=prefix, hosts=(host, other))
+    by_user = {g[0]: g[1:4] for g in grants(d)}
+    return by_user[d.compute_user(host)]
+
+
+@given(hosts, hosts, sessions, st.sampled_from(["evrouter", "p", "a.b"]))
+def test_each_agent_session_may_declare_bind_and_read_only_its_own_control_queue(
+        host, other, session, prefix):
+    """Every control queue an agent of `host` declares (one per session,
+    Topology.agent_control_queue) is within host's grants, and no other
+    host's ever is, whatever the host names (dots and all)."""
+    topo = Topology(prefix=prefix)
+    own = topo.agent_control_queue(host, session).name
+    for pattern in _compute_grants(prefix, host, other):
+        assert re.search(pattern, own), (pattern, own)
+        if other != host:
+            theirs = topo.agent_control_queue(other, session).name
+            assert not re.search(pattern, theirs), (pattern, theirs)
+
+
+def test_a_control_queue_name_outside_the_session_form_is_refused():
+    configure, write, read = _compute_grants("p", "a", "b")
+    names = ["p.agent.a.control." + "0" * 31, "p.agent.a.control." + "g" * 32,
+             "p.agent.a.control." + uuid.uuid4().hex + ".x",
+             "p.agent.a.controlX" + uuid.uuid4().hex]
+    for name in names:
+        for pattern in (configure, write, read):
+            assert not re.search(pattern, name), (pattern, name)
+    # the name agents declared before one queue per session: still allowed,
+    # so the permissions can be applied before the agents are upgraded
+    assert all(re.search(p, "p.agent.a.control") for p in (configure, write, read))
+
+
+@given(prefix=st.from_regex(r"[a-z][a-z0-9.-]{0,12}", fullmatch=True), host=hosts)
+def test_the_bounding_policy_matches_the_dead_letter_queue_and_nothing_else(
+        prefix, host):
+    import json
+
+    from router.permissions import definitions, plan
+    d = Deployment(prefix=prefix, hosts=(host,))
+    topo = Topology(prefix=prefix)
+    [cmd] = [c for c in plan(d) if c[0] == "set_policy"]
+    pattern = re.compile(cmd[4])
+    names = [topo.router_queue_name, topo.probation_queue_name,
+             topo.host_queue_name(host), topo.dead_letter_exchange_name + "x",
+             topo.retry_queue_name(500)]
+    assert pattern.match(topo.dead_letter_queue_name)
+    assert not [n for n in names if pattern.match(n)]
+    assert json.loads(cmd[5])["overflow"] == "drop-head"
+    [policy] = definitions(d, "pw")["policies"]
+    assert policy["pattern"] == cmd[4] and policy["apply-to"] == "queues"
