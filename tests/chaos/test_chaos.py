@@ -50,7 +50,6 @@ After every step the invariants are checked (tests/chaos/world.py):
 Any break fails with the seed and the step history.
 """
 
-import collections
 import os
 import random
 import time
@@ -373,23 +372,7 @@ def test_chaos(chaos_node, monkeypatch):
         if world is not None:
             world.close()
     elapsed = time.monotonic() - t0
-    print(f"chaos: seed {seed}: {STEPS} steps in {elapsed:.1f}s "
-          f"({STEPS / elapsed:.2f} steps/s); {len(world.good)} good events, "
-          f"{world.hostile_sent} hostile, {world.dead_seen} dead letters; "
-          f"steps: {dict(sorted(schedule.counts.items()))}")
-    totals = collections.Counter()
-    for stats in world.all_stats():
-        totals.update({k: n for k, n in stats.items() if k in SHOWN
-                       or k.startswith("dropped:")})
-    print(f"chaos: the services counted {dict(sorted(totals.items()))}")
-
-
-# What the services counted, summed over every instance (printed).
-SHOWN = {"sessions", "reconnects", "redelivered", "refused", "quarantined",
-         "publish_channel_faults", "lane_channel_faults",
-         "placement_channel_faults", "intake_channel_faults",
-         "dead_letter_channel_faults", "dead_letter_refusals", "dead_lettered",
-         "rejected"}
+    print("\n".join(world.summary("chaos", seed, STEPS, elapsed, schedule.counts)))
 
 
 def _finish(world):

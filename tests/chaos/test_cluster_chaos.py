@@ -28,7 +28,6 @@ cancelled).
 EVROUTER_CHAOS_STEPS (default 120) and EVROUTER_CHAOS_SEED as there.
 """
 
-import collections
 import os
 import random
 import re
@@ -254,15 +253,8 @@ def test_chaos_on_the_cluster(chaos_cluster, monkeypatch):
         if world is not None:
             world.close()
     elapsed = time.monotonic() - t0
-    print(f"cluster chaos: seed {seed}: {STEPS} steps in {elapsed:.1f}s "
-          f"({STEPS / elapsed:.2f} steps/s); {len(world.good)} good events, "
-          f"{world.hostile_sent} hostile, {world.dead_seen} dead letters; "
-          f"steps: {dict(sorted(schedule.counts.items()))}")
-    totals = collections.Counter()
-    for stats in world.all_stats():
-        totals.update({k: n for k, n in stats.items() if k in tc.SHOWN
-                       or k.startswith("dropped:")})
-    print(f"cluster chaos: the services counted {dict(sorted(totals.items()))}")
+    print("\n".join(world.summary("cluster chaos", seed, STEPS, elapsed,
+                                   schedule.counts)))
     print("cluster chaos: node faults\n" + "\n".join(
         line for line in history if NODE_LINE.search(line)))
     for fault in schedule.failovers:

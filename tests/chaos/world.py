@@ -56,6 +56,14 @@ def host_user(host):
 
 # --- faults ---------------------------------------------------------------------
 
+# What the services counted, summed over every instance (printed).
+SHOWN = {"sessions", "reconnects", "redelivered", "refused", "quarantined",
+         "publish_channel_faults", "lane_channel_faults",
+         "placement_channel_faults", "intake_channel_faults",
+         "dead_letter_channel_faults", "dead_letter_refusals", "dead_lettered",
+         "rejected"}
+
+
 @dataclass(eq=False)
 class Fault:
     """A broker-side fault, a restart or a connection cut, while in force.
@@ -503,6 +511,20 @@ class World:
     def all_stats(self):
         return self.retired_stats + [self.router.service.stats] + [
             c.service.stats for c in self.consumers.values()]
+
+    def summary(self, name, seed, steps, elapsed, counts):
+        """The lines a chaos run prints at its end: what was sent and seen,
+        the steps taken, and what the services counted (SHOWN, summed over
+        every instance)."""
+        totals = collections.Counter()
+        for stats in self.all_stats():
+            totals.update({k: n for k, n in stats.items() if k in SHOWN
+                           or k.startswith("dropped:")})
+        return [f"{name}: seed {seed}: {steps} steps in {elapsed:.1f}s "
+                f"({steps / elapsed:.2f} steps/s); {len(self.good)} good events, "
+                f"{self.hostile_sent} hostile, {self.dead_seen} dead letters; "
+                f"steps: {dict(sorted(counts.items()))}",
+                f"{name}: the services counted {dict(sorted(totals.items()))}"]
 
     def _check_reconnects(self):
         """No herd. By the schedule, the wait after the n-th failure in a

@@ -24,6 +24,9 @@ REGION = "RegionOne"
 # Short enough that a lost event shows as a failed boot within the stage;
 # Nova's default is 300 s.
 VIF_PLUGGING_TIMEOUT = 90
+# Servers live-migrating at the same time (as an evacuation does); each
+# compute allows as many (max_concurrent_live_migrations).
+MIGRATING_AT_ONCE = 5
 
 
 def url(service, path=""):
@@ -144,6 +147,7 @@ class Cloud:
                         "my_ip": "127.0.0.1", "state_path": self.path("nova-state"),
                         "vif_plugging_timeout": VIF_PLUGGING_TIMEOUT,
                         "vif_plugging_is_fatal": "true",
+                        "max_concurrent_live_migrations": str(MIGRATING_AT_ONCE),
                         "compute_driver": "evrouter_cloudfake.WaitingFakeDriver",
                         "instances_path": self.path("instances")},
             "api": {"auth_strategy": "keystone"},

@@ -31,6 +31,21 @@ def _switches(thread):
                    if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
 
 
+def _settled(*threads, quiet=0.5, timeout=5.0):
+    """Wait until the threads' start-up work (declares, consume, the first
+    checks, the agent's snapshot and announcement) is over: no wake-up for
+    `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last = [_switches(t) for t in threads]
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = [_switches(t) for t in threads]
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"threads still busy {timeout}s after their start")
+
+
 def _wakeups_while_idle(*threads):
     before = [_switches(t) for t in threads]
     time.sleep(IDLE)
@@ -39,7 +54,7 @@ def _wakeups_while_idle(*threads):
 
 def test_an_idle_host_consumer_sleeps_and_still_answers_at_once(host,
                                                                 publisher):
-    time.sleep(1.0)     # past its start (declares, consume, first checks)
+    _settled(host.thread)
     [wakeups] = _wakeups_while_idle(host.thread)
     assert wakeups <= MAX_WAKEUPS, f"{wakeups} wake-ups in {IDLE}s idle"
 
@@ -59,8 +74,8 @@ def test_an_idle_host_consumer_sleeps_and_still_answers_at_once(host,
 def test_an_idle_agent_sleeps_and_still_publishes_at_once(driver, listener,
                                                           start_agent):
     running = start_agent()
-    time.sleep(1.0)     # past its start (snapshot, announce)
     dispatcher, publisher = running.thread, running.agent._publisher._thread
+    _settled(dispatcher, publisher)
     wakeups = _wakeups_while_idle(dispatcher, publisher)
     assert max(wakeups) <= MAX_WAKEUPS, (
         f"dispatcher, publisher: {wakeups} wake-ups in {IDLE}s idle")
