@@ -6,8 +6,16 @@ The entry is acknowledged once each of its copies reached an end: confirmed,
 replaced by a dead letter, or dropped. Each failure stays in its domain:
 
 - refused (nack: a full queue, a queue without a leader): the copy is
-  published again with backoff, for ``patience`` seconds; then its fallback
-  (below). The ingress message is never requeued for the broker's trouble.
+  published again with backoff, in hand, for ``hold`` seconds. A host copy
+  still refused then is *parked*: published to a retry queue (a quorum
+  queue that dead-letters it back to the router queue at least once) with
+  its host named, and its ingress message is settled, so one host's
+  trouble never keeps a prefetch slot that every host shares. It comes
+  back after its tier for that host alone; once its rounds add up to
+  ``patience`` seconds it is dead-lettered ``refused``. Retry, probation
+  and dead-letter copies (central queues: everyone's trouble) are
+  published again in hand for ``patience`` seconds, then their fallback.
+  The ingress message is never requeued for the broker's trouble.
 - returned (a host exchange with nothing bound): that host's copy is
   dead-lettered, naming the host; the other hosts' copies stand.
 - the publish channel closed by the broker (404 no such exchange, 403...):
@@ -15,13 +23,18 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   pending on it is published again *alone* on a quarantine channel of its
   own, one at a time. The copy that closes the quarantine channel is the
   culprit; the others are confirmed there. New copies go on a fresh
-  channel meanwhile: one bad copy never costs the session.
+  channel meanwhile: one bad copy never costs the session. A host copy
+  that closed a channel alone with anything but 404 (an exchange its host
+  declared internal, say) is parked at once, and for ``hold`` seconds that
+  host's new copies are parked without being published, so they cannot
+  close the channel the other hosts' copies share.
 
 Fallbacks: a host, retry or probation copy that cannot be placed becomes a
 dead letter saying why (``refused``; ``unroutable`` for a host exchange that
 is gone); a dead letter that cannot be placed is dropped with an ERROR line
 and ``dropped:<reason>``. So no ingress message holds its prefetch slot for
-longer than about twice ``patience``.
+longer than ``hold`` for a host's trouble, and about twice ``patience`` for
+the central queues'.
 
 Everything sent is bounded: the headers a dead letter copies from the
 sender are cut to what fits in one frame (inbound.bounded_headers), since a
@@ -41,6 +54,10 @@ LOG = logging.getLogger(__name__)
 
 HOST_COPY, RETRY, DEAD = "host", "retry", "dead"
 HEADER_HOST = "x-evrouter-host"
+# On a parked host copy (trusted only from the router's own user): the
+# host it is for, and how many times it was parked.
+HEADER_FOR_HOST = "x-evrouter-for-host"
+HEADER_PARKED = "x-evrouter-parked"
 REASON_REFUSED = "refused"
 
 _LOST = "channel-closed"
@@ -50,9 +67,9 @@ class Entry:
     """An ingress message in hand, until all the copies it caused ended."""
 
     __slots__ = ("lane", "tag", "key", "message", "env_id", "ours",
-                 "remaining", "started", "dropped")
+                 "remaining", "started", "dropped", "parked")
 
-    def __init__(self, lane, tag, message, env_id, ours):
+    def __init__(self, lane, tag, message, env_id, ours, parked=0):
         self.started = time.monotonic()
         self.lane = lane
         self.tag = tag
@@ -62,6 +79,7 @@ class Entry:
         self.ours = ours            # published by the router's own user
         self.remaining = 0
         self.dropped = False
+        self.parked = parked        # a host copy parked this many times before
 
 
 class Copy:
@@ -90,7 +108,8 @@ class Delivery:
     """
 
     def __init__(self, conn, topo, stats, *, settled, host_gone, router_name,
-                 patience=20.0, memory=False, clock=time.monotonic):
+                 patience=20.0, hold=2.0, user=None, memory=False,
+                 clock=time.monotonic):
         self.conn = conn
         self.topo = topo
         self.stats = stats
@@ -98,6 +117,11 @@ class Delivery:
         self._host_gone = host_gone
         self._router = router_name
         self.patience = patience
+        self.hold = min(hold, patience)
+        # Parking needs TTLs (not in memory) and the router's own user_id on
+        # the parked copy, so that its host is trusted when it comes back.
+        self._user = None if memory else user
+        self._avoid = {}            # host -> monotonic time its copies may go again
         self._memory = memory
         self._clock = clock
         self._outcomes = []         # (copy or None, outcome): broker callbacks
@@ -145,8 +169,8 @@ class Delivery:
                     or self._delayed)
 
     # --- entries and copies ---------------------------------------------------
-    def track(self, lane, tag, message, env_id, *, ours=False):
-        entry = Entry(lane, tag, message, env_id, ours)
+    def track(self, lane, tag, message, env_id, *, ours=False, parked=0):
+        entry = Entry(lane, tag, message, env_id, ours, parked)
         self.entries[entry.key] = entry
         return entry
 
@@ -159,6 +183,13 @@ class Delivery:
     def send(self, entry, kind, host, exchange, routing_key, body, **kwargs):
         copy = Copy(entry, kind, host, exchange, routing_key, body, kwargs)
         entry.remaining += 1
+        if self._avoid and host in self._avoid:
+            if self._clock() < self._avoid[host]:
+                return self._park(copy, "its exchange closed a channel just now")
+            # Half open: this host's copies go alone, through the quarantine,
+            # until one is confirmed there; never on the shared channel.
+            copy.suspect = True
+            return self._quarantine.append(copy)
         if self._closed:
             self._take_closures()       # as in _publish
         # A new copy is never suspect: _publish's other half is not needed.
@@ -237,14 +268,17 @@ class Delivery:
         self._refused(copy, outcome)
 
     def _refused(self, copy, outcome):
-        """Published again with backoff while patience lasts, then its
-        fallback; the ingress message stays in hand meanwhile."""
+        """Published again with backoff for a while, in hand; a host copy is
+        then parked, anything else given up after patience."""
         now = self._clock()
         copy.refusals += 1
         if copy.first_refused is None:
             copy.first_refused = now
         self.stats["refused"] += 1
         entry = copy.entry
+        if (copy.kind == HOST_COPY and self._user is not None
+                and now - copy.first_refused >= self.hold):
+            return self._park(copy, outcome)
         if now - copy.first_refused >= self.patience:
             return self._give_up(copy, outcome)
         delay = backoff.refused_copy_delay(copy.refusals)
@@ -255,6 +289,28 @@ class Delivery:
                 "event %s: broker %s the %s copy%s; publishing it again in "
                 "%.2fs", entry.env_id, outcome, copy.kind, _for_host(copy),
                 delay)
+
+    def _park(self, copy, outcome):
+        """A host copy out of hand: to a retry queue for its host alone, so
+        its ingress message (and its prefetch slot) is settled. Given up
+        (dead-lettered refused) once its rounds add up to patience."""
+        entry = copy.entry
+        rounds = entry.parked + 1
+        parked_for = sum(self.topo.retry_delay_ms(r) for r in range(1, rounds)) / 1000
+        if parked_for >= self.patience:
+            return self._give_up(copy, outcome)
+        delay = self.topo.retry_delay_ms(rounds)
+        ours = {HEADER_FOR_HOST: copy.host, HEADER_PARKED: rounds}
+        theirs = copy.kwargs.get("headers")
+        self.send(entry, RETRY, None, "", self.topo.retry_queue_name(delay),
+                  copy.body, message_id=copy.kwargs.get("message_id"),
+                  headers=dict(theirs, **ours) if theirs else ours,
+                  user_id=self._user)
+        self.stats["parked:refused"] += 1
+        LOG.warning("event %s: the copy for host %s was refused (%s); parked "
+                    "for %dms (round %d)", entry.env_id, copy.host, outcome,
+                    delay, rounds)
+        self._ended(entry)
 
     def _give_up(self, copy, outcome):
         entry = copy.entry
@@ -319,6 +375,15 @@ class Delivery:
             return self._replace_with_dead_letter(
                 copy, contract.REASON_UNROUTABLE,
                 f"{copy.exchange} does not exist")
+        if copy.kind == HOST_COPY and self._user is not None:
+            # The host's own exchange closes channels (403 internal, 406...):
+            # its copies stay off the shared channel for a while.
+            now = self._clock()
+            if len(self._avoid) >= 1024:        # bounded: forget the expired
+                self._avoid = {h: t for h, t in self._avoid.items() if t > now}
+            self._avoid[copy.host] = now + self.hold
+            self.stats["refused"] += 1
+            return self._park(copy, _brief(exc))
         self._refused(copy, _brief(exc))
 
     def _feed_quarantine(self):
@@ -330,14 +395,21 @@ class Delivery:
             return
         while self._quarantine:
             copy = self._quarantine.popleft()
-            if self._current(copy.entry):
-                self._q_publisher.publish(copy.exchange, copy.routing_key,
-                                          copy.body, copy, **copy.kwargs)
-                return
+            if not self._current(copy.entry):
+                continue
+            if (self._avoid and copy.host in self._avoid
+                    and self._clock() < self._avoid[copy.host]):
+                self._park(copy, "its exchange closed a channel just now")
+                continue
+            self._q_publisher.publish(copy.exchange, copy.routing_key,
+                                      copy.body, copy, **copy.kwargs)
+            return
 
     def _q_outcome(self, copy, outcome):
         if outcome == publishing.ACK:
             copy.suspect = False    # not this one; it is placed
+            if self._avoid and copy is not None:
+                self._avoid.pop(copy.host, None)    # its host takes copies again
         self._outcomes.append((copy, outcome))
 
     # --- what goes out -------------------------------------------------------------

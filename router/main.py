@@ -43,11 +43,18 @@ router_opts = [
     cfg.FloatOpt("refused_patience", default=20.0, min=0.1,
                  help="Seconds a copy the broker refuses (a full queue, a "
                       "queue without a leader, an exchange that closes the "
-                      "channel) is published again, with backoff, before "
-                      "it is dead-lettered with reason refused; a dead "
-                      "letter refused that long is dropped (logged at ERROR, "
-                      "evrouter_router_dropped_total). Bounds how long one "
-                      "message holds a prefetch slot."),
+                      "channel) keeps being tried before it is dead-lettered "
+                      "with reason refused: a host copy in rounds parked in "
+                      "the retry queues (their delays adding up to this), "
+                      "any other copy in hand, with backoff; a dead letter "
+                      "refused that long is dropped (logged at ERROR, "
+                      "evrouter_router_dropped_total)."),
+    cfg.FloatOpt("refused_hold", default=2.0, min=0.0,
+                 help="Seconds a refused host copy is published again in "
+                      "hand (a failover's blip passes here) before it is "
+                      "parked in a retry queue for its host: the longest one "
+                      "host's trouble holds a prefetch slot every host "
+                      "shares. At most refused_patience."),
     cfg.IntOpt("max_instances_per_host", default=2000, min=1,
                help="Instances one compute host may claim on the lifecycle "
                     "exchange; claims of further instances are ignored "
@@ -97,6 +104,7 @@ def settings_from(conf):
         redelivery_limit=conf.router.redelivery_limit,
         resync_window=conf.router.resync_window,
         refused_patience=conf.router.refused_patience,
+        refused_hold=conf.router.refused_hold,
         max_instances_per_host=conf.router.max_instances_per_host,
         heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf),

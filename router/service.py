@@ -53,6 +53,10 @@ class RouterSettings:
     # published again before it is dead-lettered instead (a dead letter:
     # dropped). Bounds how long a message holds its prefetch slot.
     refused_patience: float = 20.0
+    # Seconds a refused host copy is published again in hand before it is
+    # parked in a retry queue for its host (router/delivery.py): how long
+    # one host's trouble may hold a prefetch slot every host shares.
+    refused_hold: float = 2.0
     # Instances one compute host may claim in the placement table.
     max_instances_per_host: int = DEFAULT_MAX_PER_HOST
     reconnect: Schedule = Schedule()

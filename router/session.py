@@ -23,7 +23,16 @@ from router import routing
 from router.bus import connection as bus_connection
 from router.bus import contract, inbound, topology
 from router.bus.connection import take
-from router.delivery import DEAD, HOST_COPY, RETRY, Delivery, property_of, untrusted_headers
+from router.delivery import (
+    DEAD,
+    HEADER_FOR_HOST,
+    HEADER_PARKED,
+    HOST_COPY,
+    RETRY,
+    Delivery,
+    property_of,
+    untrusted_headers,
+)
 from router.lanes import HEADER_REDELIVERIES, HEADER_VERDICT, HEADER_VERDICT_DETAIL, Lane
 from router.observer import KnownHosts, PlacementObserver
 
@@ -62,7 +71,8 @@ class Session:
             self.delivery = Delivery(
                 conn, self.topo, self.stats, settled=self._settled,
                 host_gone=self.hosts.forget, router_name=self.s.name,
-                patience=self.s.refused_patience, memory=self.memory)
+                patience=self.s.refused_patience, hold=self.s.refused_hold,
+                user=self.user, memory=self.memory)
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
                 self.stats, memory=self.memory)
@@ -262,6 +272,7 @@ class Session:
         publisher = user_id
         now = time.time()
         attempt, first_seen = 0, now
+        for_host, parked = None, 0
         # Without headers every read below gives its default: skipped.
         if headers and (ours or (self.memory and type(headers) is dict)):
             # Our own copy: carries the original, broker-validated publisher.
@@ -270,18 +281,24 @@ class Session:
             attempt = inbound.header(headers, contract.HEADER_ATTEMPT, int, 0)
             first_seen = inbound.header(headers, contract.HEADER_FIRST_SEEN,
                                         float, first_seen)
+            # A host copy parked after refusals: for that host alone.
+            for_host = inbound.header(headers, HEADER_FOR_HOST, str, None)
+            parked = inbound.header(headers, HEADER_PARKED, int, 0)
             carried = inbound.header(headers, HEADER_VERDICT, str, None)
             if carried and verdict is None:
                 verdict = (carried, inbound.header(
                     headers, HEADER_VERDICT_DETAIL, str, ""))
         entry = self.delivery.track(
             lane, tag, message,
-            env.id if env else inbound.safe_shortstr(msg_id) or "-", ours=ours)
+            env.id if env else inbound.safe_shortstr(msg_id) or "-", ours=ours,
+            parked=parked)
         if seen:
             return self._to_probation(entry, verdict, publisher, seen, attempt,
                                       first_seen)
         if verdict is not None:
             return self.delivery.dead_letter(entry, *verdict)
+        if for_host:
+            return self._deliver(entry, env, (for_host,), publisher)
         decision = routing.decide(
             env, publisher=publisher,
             hosts_for=self.service.placement.hosts_for,

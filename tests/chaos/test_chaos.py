@@ -273,7 +273,7 @@ class Schedule:
         w, host = self.w, self.rng.choice(HOSTS)
         return self._policy(
             cw.Fault(f"refuse-host {host}", frozenset({host}),
-                    backlog=cw.REFUSED_RETRY_CAP),
+                    backlog=cw.parked_backlog(w.refused_patience)),
             w.topo.host_queue_name(host), REJECT_ALL)
 
     def refuse_central(self):

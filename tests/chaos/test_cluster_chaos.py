@@ -147,7 +147,8 @@ class ClusterSchedule(tc.Schedule):
         n, why = self._target()
         lost = tuple(who for who in ("router",) + HOSTS if self._node_of(who) == n)
         failover = cw.Fault(f"{how}-node c{n}", cw.ALL, lost=lost,
-                            settle=NODE_FAILOVER, backlog=cw.REFUSED_RETRY_CAP)
+                            settle=NODE_FAILOVER,
+                            backlog=cw.parked_backlog(w.refused_patience))
         w.begin(failover)
         self.failovers.append(failover)
         self._did(how, f"node fault: {how} of c{n} ({why}; connected there: "

@@ -46,6 +46,18 @@ PARKED_RESEND = 5.0
 REFUSED_RETRY_CAP = backoff.REFUSED_CAP
 
 
+def parked_backlog(patience):
+    """How long after a host's refusal ends its copies may still arrive: a
+    host copy refused past refused_hold is parked (router/delivery.py) in
+    rounds of the retry tiers until they add up to `patience`, and comes
+    back at most one tier after the refusal ended."""
+    topo, parked, longest, n = Topology(), 0.0, 0.0, 1
+    while parked < patience:
+        tier = topo.retry_delay_ms(n) / 1000
+        parked, longest, n = parked + tier, max(longest, tier), n + 1
+    return max(REFUSED_RETRY_CAP, longest)
+
+
 class Broken(AssertionError):
     """An invariant broke."""
 
@@ -61,7 +73,7 @@ SHOWN = {"sessions", "reconnects", "redelivered", "refused", "quarantined",
          "publish_channel_faults", "lane_channel_faults",
          "placement_channel_faults", "intake_channel_faults",
          "dead_letter_channel_faults", "dead_letter_refusals", "dead_lettered",
-         "rejected"}
+         "rejected", "parked:refused"}
 
 
 @dataclass(eq=False)
