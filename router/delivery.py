@@ -109,12 +109,15 @@ class Delivery:
 
     def __init__(self, conn, topo, stats, *, settled, host_gone, router_name,
                  patience=20.0, hold=2.0, user=None, memory=False,
-                 clock=time.monotonic):
+                 damaged=None, clock=time.monotonic):
         self.conn = conn
         self.topo = topo
         self.stats = stats
         self._settled_cb = settled
         self._host_gone = host_gone
+        # Called with why when a central destination (a retry queue, the
+        # dead-letter exchange or queue) turns out not to exist.
+        self._damaged = damaged or (lambda why: None)
         self._router = router_name
         self.patience = patience
         self.hold = min(hold, patience)
@@ -258,13 +261,18 @@ class Delivery:
                 del self.entries[entry.key]
                 self._settled_cb(entry)
             return
-        if outcome == publishing.RETURNED and copy.kind == HOST_COPY:
-            # The exchange exists but no queue is bound: dead-letter this
-            # host's copy only, naming the host; the others were delivered.
-            self._host_gone(copy.host)
-            return self._replace_with_dead_letter(
-                copy, contract.REASON_UNROUTABLE,
-                f"no queue bound to {copy.exchange}")
+        if outcome == publishing.RETURNED:
+            if copy.kind == HOST_COPY:
+                # The exchange exists but no queue is bound: dead-letter this
+                # host's copy only, naming the host; the others were delivered.
+                self._host_gone(copy.host)
+                return self._replace_with_dead_letter(
+                    copy, contract.REASON_UNROUTABLE,
+                    f"no queue bound to {copy.exchange}")
+            # A retry or probation queue, or the dead-letter queue, is gone:
+            # ours to declare again; the copy is then published again.
+            self._damaged(f"{copy.kind} copy to {copy.exchange or 'queue'} "
+                          f"{copy.routing_key} returned unroutable")
         self._refused(copy, outcome)
 
     def _refused(self, copy, outcome):
@@ -375,7 +383,9 @@ class Delivery:
             return self._replace_with_dead_letter(
                 copy, contract.REASON_UNROUTABLE,
                 f"{copy.exchange} does not exist")
-        if copy.kind == HOST_COPY and self._user is not None:
+        if copy.kind != HOST_COPY and getattr(exc, "reply_code", None) == 404:
+            self._damaged(f"{copy.kind} copy: {_brief(exc)}")
+        elif copy.kind == HOST_COPY and self._user is not None:
             # The host's own exchange closes channels (403 internal, 406...):
             # its copies stay off the shared channel for a while.
             now = self._clock()

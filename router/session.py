@@ -55,6 +55,7 @@ class Session:
         # routed only once their acknowledgements have left (_route_probation)
         self._probation_blockers = set()
         self.probation = None
+        self._repaired = float("-inf")     # when the topology was last declared again
 
     # --- set-up -------------------------------------------------------------
     def run(self):
@@ -72,7 +73,8 @@ class Session:
                 conn, self.topo, self.stats, settled=self._settled,
                 host_gone=self.hosts.forget, router_name=self.s.name,
                 patience=self.s.refused_patience, hold=self.s.refused_hold,
-                user=self.user, memory=self.memory)
+                user=self.user, memory=self.memory,
+                damaged=self._repair_topology)
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
                 self.stats, memory=self.memory)
@@ -200,6 +202,27 @@ class Session:
             return
         for message in take(self.probation.deliveries):
             self._route_safely(message, self.probation)
+
+    def _repair_topology(self, why):
+        """A central destination the router publishes to without consuming
+        from it (a retry queue, the dead-letter exchange or queue) is gone:
+        an operator deleted it. Declare the central topology again, at most
+        once a second; the copy is published again by its backoff."""
+        now = time.monotonic()
+        if now - self._repaired < 1.0:
+            return
+        self._repaired = now
+        self.stats["topology_repairs"] += 1
+        LOG.warning("router %s: declaring the central topology again (%s)",
+                    self.s.name, why)
+        channel = self.conn.channel()
+        try:
+            topology.declare(channel, *self.topo.central())
+        except self.conn.channel_errors as exc:
+            LOG.error("router %s: the central topology could not be declared "
+                      "again: %s", self.s.name, exc)
+        finally:
+            _close_quietly(channel, self._broker_errors)
 
     def _settled(self, entry):
         # A dropped entry (its dead letter refused for the whole patience)

@@ -432,3 +432,56 @@ def test_a_host_exchange_made_internal_costs_only_its_own_copies(bus):
     finally:
         publisher.close()
         router.stop()
+
+
+@pytest.mark.parametrize("gone", ["retry-queue", "dead-letter-queue",
+                                  "dead-letter-exchange"])
+def test_a_central_object_an_operator_deleted_is_declared_again(bus, gone):
+    """The router publishes to the retry queues and the dead-letter exchange
+    and queue without consuming from them, so no cancel tells it they are
+    gone; it declared them at session start only, and an operator's delete
+    lost every event parked and every dead letter until it restarted (the
+    review: 0 of 5 parked events, 3 of 3 dead letters). A return or a 404
+    on one now has the router declare the central topology again, within
+    the same session, and the copy goes through."""
+    bus.declare_central()
+    topo = bus.topology
+    router = RunningRouter(bus, refused_patience=15.0)
+    raw = poison.RawPublisher(bus.url)
+    publisher = Publisher(bus)
+    try:
+        ch = bus.channel()
+        if gone == "retry-queue":
+            ch.queue_delete(topo.retry_queue_name(topo.retry_delay_ms(1)))
+            late = "cmp-late"
+            env = contract.envelope(contract.InstanceEvent(
+                contract.VIF_PLUGGED, str(uuid.uuid4()), "port-1",
+                contract.COMPLETED, late), "test")
+            publisher.to_ingress(env)       # its host is unknown: parked
+            wait_for(lambda: router.service.stats["topology_repairs"] >= 1, 10,
+                     what="the central topology declared again")
+            bus.declare_host(late)
+            [m] = collect(bus.url, topo.host_queue_name(late), 1, timeout=20)
+            assert m.properties["message_id"] == env.id
+        else:
+            if gone == "dead-letter-queue":
+                ch.queue_delete(topo.dead_letter_queue_name)
+            else:
+                ch.exchange_delete(topo.dead_letter_exchange_name)
+            for i in range(3):
+                raw.publish(topo.ingress_exchange_name,
+                            "instance.network-vif-plugged", b"not json",
+                            message_id=f"bad-{i}")
+            dead = _dead_letters(bus, 3, timeout=15)
+            assert sorted(m.properties["message_id"] for m in dead) == [
+                "bad-0", "bad-1", "bad-2"]
+            assert {m.headers[contract.HEADER_REASON] for m in dead} == {
+                contract.REASON_MALFORMED}
+        stats = router.service.stats
+        assert stats["topology_repairs"] >= 1
+        assert not [k for k in stats if k.startswith("dropped:")], dict(stats)
+        assert stats["sessions"] == 1
+    finally:
+        publisher.close()
+        raw.close()
+        router.stop()
