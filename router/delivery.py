@@ -125,6 +125,11 @@ class Delivery:
         # the parked copy, so that its host is trusted when it comes back.
         self._user = None if memory else user
         self._avoid = {}            # host -> monotonic time its copies may go again
+        # The broker refuses the router user's publishes (403 "refused for
+        # user": its write permission revoked): every copy would be, so they
+        # are held, none tried before this, and none runs out its patience.
+        self._denied_until = 0.0
+        self._denials = 0           # in a row
         self._memory = memory
         self._clock = clock
         self._outcomes = []         # (copy or None, outcome): broker callbacks
@@ -193,6 +198,9 @@ class Delivery:
             # until one is confirmed there; never on the shared channel.
             copy.suspect = True
             return self._quarantine.append(copy)
+        if self._denials:       # held with the others until one passes
+            copy.suspect = True
+            return self._quarantine.append(copy)
         if self._closed:
             self._take_closures()       # as in _publish
         # A new copy is never suspect: _publish's other half is not needed.
@@ -210,7 +218,8 @@ class Delivery:
             # A close read by any drain (a passive declare's wait, too) is
             # acted on before the next publish: the old channel is gone.
             self._take_closures()
-        if copy.suspect:
+        if copy.suspect or self._denials:
+            copy.suspect = True
             self._quarantine.append(copy)
         else:
             self.publisher.publish(copy.exchange, copy.routing_key, copy.body,
@@ -376,6 +385,8 @@ class Delivery:
         if not self._current(copy.entry):
             return
         copy.suspect = True
+        if _denied(exc):
+            return self._hold_denied(copy, exc)
         if copy.kind == HOST_COPY and getattr(exc, "reply_code", None) == 404:
             self._host_gone(copy.host)
             LOG.warning("event %s: host exchange %s does not exist (%s)",
@@ -396,8 +407,29 @@ class Delivery:
             return self._park(copy, _brief(exc))
         self._refused(copy, _brief(exc))
 
+    def _hold_denied(self, copy, exc):
+        """Not this copy's fault nor its host's: the router may not publish
+        (a permission revoked). Holding everything costs nobody more than
+        the fault does: nothing could be routed anyway, and the prefetch
+        window, once full, stops the intake. The copies go again, one
+        first, with backoff; their patience counts from when one passes."""
+        now = self._clock()
+        self._denials += 1
+        delay = backoff.refused_copy_delay(self._denials)
+        self._denied_until = now + delay
+        copy.refusals, copy.first_refused = 0, None
+        self._quarantine.appendleft(copy)
+        self.stats["publish_denied"] += 1
+        if self._denials == 1 or self._denials % 12 == 0:
+            LOG.error("router %s: the broker refuses the router user's "
+                      "publishes (%s): %d event(s) held, trying again every "
+                      "%.2fs up to %.0fs", self._router, _brief(exc),
+                      len(self.entries), delay, backoff.REFUSED_CAP)
+
     def _feed_quarantine(self):
         if not self._quarantine:
+            return
+        if self._denials and self._clock() < self._denied_until:
             return
         if self._q_publisher is None:
             self._q_channel, self._q_publisher = self._open(self._q_outcome)
@@ -420,6 +452,11 @@ class Delivery:
             copy.suspect = False    # not this one; it is placed
             if self._avoid and copy is not None:
                 self._avoid.pop(copy.host, None)    # its host takes copies again
+            if self._denials:
+                LOG.warning("router %s: the broker takes the router user's "
+                            "publishes again (after %d refusals)", self._router,
+                            self._denials)
+                self._denials = 0
         self._outcomes.append((copy, outcome))
 
     # --- what goes out -------------------------------------------------------------
@@ -482,6 +519,13 @@ def property_of(message, name):
         return getattr(message, "content_type", None)
     props = getattr(message, "properties", None)
     return props.get(name) if type(props) is dict else None
+
+
+def _denied(exc):
+    """A 403 about the router user's rights, not about the destination (an
+    internal exchange is refused with other words): every publish fails."""
+    return (getattr(exc, "reply_code", None) == 403
+            and "refused for user" in str(getattr(exc, "reply_text", "")))
 
 
 def _for_host(copy):

@@ -1,0 +1,98 @@
+"""A fault on every publish is not charged to each message.
+
+With the router user's write permission revoked (its connections left
+open), every copy is refused with 403, whatever it is for. Handled per copy,
+each ran out its refused_patience: the review's 45 s revocation
+dead-lettered 30 of 30 events `refused`, a 70 s one dropped 10 of 10 (their
+dead letters refused too). Now the router holds what it has (the prefetch
+window, once full, stops its intake), tries again with backoff, one copy
+first, and routes everything once it may publish again: nothing
+dead-lettered, nothing dropped, one session.
+"""
+
+import subprocess
+import time
+import uuid
+
+import kombu
+import pytest
+
+from router.bus import contract, topology
+from tests.conftest import RunningRouter, collect, wait_for
+from tests.functional.rabbitmq_users import BrokerUsers
+from tests.functional.waiter_harness import Publisher
+
+pytestmark = pytest.mark.timeout(120)
+
+HOST = "cmp-denied"
+
+
+class _Bus:
+    """Enough of tests.conftest.Bus for Publisher, in a vhost of its own."""
+
+    def __init__(self, url, topo):
+        self.url, self.topology = url, topo
+
+
+def _permit(vhost, user, write):
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, user,
+                    ".*", write, ".*"], check=True, timeout=60,
+                   capture_output=True)
+
+
+def _lost(stats):
+    """What the fault cost: events dropped or dead-lettered for refusals."""
+    return [k for k, n in stats.items() if n and (
+        k.startswith("dropped:") or k == "dead_lettered:refused")]
+
+
+def test_a_revoked_write_permission_holds_events_and_loses_none():
+    tag = uuid.uuid4().hex[:8]
+    vhost, user = f"evt-denied-{tag}", f"evt-denied-{tag}-router"
+    users = BrokerUsers(vhost, {user: ("pw", ".*", ".*", ".*")})
+    topo = topology.Topology(prefix=f"evt-denied-{tag}")
+    admin = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    router = publisher = None
+    try:
+        with kombu.Connection(admin) as conn:
+            topology.declare(conn.channel(), *topo.central())
+            topology.declare(conn.channel(), *topo.for_host(HOST))
+        router = RunningRouter(_Bus(users.url(user), topo),
+                               refused_patience=2.0, refused_hold=0.5)
+        publisher = Publisher(_Bus(admin, topo))
+        first = contract.envelope(contract.InstanceEvent(
+            contract.VIF_PLUGGED, str(uuid.uuid4()), "port-1",
+            contract.COMPLETED, HOST), "test")
+        publisher.to_ingress(first)
+        [m] = collect(admin, topo.host_queue_name(HOST), 1)
+        _permit(vhost, user, "^$")          # revoked, connections left open
+        # A channel checks a permission once per destination: the publish
+        # channel, which wrote to the host exchange already, would go on.
+        # An event for a host nobody knows is parked: a write to the
+        # default exchange, checked now, refused, and every channel after
+        # that one is refused outright, as in the review.
+        publisher.to_ingress(contract.envelope(contract.InstanceEvent(
+            contract.VIF_PLUGGED, str(uuid.uuid4()), "port-1",
+            contract.COMPLETED, "cmp-nowhere"), "test"))
+        held = [contract.envelope(contract.InstanceEvent(
+            contract.VIF_PLUGGED, str(uuid.uuid4()), "port-1",
+            contract.COMPLETED, HOST), "test") for _ in range(20)]
+        for env in held:
+            publisher.to_ingress(env)
+        stats = router.service.stats
+        wait_for(lambda: stats["in"] >= 22, 10, what="the router took them all")
+        time.sleep(3 * 2.0)     # three patiences: the fault under test lasts
+        assert not _lost(stats), dict(stats)
+        assert stats["publish_denied"] >= 1
+        _permit(vhost, user, ".*")
+        got = collect(admin, topo.host_queue_name(HOST), 20, timeout=20)
+        assert sorted(m.properties["message_id"] for m in got) == sorted(
+            e.id for e in held)
+        assert not _lost(stats), dict(stats)
+        assert stats["sessions"] == 1
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if router is not None:
+            router.stop()
+        users.remove()
