@@ -113,9 +113,12 @@ class DeadLetters:
         generation = self._generation
         self._channel = self._conn.channel()
         # An outcome from an older channel says nothing about this one.
+        # With the host's user_id, which the broker vouches for: a reader of
+        # the dead-letter queue trusts x-evrouter-* from evrouter's users.
         self._publisher = publishing.ConfirmedPublisher(
             self._channel, lambda copy, outcome:
-            self._outcomes.append((generation, copy, outcome)))
+            self._outcomes.append((generation, copy, outcome)),
+            user_id=bus_connection.user_of(self._conn))
 
     @property
     def busy(self):

@@ -491,9 +491,12 @@ class Delivery:
         if extra_headers:
             ours.update(extra_headers)
         headers = self.bounded(untrusted_headers(message, entry.ours), ours)
+        # With the router's user_id, which the broker vouches for: a reader
+        # of the dead-letter queue trusts x-evrouter-* from its users only
+        # (the broker's own dead-lettering keeps the sender's user_id).
         self.send(entry, DEAD, None, self.topo.dead_letter_exchange_name,
                   reason, inbound.raw_body(message.body), message_id=msg_id,
-                  headers=headers,
+                  headers=headers, user_id=self._user,
                   content_type=inbound.safe_shortstr(
                       property_of(message, "content_type")))
         self.stats[f"dead_lettered:{reason}"] += 1

@@ -60,11 +60,11 @@ def main(argv):
     if not conf.apply:
         for args in commands:
             if isinstance(args[-1], Throwaway):     # cleared on the next line
-                print(shlex.join(ctl + args[:-1]) + ' "$(openssl rand -hex 24)"')
+                print(shlex.join(ctl + ctl_args(args[:-1])) + ' "$(openssl rand -hex 24)"')
                 continue
             shown = ["<password>" if a == conf.password and conf.password else a
                      for a in args]
-            print(shlex.join(ctl + shown))
+            print(shlex.join(ctl + ctl_args(shown)))
         return 0
     existing = {"add_user": _listed(ctl, "list_users"),
                 "add_vhost": _listed(ctl, "list_vhosts")}
@@ -74,13 +74,29 @@ def main(argv):
     for args in commands:
         if args[0] in existing and args[1] in existing[args[0]]:
             continue        # users and vhosts are created once, never reset
-        done = subprocess.run([*ctl, *args], capture_output=True, text=True)
+        done = subprocess.run([*ctl, *ctl_args(args)], capture_output=True, text=True)
         if done.returncode != 0:
             return fail(f"rabbitmqctl {args[0]} failed: "
                         f"{done.stderr.strip() or done.stdout.strip()}", 1)
         shown = args[1:2] if args[0] == "add_user" else args[1:5]    # no password
         print(f"applied: rabbitmqctl {args[0]} {' '.join(shown)}")
     return 0
+
+
+def ctl_args(args):
+    """A plan's command as rabbitmqctl must be given it: its options first,
+    then `--`, then the names, passwords and patterns. rabbitmqctl takes any
+    argument that begins with '-' for an option: a random password did (1
+    user in 64: `add_user` failed "Invalid options"), and so would an
+    operator's password or a user name."""
+    name, rest = args[0], list(args[1:])
+    options = []
+    if rest[:1] == ["-p"]:
+        options, rest = rest[:2], rest[2:]
+    if "--apply-to" in rest:
+        i = rest.index("--apply-to")
+        options, rest = options + rest[i:i + 2], rest[:i] + rest[i + 2:]
+    return [name, *options, "--", *rest]
 
 
 def _listed(ctl, what):

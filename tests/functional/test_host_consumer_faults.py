@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 
+import kombu
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -98,6 +99,8 @@ def test_an_oversized_header_is_cut_and_dead_lettered_once(bus, host, raw, case)
     dead = get_dead_letter(bus, timeout=20)
     assert dead.properties.get("message_id") == msg_id
     assert _header(dead, contract.HEADER_REASON) == contract.REASON_MALFORMED
+    # The broker vouches for who said so: the host's own user.
+    assert dead.properties.get("user_id") == kombu.Connection(bus.url).userid
     cut = _header(dead, inbound.HEADER_CUT)
     assert cut and "1 header(s)" in cut, dict(dead.headers)
     assert dead.body == b"{not json"

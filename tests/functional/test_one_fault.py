@@ -477,6 +477,9 @@ def test_a_central_object_an_operator_deleted_is_declared_again(bus, gone):
                 "bad-0", "bad-1", "bad-2"]
             assert {m.headers[contract.HEADER_REASON] for m in dead} == {
                 contract.REASON_MALFORMED}
+            # The broker vouches for who said so (the router's user).
+            assert {m.properties.get("user_id") for m in dead} == {
+                kombu.Connection(bus.url).userid}
         stats = router.service.stats
         assert stats["topology_repairs"] >= 1
         assert not [k for k in stats if k.startswith("dropped:")], dict(stats)

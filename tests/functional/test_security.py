@@ -144,3 +144,18 @@ def test_permissions_confine_every_user_to_its_role(secure):
         assert router.service.stats["forbidden:lifecycle-event"] == 1
     finally:
         router.stop()
+
+
+def test_a_password_that_looks_like_an_option_is_applied(secure):
+    """rabbitmqctl took a password beginning with '-' for an option (a
+    random x509 user's password did in a CI run): `--` ends the options."""
+    d = secure
+    d.password = "-" + d.password
+    out = d.evrouter("permissions", "--apply", "--vhost", d.vhost, "--bus-prefix", d.prefix,
+                     "--network-user", d.network, "--router-user", d.router_user,
+                     "--compute-user-prefix", d.compute_prefix, "--host", "a",
+                     f"--password={d.password}")    # as a shell user writes it
+    assert out.returncode == 0, out.stdout + out.stderr
+    with kombu.Connection(d.url(d.network)) as conn:
+        conn.connect()
+        assert conn.connected

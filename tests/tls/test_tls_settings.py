@@ -81,9 +81,9 @@ def test_permissions_printout_never_shows_the_throwaway(capsys):
     from router.permissions_cmd import main
     assert main(["--host", "a", "--x509-hosts", "--node", "t@localhost"]) == 0
     out = capsys.readouterr().out
-    assert 'rabbitmqctl -n t@localhost add_user evrouter-compute-a ' \
+    assert 'rabbitmqctl -n t@localhost add_user -- evrouter-compute-a ' \
            '"$(openssl rand -hex 24)"' in out
-    assert "rabbitmqctl -n t@localhost clear_password evrouter-compute-a" in out
+    assert "rabbitmqctl -n t@localhost clear_password -- evrouter-compute-a" in out
 
 
 # --- issue 20: options that were silently ignored or said nothing ------------

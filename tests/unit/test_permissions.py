@@ -66,3 +66,25 @@ def test_the_bounding_policy_matches_the_dead_letter_queue_and_nothing_else(
     assert json.loads(cmd[5])["overflow"] == "drop-head"
     [policy] = definitions(d, "pw")["policies"]
     assert policy["pattern"] == cmd[4] and policy["apply-to"] == "queues"
+
+
+@given(st.text(st.characters(codec="ascii", categories=("L", "N", "P")),
+               min_size=1, max_size=30),
+       st.sampled_from(["", "-"]))
+def test_every_planned_command_ends_its_options_before_names_and_passwords(
+        password, dash):
+    """rabbitmqctl parses any argument that begins with '-' as an option: a
+    random password starting with one failed add_user in a CI run. Every
+    command of every plan has `--` after its options, and nothing after it
+    is one of ours."""
+    from router.permissions import plan
+    from router.permissions_cmd import ctl_args
+    d = Deployment(prefix="p", hosts=("a",), x509_hosts=True)
+    for args in plan(d, password=dash + password):
+        cmd = ctl_args(args)
+        assert cmd[0] == args[0]
+        end = cmd.index("--")
+        options = cmd[1:end]
+        assert options[::2] in ([], ["-p"], ["-p", "--apply-to"]), cmd
+        assert sorted(map(str, cmd[1:end] + cmd[end + 1:])) == sorted(
+            map(str, args[1:]))
