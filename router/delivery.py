@@ -201,7 +201,7 @@ class Delivery:
         if self._denials:       # held with the others until one passes
             copy.suspect = True
             return self._quarantine.append(copy)
-        if self._closed:
+        while self._closed:
             self._take_closures()       # as in _publish
         # A new copy is never suspect: _publish's other half is not needed.
         self.publisher.publish(exchange, routing_key, body, copy, **kwargs)
@@ -209,14 +209,16 @@ class Delivery:
     def send_untracked(self, exchange, routing_key, body, **kwargs):
         """A message no ingress message waits for (a resync request, a
         parked retry put back): its outcome settles nothing."""
-        if self._closed:
+        while self._closed:
             self._take_closures()
         self.publisher.publish(exchange, routing_key, body, None, **kwargs)
 
     def _publish(self, copy):
-        if self._closed:
+        while self._closed:
             # A close read by any drain (a passive declare's wait, too) is
             # acted on before the next publish: the old channel is gone.
+            # Again if acting on it drained more (a close waits for its
+            # close-ok): a CI run published on a channel closed that way.
             self._take_closures()
         if copy.suspect or self._denials:
             copy.suspect = True

@@ -126,6 +126,7 @@ class RouterService:
                 Session(self, conn.clone()).run()
                 return                      # stopped
             except errors as exc:
+                LOG.debug("router %s: the session ended", s.name, exc_info=True)
                 cause, up_since = exc, self.ready.since
                 if up_since is None:
                     self._connect_failed(exc)

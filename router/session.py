@@ -56,6 +56,7 @@ class Session:
         self._probation_blockers = set()
         self.probation = None
         self._repaired = float("-inf")     # when the topology was last declared again
+        self._repair_why = None             # why it must be, until it is
 
     # --- set-up -------------------------------------------------------------
     def run(self):
@@ -74,7 +75,7 @@ class Session:
                 host_gone=self.hosts.forget, router_name=self.s.name,
                 patience=self.s.refused_patience, hold=self.s.refused_hold,
                 user=self.user, memory=self.memory,
-                damaged=self._repair_topology)
+                damaged=self._damaged)
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
                 self.stats, memory=self.memory)
@@ -153,8 +154,10 @@ class Session:
                 self.main.queue_watch.delivered()
             for message in take(self.main.deliveries):
                 self._route_safely(message, self.main)
-            if not delivery.pump() and not (self.main.deliveries
-                                            or self.observer.pending):
+            busy = delivery.pump()
+            if self._repair_why is not None:
+                self._repair_topology()
+            if not busy and not (self.main.deliveries or self.observer.pending):
                 break
         self._reopen_closed_channels()
         self.main.flush()
@@ -203,15 +206,22 @@ class Session:
         for message in take(self.probation.deliveries):
             self._route_safely(message, self.probation)
 
-    def _repair_topology(self, why):
+    def _damaged(self, why):
         """A central destination the router publishes to without consuming
         from it (a retry queue, the dead-letter exchange or queue) is gone:
-        an operator deleted it. Declare the central topology again, at most
-        once a second; the copy is published again by its backoff."""
+        an operator deleted it. Repaired from the loop (_pump), never from
+        inside the publish side's fault handling: declaring waits for the
+        broker, and whatever that reads must not land mid-publish."""
+        if self._repair_why is None:
+            self._repair_why = why
+
+    def _repair_topology(self):
+        """Declare the central topology again, at most once a second; the
+        copy that found it gone is published again by its backoff."""
         now = time.monotonic()
         if now - self._repaired < 1.0:
             return
-        self._repaired = now
+        why, self._repair_why, self._repaired = self._repair_why, None, now
         self.stats["topology_repairs"] += 1
         LOG.warning("router %s: declaring the central topology again (%s)",
                     self.s.name, why)
