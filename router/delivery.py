@@ -61,6 +61,7 @@ HEADER_PARKED = "x-evrouter-parked"
 REASON_REFUSED = "refused"
 
 _LOST = "channel-closed"
+AVOIDED = "its exchange closed a channel just now"
 
 
 class Entry:
@@ -192,8 +193,8 @@ class Delivery:
         copy = Copy(entry, kind, host, exchange, routing_key, body, kwargs)
         entry.remaining += 1
         if self._avoid and host in self._avoid:
-            if self._clock() < self._avoid[host]:
-                return self._park(copy, "its exchange closed a channel just now")
+            if self._avoided(host):
+                return self._park(copy, AVOIDED)
             # Half open: this host's copies go alone, through the quarantine,
             # until one is confirmed there; never on the shared channel.
             copy.suspect = True
@@ -409,6 +410,11 @@ class Delivery:
             return self._park(copy, _brief(exc))
         self._refused(copy, _brief(exc))
 
+    def _avoided(self, host):
+        """Whether `host`'s exchange closed a channel less than hold ago."""
+        until = self._avoid.get(host) if self._avoid else None
+        return until is not None and self._clock() < until
+
     def _hold_denied(self, copy, exc):
         """Not this copy's fault nor its host's: the router may not publish
         (a permission revoked). Holding everything costs nobody more than
@@ -441,9 +447,8 @@ class Delivery:
             copy = self._quarantine.popleft()
             if not self._current(copy.entry):
                 continue
-            if (self._avoid and copy.host in self._avoid
-                    and self._clock() < self._avoid[copy.host]):
-                self._park(copy, "its exchange closed a channel just now")
+            if self._avoided(copy.host):
+                self._park(copy, AVOIDED)
                 continue
             self._q_publisher.publish(copy.exchange, copy.routing_key,
                                       copy.body, copy, **copy.kwargs)
@@ -452,7 +457,7 @@ class Delivery:
     def _q_outcome(self, copy, outcome):
         if outcome == publishing.ACK:
             copy.suspect = False    # not this one; it is placed
-            if self._avoid and copy is not None:
+            if self._avoid:
                 self._avoid.pop(copy.host, None)    # its host takes copies again
             if self._denials:
                 LOG.warning("router %s: the broker takes the router user's "
