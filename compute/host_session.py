@@ -116,7 +116,7 @@ class HostSession:
                                   else self.s.prefetch, self.memory)
             # RabbitMQ 3.10 does not always cancel the consumers of a
             # deleted quorum queue: asked when idle (router/bus/consuming.py)
-            self.watch = consuming.QueueWatch(conn, queues[0].name,
+            self.watch = consuming.QueueWatch(conn, queues[0],
                                               self.s.consume_check)
             owner.connection = conn
             owner.last_connect_error = None

@@ -54,7 +54,7 @@ class Lane:
         self.consumer.consume()
         if self.queue_watch is not None:
             self.queue_watch.close()
-        self.queue_watch = consuming.QueueWatch(conn, self.queue.name,
+        self.queue_watch = consuming.QueueWatch(conn, self.queue,
                                                 self.consume_check)
 
     def cancel(self):

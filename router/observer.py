@@ -17,7 +17,7 @@ import uuid
 from kombu import Consumer
 
 from router import routing
-from router.bus import contract, inbound
+from router.bus import consuming, contract, inbound
 from router.bus.connection import take, user_of
 from router.delivery import property_of
 
@@ -40,7 +40,7 @@ class PlacementObserver:
         self.stats = stats
         self.memory = memory
         self._messages = []
-        self.channel = self.consumer = None
+        self.channel = self.consumer = self.queue_watch = None
 
     def start(self):
         # A new name per session: after a half-open connection the old
@@ -52,6 +52,12 @@ class PlacementObserver:
         self.consumer = Consumer(self.channel, [queue], no_ack=True,
                                  on_message=self._messages.append)
         self.consumer.consume()
+        if self.queue_watch is not None:
+            self.queue_watch.close()
+        # Bound again when idle: the lifecycle fanout deleted and declared
+        # again leaves it unbound, and no cancel says so.
+        self.queue_watch = consuming.QueueWatch(self.conn, queue,
+                                                self.s.consume_check)
         self.ask_for_snapshots()
 
     def reopen(self, exc):
@@ -88,6 +94,7 @@ class PlacementObserver:
     def pump(self, broker_errors):
         if not self._messages:
             return          # the usual turn: nothing from the fanout
+        self.queue_watch.delivered()
         for message in take(self._messages):
             try:
                 self._observe(message)

@@ -131,12 +131,17 @@ class Session:
     def _check_lanes(self, lanes, now):
         """A lane whose queue was deleted without a cancel (RabbitMQ 3.10,
         quorum queues: router/bus/consuming.py) is reopened as a cancelled
-        one is: the queue declared again, consumed on a new channel."""
+        one is: the queue declared again, consumed on a new channel. An
+        idle lane's or placement queue's binding is declared again."""
         for lane in lanes:
             try:
                 lane.queue_watch.check(now)
             except ConsumerCancelled as exc:
                 self._reopen_lane(lane, exc)
+        try:
+            self.observer.queue_watch.check(now)
+        except ConsumerCancelled as exc:
+            self.observer.reopen(exc)
 
     def _check_parking(self):
         """Once per process: said at ERROR, and routing goes on (events are

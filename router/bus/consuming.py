@@ -10,20 +10,38 @@ channel of its own): gone, or there without a consumer twice in a row a
 second apart (a quorum queue in the middle of an election may answer 0
 once), it is told the consumer is lost, as a cancel would have told it.
 A consumer that receives deliveries is not asked about: it is consuming.
+
+An idle consumer's queue is also bound again to the exchange it reads
+(one queue.bind, a no-op when the binding is there): an exchange deleted
+and declared again (an operator, a redeploy, another service's start)
+comes back without its bindings, and the broker tells no consumer. Gone
+altogether (404), it is declared again first and that is logged. So a
+consumer cut off from its exchange hears from it again within
+``interval``, and an exchange deleted under a live consumer is back as
+soon as that consumer is idle that long.
 """
 
+import logging
 import time
 
 from amqp import spec
 from amqp.exceptions import ConsumerCancelled
 
+LOG = logging.getLogger(__name__)
+
 RECHECK = 1.0       # seconds before a queue seen without consumers is asked again
 
 
 class QueueWatch:
-    def __init__(self, conn, queue_name, interval):
+    """queue: a kombu Queue (bound again when idle, if it has an exchange
+    of its own) or a queue name (only asked about)."""
+
+    def __init__(self, conn, queue, interval):
         self.conn = conn
-        self.queue_name = queue_name
+        self.queue_name = getattr(queue, "name", queue)
+        exchange = getattr(queue, "exchange", None)
+        self._binding = ((exchange, queue.routing_key or "")
+                         if exchange is not None and exchange.name else None)
         self.interval = interval
         self._probe = None
         self._active = False
@@ -62,6 +80,8 @@ class QueueWatch:
         if ok.consumer_count:
             self._suspect = False
             self._next = now + self.interval
+            if self._binding is not None:
+                self._bind_again()
         elif not self._suspect:
             self._suspect = True
             self._next = now + RECHECK
@@ -69,6 +89,32 @@ class QueueWatch:
             raise ConsumerCancelled(
                 f"queue {self.queue_name} has no consumer: ours was lost "
                 f"without a cancel", spec.Basic.Cancel)
+
+    def _bind_again(self):
+        exchange, key = self._binding
+        try:
+            self._probe.queue_bind(queue=self.queue_name,
+                                   exchange=exchange.name, routing_key=key)
+            return
+        except self.conn.channel_errors as exc:
+            self._probe = None          # the error closed it
+            if getattr(exc, "reply_code", None) != 404:
+                LOG.warning("could not bind queue %s to exchange %s again: "
+                            "%s", self.queue_name, exchange.name, exc)
+                return
+        try:
+            self._probe = self.conn.channel()
+            exchange(self._probe).declare()
+            self._probe.queue_bind(queue=self.queue_name,
+                                   exchange=exchange.name, routing_key=key)
+        except self.conn.channel_errors as exc:
+            self._probe = None
+            LOG.warning("exchange %s is gone and could not be declared "
+                        "again for queue %s: %s", exchange.name,
+                        self.queue_name, exc)
+            return
+        LOG.warning("exchange %s was gone while queue %s was consumed: "
+                    "declared again and bound", exchange.name, self.queue_name)
 
     def close(self):
         if self._probe is not None:
