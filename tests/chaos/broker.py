@@ -88,9 +88,10 @@ class Node:
     def delete_user(self, user):
         self.api("DELETE", f"/users/{q(user)}", ok=(404,))
 
-    def grant(self, user, pattern=".*"):
+    def grant(self, user, pattern=".*", write=None):
         self.api("PUT", f"/permissions/%2F/{q(user)}",
-                 {"configure": pattern, "write": pattern, "read": pattern})
+                 {"configure": pattern, "write": pattern if write is None
+                  else write, "read": pattern})
 
     def revoke(self, user):
         self.api("DELETE", f"/permissions/%2F/{q(user)}", ok=(404,))

@@ -217,7 +217,8 @@ class Schedule:
     def begin_fault(self):
         kinds = [(self.exchange_gone, 3), (self.queue_gone, 2),
                  (self.refuse_host, 3), (self.refuse_central, 4),
-                 (self.maxlen_host, 2), (self.revoke, 2), (self.stop_app, 0.6)]
+                 (self.maxlen_host, 2), (self.revoke, 2), (self.stop_app, 0.6),
+                 (self.internal_host, 2), (self.deny_write, 2)]
         make = self.rng.choices([k for k, _ in kinds], [n for _, n in kinds])[0]
         fault = make()
         if fault is None:
@@ -319,6 +320,39 @@ class Schedule:
         w.node.close_connections(user)
         return fault
 
+    def internal_host(self):
+        """A compromised host declares its exchange again as `internal`:
+        every publish to it closes the channel with 403, not 404. Its
+        copies are parked (and dead-lettered `refused` past patience);
+        nobody else's are held up."""
+        w, host = self.w, self.rng.choice(HOSTS)
+        fault = cw.Fault(
+            f"internal-host {host}", frozenset({host}),
+            backlog=cw.parked_backlog(w.refused_patience),
+            resume=cw.avoided_resume(w.refused_hold),
+            undo=lambda: w.admin_do(lambda ch: _redeclare_host(w, ch, host)))
+        w.begin(fault)
+        w.admin_do(lambda ch: _redeclare_host(w, ch, host, internal=True))
+        return fault
+
+    def deny_write(self):
+        """A user's write permission taken away with its connections left
+        open (issue 19's review: the router's publishes refused "for user",
+        every copy alike). The router holds every copy and tries one again
+        with backoff; a host consumer can no longer dead-letter. What a
+        channel already wrote to may go on: the broker checks a permission
+        once per channel and destination."""
+        w = self.w
+        who = self.rng.choice(("router",) + HOSTS)
+        user = cw.ROUTER_USER if who == "router" else cw.host_user(who)
+        fault = cw.Fault(
+            f"deny-write {who}", cw.ALL if who == "router" else frozenset(),
+            backlog=cw.REFUSED_RETRY_CAP, resume=cw.RESUME + cw.REFUSED_RETRY_CAP,
+            undo=lambda: w.node.grant(user))
+        w.begin(fault)
+        w.node.grant(user, write="^$")
+        return fault
+
     def stop_app(self):
         w = self.w
 
@@ -342,6 +376,16 @@ REJECT_ALL = {"max-length": 0, "overflow": "reject-publish"}
 def _declare_host(world, channel, host):
     from router.bus import topology
     topology.declare(channel, *world.topo.for_host(host))
+
+
+def _redeclare_host(world, channel, host, internal=False):
+    """The host's exchange deleted and declared again (internal or not),
+    bound to its queue as the topology binds it."""
+    [exchange], [queue] = world.topo.for_host(host)
+    channel.exchange_delete(exchange.name)
+    channel.exchange_declare(exchange.name, exchange.type, durable=True,
+                             auto_delete=False, internal=internal)
+    channel.queue_bind(queue.name, exchange.name, routing_key=queue.routing_key)
 
 
 def test_chaos(chaos_node, monkeypatch):

@@ -58,6 +58,19 @@ def parked_backlog(patience):
     return max(REFUSED_RETRY_CAP, longest)
 
 
+def avoided_resume(hold):
+    """How long after a host exchange stops closing the channel (403) its
+    events flow again: the router parks a host's copies without publishing
+    them for `hold` after its last channel fault (router/delivery.py); one
+    sent just after is parked and comes back by the tiers, one round after
+    another, until the first return after hold is tried alone (half open),
+    then within RESUME."""
+    topo, back, n = Topology(), 0.0, 1
+    while back <= hold:
+        back, n = back + topo.retry_delay_ms(n) / 1000, n + 1
+    return back + RESUME
+
+
 class Broken(AssertionError):
     """An invariant broke."""
 
@@ -97,6 +110,7 @@ class Fault:
     lost: tuple = ()
     backlog: float = 0.0
     settle: float = 0.0
+    resume: float = None        # None: remove()'s default
     undo: object = None
     began: float = field(default_factory=time.monotonic)
     ended: float = None
@@ -115,10 +129,14 @@ def covers(hosts, host):
 EXCUSED = {
     # Its host's exchange (or queue: then the exchange routes nowhere) was
     # deleted: the router's copy came back 404 / returned, and it says so.
-    contract.REASON_UNROUTABLE: {"exchange-gone", "queue-gone"},
+    # (internal-host: its exchange is deleted to be declared again, internal
+    # and back: a copy may find it gone in between.)
+    contract.REASON_UNROUTABLE: {"exchange-gone", "queue-gone", "internal-host"},
     # Its host queue (or the probation/retry queue it had to pass) refused
     # every copy for longer than refused_patience (REFUSED_PATIENCE here).
-    REASON_REFUSED: {"refuse-host", "refuse-probation", "refuse-retry"},
+    # (internal-host: its exchange closed the channel on every copy.)
+    REASON_REFUSED: {"refuse-host", "refuse-probation", "refuse-retry",
+                     "internal-host"},
     # x-death "maxlen": the broker dropped it from the head of a queue a
     # max-length policy was put on (no evrouter reason: the broker did
     # it): a host queue under max-length 1, or a queue it was waiting in
@@ -204,6 +222,7 @@ class World:
                  queue_type="classic", refused_patience=REFUSED_PATIENCE):
         self.node, self.hosts, self.rng, self.history = node, hosts, rng, history
         self.refused_patience = refused_patience
+        self.refused_hold = RouterSettings.refused_hold     # the router's
         self.t0 = time.monotonic()
         self._dead_letter_users = {None, ROUTER_USER} | {
             host_user(h) for h in hosts}
@@ -408,6 +427,8 @@ class World:
         router serves all)."""
         if fault.undo is not None:
             fault.undo()
+        if resume is None:
+            resume = fault.resume
         now = time.monotonic()
         fault.ended = now
         self.faults.remove(fault)
