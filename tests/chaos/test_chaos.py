@@ -345,9 +345,12 @@ class Schedule:
         w = self.w
         who = self.rng.choice(("router",) + HOSTS)
         user = cw.ROUTER_USER if who == "router" else cw.host_user(who)
+        # lost: its connection stays, but a new one (a restart, a
+        # close_connection) cannot declare or bind, as a revoked one.
         fault = cw.Fault(
             f"deny-write {who}", cw.ALL if who == "router" else frozenset(),
-            backlog=cw.REFUSED_RETRY_CAP, resume=cw.RESUME + cw.REFUSED_RETRY_CAP,
+            lost=(who,), backlog=cw.REFUSED_RETRY_CAP,
+            resume=cw.RESUME + cw.REFUSED_RETRY_CAP,
             undo=lambda: w.node.grant(user))
         w.begin(fault)
         w.node.grant(user, write="^$")
@@ -383,8 +386,10 @@ def _redeclare_host(world, channel, host, internal=False):
     bound to its queue as the topology binds it."""
     [exchange], [queue] = world.topo.for_host(host)
     channel.exchange_delete(exchange.name)
-    channel.exchange_declare(exchange.name, exchange.type, durable=True,
-                             auto_delete=False, internal=internal)
+    if internal:
+        poison.declare_internal_exchange(channel, exchange.name, exchange.type)
+    else:
+        exchange(channel).declare()
     channel.queue_bind(queue.name, exchange.name, routing_key=queue.routing_key)
 
 

@@ -52,6 +52,15 @@ def raw_properties(*, message_id=None, headers=None, correlation_id=None,
     return struct.pack(">H", flags) + fields
 
 
+def declare_internal_exchange(channel, name, type_="topic"):
+    """exchange.declare with the internal bit, as a compromised host could
+    declare its own exchange (py-amqp's API keeps the bit off): every
+    publish to it then closes the publisher's channel with 403."""
+    channel.send_method(amqp.spec.Exchange.Declare, "BssbbbbbF",
+                        (0, name, type_, False, True, False, True, False, {}),
+                        wait=amqp.spec.Exchange.DeclareOk)
+
+
 def raw_timestamp_header(name=b"t", value=2 ** 63 - 1):
     """A table entry 'T' (timestamp) that no datetime can hold."""
     return _shortstr(name) + b"T" + struct.pack(">Q", value)

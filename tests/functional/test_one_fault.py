@@ -395,14 +395,10 @@ def test_a_host_exchange_made_internal_costs_only_its_own_copies(bus):
     bus.declare_central()
     bus.declare_host(HOST)
     bus.declare_host(OTHER)
-    from amqp import spec
     ch = bus.conn.default_channel
     exchange = bus.topology.host_exchange_name(HOST)
     ch.exchange_delete(exchange)
-    # exchange.declare with the internal bit (py-amqp's API keeps it off)
-    ch.send_method(spec.Exchange.Declare, "BssbbbbbF",
-                   (0, exchange, "topic", False, True, False, True, False, {}),
-                   wait=spec.Exchange.DeclareOk)
+    poison.declare_internal_exchange(ch, exchange)
     ch.queue_bind(bus.topology.host_queue_name(HOST), exchange, "#")
     router = RunningRouter(bus, refused_patience=1.0, refused_hold=0.5)
     publisher = Publisher(bus)
