@@ -12,7 +12,11 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   its host named, and its ingress message is settled, so one host's
   trouble never keeps a prefetch slot that every host shares. It comes
   back after its tier for that host alone; once its rounds add up to
-  ``patience`` seconds it is dead-lettered ``refused``. Retry, probation
+  ``patience`` seconds it is dead-lettered ``refused``. Held in hand once:
+  a parked copy refused again, or any copy of a host parked within
+  ``hold``, is parked at its first refusal, and for ``hold`` that host's
+  new copies are parked without being published (then they go alone
+  through the quarantine until one is confirmed). Retry, probation
   and dead-letter copies (central queues: everyone's trouble) are
   published again in hand for ``patience`` seconds, then their fallback.
   The ingress message is never requeued for the broker's trouble.
@@ -68,7 +72,7 @@ class Entry:
     """An ingress message in hand, until all the copies it caused ended."""
 
     __slots__ = ("lane", "tag", "key", "message", "env_id", "ours",
-                 "remaining", "started", "dropped", "parked")
+                 "remaining", "started", "dropped", "parked", "fallback")
 
     def __init__(self, lane, tag, message, env_id, ours, parked=0):
         self.started = time.monotonic()
@@ -81,6 +85,9 @@ class Entry:
         self.remaining = 0
         self.dropped = False
         self.parked = parked        # a host copy parked this many times before
+        # Called instead of waiting out patience when its probation copy is
+        # refused past hold: routes the message here (router/session.py).
+        self.fallback = None
 
 
 class Copy:
@@ -250,7 +257,13 @@ class Delivery:
             now = self._clock()
             while self._delayed and self._delayed[0][0] <= now:
                 copy = heapq.heappop(self._delayed)[2]
-                if self._current(copy.entry):
+                if not self._current(copy.entry):
+                    continue
+                if copy.kind == HOST_COPY and self._avoid \
+                        and copy.host in self._avoid and self._user is not None:
+                    # another copy of its host was parked meanwhile
+                    self._park(copy, AVOIDED)
+                else:
                     self._publish(copy)
         if self._quarantine:
             self._feed_quarantine()
@@ -296,12 +309,29 @@ class Delivery:
             copy.first_refused = now
         self.stats["refused"] += 1
         entry = copy.entry
-        if (copy.kind == HOST_COPY and self._user is not None
-                and now - copy.first_refused >= self.hold):
+        parking = copy.kind == HOST_COPY and self._user is not None
+        if parking and (now - copy.first_refused >= self.hold or entry.parked
+                        or copy.host in self._avoid):
+            # Held in hand for hold once per host and event: a copy parked
+            # before, or for a host already found refusing, is parked at
+            # once (each held copy keeps its ingress delivery in the
+            # prefetch window), and the host's next copies with it.
+            self._avoid_host(copy.host, now)
             return self._park(copy, outcome)
+        if (entry.fallback is not None and copy.kind == RETRY
+                and now - copy.first_refused >= self.hold):
+            fallback, entry.fallback = entry.fallback, None
+            LOG.warning("event %s: the probation queue refuses it (%s); "
+                        "routed here, uncounted", entry.env_id, outcome)
+            self.stats["probation_bypassed"] += 1
+            fallback()
+            return self._ended(entry)
         if now - copy.first_refused >= self.patience:
             return self._give_up(copy, outcome)
         delay = backoff.refused_copy_delay(copy.refusals)
+        if parking or entry.fallback is not None:
+            # parked (or routed here) when hold is up, not a backoff later
+            delay = min(delay, copy.first_refused + self.hold - now)
         heapq.heappush(self._delayed, (now + delay, next(self._n), copy))
         # One line per copy at WARNING: in a failover every copy in flight
         # may be refused many times over.
@@ -402,13 +432,17 @@ class Delivery:
         elif copy.kind == HOST_COPY and self._user is not None:
             # The host's own exchange closes channels (403 internal, 406...):
             # its copies stay off the shared channel for a while.
-            now = self._clock()
-            if len(self._avoid) >= 1024:        # bounded: forget the expired
-                self._avoid = {h: t for h, t in self._avoid.items() if t > now}
-            self._avoid[copy.host] = now + self.hold
+            self._avoid_host(copy.host, self._clock())
             self.stats["refused"] += 1
             return self._park(copy, _brief(exc))
         self._refused(copy, _brief(exc))
+
+    def _avoid_host(self, host, now):
+        """For hold, `host`'s copies are parked without being published;
+        then they go alone through the quarantine until one is confirmed."""
+        if len(self._avoid) >= 1024:        # bounded: forget the expired
+            self._avoid = {h: t for h, t in self._avoid.items() if t > now}
+        self._avoid[host] = now + self.hold
 
     def _avoided(self, host):
         """Whether `host`'s exchange closed a channel less than hold ago."""

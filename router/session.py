@@ -331,8 +331,20 @@ class Session:
             env.id if env else inbound.safe_shortstr(msg_id) or "-", ours=ours,
             parked=parked)
         if seen:
+            # If the probation queue refuses its copy past hold, the message
+            # is routed here instead, uncounted: a bystander of a lost
+            # connection is not dead-lettered for the probation queue's
+            # trouble (the review: 512 of 512 in flight were).
+            entry.fallback = lambda: self._route_decoded(
+                entry, env, verdict, publisher, for_host, attempt, first_seen,
+                time.time())
             return self._to_probation(entry, verdict, publisher, seen, attempt,
                                       first_seen)
+        self._route_decoded(entry, env, verdict, publisher, for_host, attempt,
+                            first_seen, now)
+
+    def _route_decoded(self, entry, env, verdict, publisher, for_host, attempt,
+                       first_seen, now):
         if verdict is not None:
             return self.delivery.dead_letter(entry, *verdict)
         if for_host:

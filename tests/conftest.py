@@ -1,7 +1,9 @@
 """Shared test fixtures: a unique slice of the real broker per test."""
 
+import json
 import os
 import socket
+import subprocess
 import uuid
 
 import kombu
@@ -103,6 +105,34 @@ def single_user_policy(url=BROKER_URL, **policy):
     from router.routing import Policy
     user = kombu.Connection(url).userid
     return Policy(lifecycle_trusted_users=frozenset({user}), **policy)
+
+
+def rabbitmqctl(*args):
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=60,
+                   capture_output=True)
+
+
+# A policy under which a queue refuses every publish (nack).
+REJECT_ALL = {"max-length": 0, "overflow": "reject-publish"}
+
+
+@pytest.fixture
+def policy(bus):
+    """Set a policy on this test's queues only; cleared at teardown."""
+    names = []
+
+    def set_policy(queue_name, definition):
+        name = f"{bus.prefix}-{len(names)}"
+        rabbitmqctl("set_policy", "--apply-to", "queues", "--priority", "100",
+                    name, f"^{queue_name.replace('.', '[.]')}$",
+                    json.dumps(definition))
+        names.append(name)
+        return name
+
+    yield set_policy
+    for name in names:
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", name],
+                       timeout=60, capture_output=True)
 
 
 class RunningRouter:

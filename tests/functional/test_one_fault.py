@@ -8,7 +8,6 @@ the message at fault ends in the dead-letter queue with a reason, or is
 dropped and counted when even that cannot be placed.
 """
 
-import json
 import subprocess
 import time
 import uuid
@@ -19,7 +18,15 @@ import pytest
 from router.bus import contract
 from router.bus.inbound import HEADER_CUT
 from router.delivery import HEADER_HOST, REASON_REFUSED
-from tests.conftest import RunningRouter, collect, collect_ids, queue_depth, wait_for
+from tests.conftest import (
+    REJECT_ALL,
+    RunningRouter,
+    collect,
+    collect_ids,
+    queue_depth,
+    rabbitmqctl,
+    wait_for,
+)
 from tests.functional import poison
 from tests.functional.waiter_harness import Publisher
 
@@ -47,31 +54,6 @@ def _dead_letters(bus, count, timeout=20.0):
     return collect(bus.url, bus.topology.dead_letter_queue_name, count, timeout)
 
 
-def _rabbitmqctl(*args):
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=60,
-                   capture_output=True)
-
-
-@pytest.fixture
-def policy(bus):
-    """Set a policy on this test's queues only; cleared at teardown."""
-    names = []
-
-    def set_policy(queue_name, definition):
-        name = f"{bus.prefix}-{len(names)}"
-        _rabbitmqctl("set_policy", "--apply-to", "queues", "--priority", "100",
-                     name, f"^{queue_name.replace('.', '[.]')}$",
-                     json.dumps(definition))
-        names.append(name)
-        return name
-
-    yield set_policy
-    for name in names:
-        subprocess.run(["rabbitmqctl", "-q", "clear_policy", name],
-                       timeout=60, capture_output=True)
-
-
-REJECT_ALL = {"max-length": 0, "overflow": "reject-publish"}
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
@@ -241,7 +223,7 @@ def test_a_refused_copy_is_delivered_once_the_refusal_ends(bus, policy):
         publisher.to_ingress(env)
         wait_for(lambda: router.service.stats["refused"] >= 2, 10,
                  what="the copy refused twice")
-        _rabbitmqctl("clear_policy", name)
+        rabbitmqctl("clear_policy", name)
         [m] = collect(bus.url, bus.topology.host_queue_name(HOST), 1, timeout=15)
         assert m.properties["message_id"] == env.id
         assert router.service.stats["sessions"] == 1
@@ -273,7 +255,7 @@ def test_a_consumed_queue_deleted_under_the_router(bus, queue):
             [name] = [q for q in _queues(bus) if ".placement." in q]
         else:
             name = getattr(bus.topology, f"{queue}_queue_name")
-        _rabbitmqctl("delete_queue", name)      # as an operator would
+        rabbitmqctl("delete_queue", name)      # as an operator would
         faults = ("placement_channel_faults" if queue == "placement"
                   else "lane_channel_faults")
         wait_for(lambda: router.service.stats[faults] >= 1, 10,
@@ -373,7 +355,7 @@ def test_a_host_that_refuses_everything_holds_up_no_other_host(bus, policy):
         assert sorted(got) == sorted(e.id for e in innocent)
         assert took < 10, f"the other host's events took {took:.1f}s"
         assert router.service.stats["parked:refused"] >= 40
-        _rabbitmqctl("clear_policy", name)
+        rabbitmqctl("clear_policy", name)
         got = _ids_at(bus, HOST, 40, timeout=30)
         assert sorted(got) == sorted(e.id for e in held)
         assert router.service.stats["sessions"] == 1
