@@ -10,6 +10,7 @@ calls ``reopen()``: a new queue, and a resync request so the agents fill the
 gap with snapshots.
 """
 
+import collections
 import logging
 import time
 import uuid
@@ -24,14 +25,33 @@ from router.delivery import property_of
 LOG = logging.getLogger(__name__)
 
 # A host exchange seen to exist is checked again after this long, so one
-# deleted since (a decommissioned host) is noticed; one seen missing, after
-# the shorter time.
+# deleted since (a decommissioned host) is noticed.
 _POSITIVE_HOST_TTL = 60.0
-_NEGATIVE_HOST_TTL = 0.5
+# One seen missing, after this long. A host hint is the sender's to choose:
+# an event whose hint names no exchange comes back from the retry tiers
+# (0.5, 1, 2, 4, 8, 16, 16... s) for no_host_timeout, about 12 rounds in
+# 120 s. 20 s outlasts the first four tiers (7.5 s) and the longest one
+# (16 s): such a host is asked once in its event's first 31 s and then every
+# other round, 4 times instead of 12. A host that appears is found sooner
+# than that when its agent speaks for it (``seen``), or when a delivery
+# failure had marked it (``forget``: the old half second).
+_NEGATIVE_HOST_TTL = 20.0
+_GONE_HOST_TTL = 0.5
+# How many hosts are remembered, each way; the oldest answer goes first.
+# Existing exchanges are the deployment's (only a host's own user or an
+# operator declares one); missing ones are anybody's to name.
+MAX_PRESENT_HOSTS = 100_000
+MAX_ABSENT_HOSTS = 10_000
+# Passive declares the routing loop may make, per second (a burst of as
+# many): each is a synchronous round trip (about 0.9 ms for a missing
+# exchange, whose 404 closes the channel). Over budget, a host not known
+# to exist is not known yet: its event is parked as for an unknown host.
+DEFAULT_HOST_CHECK_RATE = 50.0
 
 
 class PlacementObserver:
-    def __init__(self, conn, delivery, settings, placement, stats, *, memory):
+    def __init__(self, conn, delivery, settings, placement, stats, *, memory,
+                 heard=None):
         self.conn = conn
         self.delivery = delivery
         self.s = settings
@@ -39,6 +59,8 @@ class PlacementObserver:
         self.placement = placement
         self.stats = stats
         self.memory = memory
+        # heard(host): a host's own agent spoke for it (KnownHosts.seen)
+        self._heard = heard or (lambda host: None)
         self._messages = []
         self.channel = self.consumer = self.queue_watch = None
 
@@ -135,8 +157,12 @@ class PlacementObserver:
             self.stats["snapshots_seen"] += 1
             LOG.info("host %s snapshot %s: %d instance(s)", p.host, env.id,
                      len(p.instances))
-        # A host that announces itself is not yet a host whose exchange
-        # exists (its consumer may start later): routing checks that.
+        elif env.kind != contract.HOST_ANNOUNCE:
+            return
+        # A host that speaks for itself is not yet a host whose exchange
+        # exists (its consumer may start later): routing checks that, at
+        # once rather than when a cached "missing" runs out.
+        self._heard(p.host)
 
 
 class KnownHosts:
@@ -144,31 +170,98 @@ class KnownHosts:
 
     A passive declare that fails closes its channel: it has one of its own,
     and waits on it synchronously, so the answer is its own error.
+
+    The host names come from senders (an event's hint): what a sender can
+    make the loop ask is budgeted (a token bucket of ``rate`` checks a
+    second), and what it can make the cache hold is bounded (each way, the
+    oldest answer evicted first). A host its compute agent spoke for
+    (``seen``) is owed one check outside the budget; a host known to exist
+    whose answer is due again stays known while the budget is spent.
     """
 
-    def __init__(self, conn, topo, clock=time.monotonic):
+    def __init__(self, conn, topo, clock=time.monotonic, *, stats=None,
+                 rate=DEFAULT_HOST_CHECK_RATE, max_present=MAX_PRESENT_HOSTS,
+                 max_absent=MAX_ABSENT_HOSTS, check=None):
         self.conn = conn
         self.topo = topo
         self._clock = clock
-        self._known = {}            # host -> (exists, checked at)
+        self.stats = stats if stats is not None else collections.Counter()
+        self._present = {}          # host -> checked again after (oldest first)
+        self._absent = {}           # host -> checked again after (oldest first)
+        self._owed = set()          # hosts owed a check outside the budget
+        self._max_present = max_present
+        self._max_absent = max_absent
+        self._rate = rate
+        self._tokens = rate                 # burst: one second's worth
+        self._filled = clock()
+        self._check = check or self._passive_declare
         self._channel = None
 
     def forget(self, host):
-        self._known[host] = (False, self._clock())
+        """A delivery found host's exchange gone: missing, for a moment."""
+        self._present.pop(host, None)
+        self._remember(self._absent, host, self._clock() + _GONE_HOST_TTL,
+                       self._max_absent)
+
+    def seen(self, host):
+        """host's compute agent spoke for it (an authenticated lifecycle
+        message): its exchange may have just appeared, so a cached "missing"
+        is dropped and its next check is not charged to the budget."""
+        if host in self._present:
+            return
+        self._absent.pop(host, None)
+        if len(self._owed) < self._max_absent:
+            self._owed.add(host)
 
     def __call__(self, host):
-        known, checked = self._known.get(host, (None, 0.0))
-        age = self._clock() - checked
-        if (known and age < _POSITIVE_HOST_TTL) or (
-                known is False and age < _NEGATIVE_HOST_TTL):
-            return known
+        until = self._present.get(host)
+        now = self._clock()
+        if until is not None and now < until:
+            return True             # the hot path: one lookup, one clock read
+        known = until is not None
+        absent = self._absent.get(host)
+        if absent is not None and now < absent:
+            return False
+        if not self._may_check(host, now):
+            if not known:
+                self.stats["host_checks_deferred"] += 1
+            return known            # an existing host stays known meanwhile
+        self.stats["host_checks"] += 1
+        if self._check(host):
+            self._absent.pop(host, None)
+            self._remember(self._present, host, now + _POSITIVE_HOST_TTL,
+                           self._max_present)
+            return True
+        self._present.pop(host, None)
+        self._remember(self._absent, host, now + _NEGATIVE_HOST_TTL,
+                       self._max_absent)
+        return False
+
+    def _may_check(self, host, now):
+        if self._owed and host in self._owed:
+            self._owed.discard(host)
+            return True
+        tokens = min(self._rate, self._tokens + (now - self._filled) * self._rate)
+        self._filled = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+    @staticmethod
+    def _remember(table, host, until, limit):
+        table.pop(host, None)       # to the end: the newest answer
+        if len(table) >= limit:
+            del table[next(iter(table))]
+        table[host] = until
+
+    def _passive_declare(self, host):
         if self._channel is None:
             self._channel = self.conn.channel()
         try:
             self._channel.exchange_declare(self.topo.host_exchange_name(host),
                                            "topic", passive=True)
-            known = True
+            return True
         except self.conn.channel_errors:
-            known = False           # py-amqp reopened the channel in place
-        self._known[host] = (known, self._clock())
-        return known
+            return False            # py-amqp reopened the channel in place
