@@ -32,10 +32,15 @@ _POSITIVE_HOST_TTL = 60.0
 # (0.5, 1, 2, 4, 8, 16, 16... s) for no_host_timeout, about 12 rounds in
 # 120 s. 20 s outlasts the first four tiers (7.5 s) and the longest one
 # (16 s): such a host is asked once in its event's first 31 s and then every
-# other round, 4 times instead of 12. A host that appears is found sooner
-# than that when its agent speaks for it (``seen``), or when a delivery
-# failure had marked it (``forget``: the old half second).
+# other round, 4 times instead of 12.
 _NEGATIVE_HOST_TTL = 20.0
+# A host its compute agent spoke for (``seen``: an authenticated lifecycle
+# message) is the deployment's, not a sender's: their number is the number
+# of compute hosts, and one that is missing is most likely one whose
+# consumer has not declared its exchange yet. Asked again after 2 s (the
+# first two tiers), still within the budget; its agent speaking again owes
+# it a check at once. One a delivery found gone (``forget``): half a second.
+_VOUCHED_NEGATIVE_HOST_TTL = 2.0
 _GONE_HOST_TTL = 0.5
 # How many hosts are remembered, each way; the oldest answer goes first.
 # Existing exchanges are the deployment's (only a host's own user or an
@@ -175,8 +180,9 @@ class KnownHosts:
     make the loop ask is budgeted (a token bucket of ``rate`` checks a
     second), and what it can make the cache hold is bounded (each way, the
     oldest answer evicted first). A host its compute agent spoke for
-    (``seen``) is owed one check outside the budget; a host known to exist
-    whose answer is due again stays known while the budget is spent.
+    (``seen``) is owed one check outside the budget and, missing, is asked
+    again sooner; a host known to exist whose answer is due again stays
+    known while the budget is spent.
     """
 
     def __init__(self, conn, topo, clock=time.monotonic, *, stats=None,
@@ -189,6 +195,7 @@ class KnownHosts:
         self._present = {}          # host -> checked again after (oldest first)
         self._absent = {}           # host -> checked again after (oldest first)
         self._owed = set()          # hosts owed a check outside the budget
+        self._vouched = {}          # hosts their agents spoke for (oldest first)
         self._max_present = max_present
         self._max_absent = max_absent
         self._rate = rate
@@ -207,6 +214,8 @@ class KnownHosts:
         """host's compute agent spoke for it (an authenticated lifecycle
         message): its exchange may have just appeared, so a cached "missing"
         is dropped and its next check is not charged to the budget."""
+        if host not in self._vouched:
+            self._remember(self._vouched, host, None, self._max_present)
         if host in self._present:
             return
         self._absent.pop(host, None)
@@ -233,8 +242,9 @@ class KnownHosts:
                            self._max_present)
             return True
         self._present.pop(host, None)
-        self._remember(self._absent, host, now + _NEGATIVE_HOST_TTL,
-                       self._max_absent)
+        ttl = (_VOUCHED_NEGATIVE_HOST_TTL if host in self._vouched
+               else _NEGATIVE_HOST_TTL)
+        self._remember(self._absent, host, now + ttl, self._max_absent)
         return False
 
     def _may_check(self, host, now):

@@ -133,3 +133,18 @@ def test_the_cache_is_bounded_each_way_and_missing_hosts_never_evict_real_ones()
     known._owed.update(f"x-{i}" for i in range(100))
     known.seen("y")
     assert len(known._owed) == 100, "owed checks are bounded too"
+
+
+def test_a_host_its_agent_spoke_for_is_asked_again_sooner_when_missing():
+    """Its consumer may declare its exchange after the agent spoke: such a
+    host is the deployment's, not a sender's, and is asked again after 2 s."""
+    clock, broker = Clock(), Broker()
+    known = hosts(broker, clock, rate=10.0)
+    known.seen("late")
+    assert known("late") is False           # the owed check: missing
+    broker.existing.add("late")
+    clock.now += 1.5
+    assert known("late") is False
+    clock.now += 1.0
+    assert known("late") is True
+    assert broker.asked["late"] == 2
