@@ -72,13 +72,14 @@ router_opts = [
                       "dead-lettered."),
     cfg.FloatOpt("host_check_rate", default=DEFAULT_HOST_CHECK_RATE, min=1.0,
                  help="Passive declares a second the routing loop may make "
-                      "to learn whether a host's exchange exists (a burst of "
-                      "as many). An event's host hint is its sender's to "
-                      "choose: over this budget a host not known to exist is "
-                      "not known yet, and its event is retried as for an "
-                      "unknown host (evrouter_router_host_checks_deferred"
-                      "_total). A host whose agent speaks for it on the "
-                      "lifecycle exchange is checked outside the budget."),
+                      "to learn whether a host's exchange exists (unspent, "
+                      "up to 5 seconds' worth are kept for a burst). An "
+                      "event's host hint is its sender's to choose: over "
+                      "this budget a host not known to exist is not known "
+                      "yet, and its event is retried as for an unknown host "
+                      "(evrouter_router_host_checks_deferred_total). A host "
+                      "whose agent speaks for it on the lifecycle exchange "
+                      "is checked outside the budget."),
     cfg.StrOpt("name", help="This router process's name in logs and "
                             "dead-letter headers (default: random)."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",

@@ -47,11 +47,16 @@ _GONE_HOST_TTL = 0.5
 # operator declares one); missing ones are anybody's to name.
 MAX_PRESENT_HOSTS = 100_000
 MAX_ABSENT_HOSTS = 10_000
-# Passive declares the routing loop may make, per second (a burst of as
-# many): each is a synchronous round trip (about 0.9 ms for a missing
-# exchange, whose 404 closes the channel). Over budget, a host not known
-# to exist is not known yet: its event is parked as for an unknown host.
+# Passive declares the routing loop may make, per second: each is a
+# synchronous round trip (about 0.9 ms for a missing exchange, whose 404
+# closes the channel). Over budget, a host not known to exist is not known
+# yet: its event is parked as for an unknown host. Unspent, the budget
+# keeps up to 5 s' worth (250 checks, about 0.25 s of the loop at once):
+# parked events come back in waves (their tiers), and with one second's
+# worth 1,000 new hosts no agent spoke for took over 2 minutes to check,
+# some dead-lettered unknown-host meanwhile; with five, about 30 s.
 DEFAULT_HOST_CHECK_RATE = 50.0
+HOST_CHECK_BURST_SECONDS = 5.0
 
 
 class PlacementObserver:
@@ -178,7 +183,7 @@ class KnownHosts:
 
     The host names come from senders (an event's hint): what a sender can
     make the loop ask is budgeted (a token bucket of ``rate`` checks a
-    second), and what it can make the cache hold is bounded (each way, the
+    second, holding 5 s' worth), and what it can make the cache hold is bounded (each way, the
     oldest answer evicted first). A host its compute agent spoke for
     (``seen``) is owed one check outside the budget and, missing, is asked
     again sooner; a host known to exist whose answer is due again stays
@@ -199,7 +204,8 @@ class KnownHosts:
         self._max_present = max_present
         self._max_absent = max_absent
         self._rate = rate
-        self._tokens = rate                 # burst: one second's worth
+        self._burst = rate * HOST_CHECK_BURST_SECONDS
+        self._tokens = self._burst
         self._filled = clock()
         self._check = check or self._passive_declare
         self._channel = None
@@ -251,7 +257,7 @@ class KnownHosts:
         if self._owed and host in self._owed:
             self._owed.discard(host)
             return True
-        tokens = min(self._rate, self._tokens + (now - self._filled) * self._rate)
+        tokens = min(self._burst, self._tokens + (now - self._filled) * self._rate)
         self._filled = now
         if tokens < 1.0:
             self._tokens = tokens
