@@ -27,18 +27,23 @@ LOG = logging.getLogger(__name__)
 # A host exchange seen to exist is checked again after this long, so one
 # deleted since (a decommissioned host) is noticed.
 _POSITIVE_HOST_TTL = 60.0
-# One seen missing, after this long. A host hint is the sender's to choose:
-# an event whose hint names no exchange comes back from the retry tiers
-# (0.5, 1, 2, 4, 8, 16, 16... s) for no_host_timeout, about 12 rounds in
-# 120 s. 20 s outlasts the first four tiers (7.5 s) and the longest one
-# (16 s): such a host is asked once in its event's first 31 s and then every
-# other round, 4 times instead of 12.
-_NEGATIVE_HOST_TTL = 20.0
+# One seen missing, after 2 s, doubling with each miss up to 20 s. A host
+# hint is the sender's to choose: an event whose hint names no exchange
+# comes back from the retry tiers (0.5, 1, 2, 4, 8, 16, 16... s) for
+# no_host_timeout, about 12 rounds in 120 s, each of which asked the broker
+# (the old 0.5 s was no longer than the first tier). Now such a host is
+# asked at 0, 3.5, 7.5, 15.5, 31.5 s and then every other round: 7 times,
+# not 12. A host whose exchange appears soon after its first event (its
+# consumer started late) is still found by the next round or two; one
+# missing for long, at most 20 s plus a round after it appears, or at once
+# when its agent speaks for it.
+_NEGATIVE_HOST_TTL = 2.0
+_MAX_NEGATIVE_HOST_TTL = 20.0
 # A host its compute agent spoke for (``seen``: an authenticated lifecycle
 # message) is the deployment's, not a sender's: their number is the number
 # of compute hosts, and one that is missing is most likely one whose
 # consumer has not declared its exchange yet. Asked again after 2 s (the
-# first two tiers), still within the budget; its agent speaking again owes
+# first two tiers, not doubling), still within the budget; its agent speaking again owes
 # it a check at once. One a delivery found gone (``forget``): half a second.
 _VOUCHED_NEGATIVE_HOST_TTL = 2.0
 _GONE_HOST_TTL = 0.5
@@ -198,7 +203,7 @@ class KnownHosts:
         self._clock = clock
         self.stats = stats if stats is not None else collections.Counter()
         self._present = {}          # host -> checked again after (oldest first)
-        self._absent = {}           # host -> checked again after (oldest first)
+        self._absent = {}           # host -> (checked again after, for how long)
         self._owed = set()          # hosts owed a check outside the budget
         self._vouched = {}          # hosts their agents spoke for (oldest first)
         self._max_present = max_present
@@ -213,7 +218,8 @@ class KnownHosts:
     def forget(self, host):
         """A delivery found host's exchange gone: missing, for a moment."""
         self._present.pop(host, None)
-        self._remember(self._absent, host, self._clock() + _GONE_HOST_TTL,
+        self._remember(self._absent, host,
+                       (self._clock() + _GONE_HOST_TTL, _GONE_HOST_TTL),
                        self._max_absent)
 
     def seen(self, host):
@@ -235,7 +241,7 @@ class KnownHosts:
             return True             # the hot path: one lookup, one clock read
         known = until is not None
         absent = self._absent.get(host)
-        if absent is not None and now < absent:
+        if absent is not None and now < absent[0]:
             return False
         if not self._may_check(host, now):
             if not known:
@@ -248,9 +254,14 @@ class KnownHosts:
                            self._max_present)
             return True
         self._present.pop(host, None)
-        ttl = (_VOUCHED_NEGATIVE_HOST_TTL if host in self._vouched
-               else _NEGATIVE_HOST_TTL)
-        self._remember(self._absent, host, now + ttl, self._max_absent)
+        if host in self._vouched:
+            ttl = _VOUCHED_NEGATIVE_HOST_TTL
+        elif absent is None:
+            ttl = _NEGATIVE_HOST_TTL
+        else:
+            ttl = min(max(_NEGATIVE_HOST_TTL, 2 * absent[1]),
+                      _MAX_NEGATIVE_HOST_TTL)
+        self._remember(self._absent, host, (now + ttl, ttl), self._max_absent)
         return False
 
     def _may_check(self, host, now):

@@ -71,8 +71,21 @@ def test_a_missing_host_is_not_asked_again_in_its_events_first_rounds():
         clock.now += delay
         if clock.now - start <= 120:
             assert known("ghost") is False
-    assert broker.asked["ghost"] <= 4, broker.asked
+    assert broker.asked["ghost"] <= 7, broker.asked
     assert broker.asked["ghost"] < 12
+
+
+def test_a_host_whose_exchange_appears_after_its_first_event_is_found_soon():
+    clock, broker = Clock(), Broker()
+    known = hosts(broker, clock, rate=100.0)
+    assert known("late") is False           # its consumer not started yet
+    clock.now += 0.5
+    assert known("late") is False
+    broker.existing.add("late")             # declared 1 s after the event
+    clock.now += 1.0
+    known("late")
+    clock.now += 2.0                        # the round 3.5 s after the event
+    assert known("late") is True
 
 
 def test_an_existing_host_whose_answer_is_due_stays_known_over_budget():
