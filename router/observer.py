@@ -188,8 +188,8 @@ class KnownHosts:
 
     The host names come from senders (an event's hint): what a sender can
     make the loop ask is budgeted (a token bucket of ``rate`` checks a
-    second, holding 5 s' worth), and what it can make the cache hold is bounded (each way, the
-    oldest answer evicted first). A host its compute agent spoke for
+    second, holding 5 s' worth), and what it can make the cache hold is
+    bounded (each way, the oldest answer evicted first). A host its compute agent spoke for
     (``seen``) is owed one check outside the budget and, missing, is asked
     again sooner; a host known to exist whose answer is due again stays
     known while the budget is spent.
