@@ -22,6 +22,7 @@ from router.bus import contract, supervision
 from router.bus.backoff import Backoff, Ready, Schedule
 from router.bus.topology import Topology
 from router.metrics import LatencyHistogram
+from router.observer import DEFAULT_HOST_CHECK_RATE
 from router.placement import DEFAULT_MAX_PER_HOST, PlacementTable
 from router.session import Session
 
@@ -64,6 +65,10 @@ class RouterSettings:
     # with its consumer (router/bus/consuming.py: RabbitMQ 3.10 does not
     # always cancel the consumers of a deleted quorum queue).
     consume_check: float = 5.0
+    # Passive declares a second the routing loop may make to learn whether
+    # a host's exchange exists (router/observer.py, KnownHosts): the hints
+    # are the senders' to choose.
+    host_check_rate: float = DEFAULT_HOST_CHECK_RATE
 
 
 class RouterService:

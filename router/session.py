@@ -69,7 +69,8 @@ class Session:
             if not self.memory and not self.service.parking_checked:
                 self.service.parking_checked = True
                 self._check_parking()
-            self.hosts = KnownHosts(conn, self.topo)
+            self.hosts = KnownHosts(conn, self.topo, stats=self.stats,
+                                    rate=self.s.host_check_rate)
             self.delivery = Delivery(
                 conn, self.topo, self.stats, settled=self._settled,
                 host_gone=self.hosts.forget, router_name=self.s.name,
@@ -78,7 +79,7 @@ class Session:
                 damaged=self._damaged)
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
-                self.stats, memory=self.memory)
+                self.stats, memory=self.memory, heard=self.hosts.seen)
             self.observer.start()
             self.main = Lane("main", self.topo.router_queue(), self.s.prefetch,
                              memory=self.memory, consume_check=self.s.consume_check)
