@@ -56,11 +56,11 @@ MAX_ABSENT_HOSTS = 10_000
 # synchronous round trip (about 0.9 ms for a missing exchange, whose 404
 # closes the channel). Over budget, a host not known to exist is not known
 # yet: its event is parked as for an unknown host. Unspent, the budget
-# keeps up to 5 s' worth (250 checks, about 0.25 s of the loop at once):
+# keeps up to 5 s' worth (500 checks, about 0.45 s of the loop at once):
 # parked events come back in waves (their tiers), and with one second's
 # worth 1,000 new hosts no agent spoke for took over 2 minutes to check,
 # some dead-lettered unknown-host meanwhile; with five, about 30 s.
-DEFAULT_HOST_CHECK_RATE = 50.0
+DEFAULT_HOST_CHECK_RATE = 100.0
 HOST_CHECK_BURST_SECONDS = 5.0
 
 
