@@ -453,7 +453,9 @@ def _finish(world):
         raise cw.Broken(f"{world.hostile_sent} hostile messages sent, "
                         f"{len(world.hostile_dead)} dead-lettered, "
                         f"{dropped()} dropped: some are lost; never "
-                        f"dead-lettered: {missing}") from None
+                        f"dead-lettered: {missing}; without an id, sent: "
+                        f"{world.unnamed_sent}; dead letters without one: "
+                        f"{world.unnamed_dead}") from None
 
 
 def _report(seed, history, what, steps=STEPS):

@@ -252,6 +252,9 @@ class World:
         self.hostile_sent = 0
         self.hostile_ids = {}           # id -> what, for those with one
         self.hostile_dead = {}          # id (or a count) -> reason
+        # The hostile messages no id can name, sent and dead-lettered, with
+        # their times: when the count falls short, these say which.
+        self.unnamed_sent, self.unnamed_dead = [], []
         self.dead_seen = 0
         self.faults = []                # in force
         self.ended = []                 # removed, for excuses and bounds
@@ -394,6 +397,10 @@ class World:
                     at = raw_props.index(b"bad-")
                     self.hostile_ids[raw_props[at:at + 16].decode()] = (
                         f"{name!r} to {to_host or 'ingress'}")
+                else:
+                    self.unnamed_sent.append(
+                        f"{time.monotonic() - self.t0:.2f}s {name!r} to "
+                        f"{to_host or 'ingress'}")
             else:
                 props = dict(props or {})
                 props.setdefault("message_id", f"bad-{uuid.uuid4().hex[:12]}")
@@ -637,8 +644,13 @@ class World:
                              f"broker ({reason}), without an evrouter reason")
             # A copy refused by the dead-letter queue reaches the observer
             # too, and may come again: by id (an undecodable one counts).
-            self.hostile_dead[mid if mid and mid.startswith("bad-")
-                              else self.dead_seen] = reason
+            named = mid and mid.startswith("bad-")
+            self.hostile_dead[mid if named else self.dead_seen] = reason
+            if not named:
+                self.unnamed_dead.append(
+                    f"{time.monotonic() - self.t0:.2f}s {reason} "
+                    f"{headers.get(HEADER_HOST) or ''} "
+                    f"{str(headers.get(contract.HEADER_DETAIL))[:60]!r}")
             return
         if self._excused(reason, good.host, since=good.sent):
             # Woken as well is fine (a copy the broker took before it
