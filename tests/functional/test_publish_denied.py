@@ -28,7 +28,7 @@ import pytest
 
 from router.bus import contract, topology
 from router.delivery import HEADER_HOST
-from tests.conftest import RunningRouter, collect, wait_for
+from tests.conftest import RunningRouter, collect, queue_depth, wait_for
 from tests.functional.rabbitmq_users import BrokerUsers
 from tests.functional.waiter_harness import Publisher
 
@@ -165,6 +165,42 @@ def test_a_partial_write_grant_costs_only_the_denied_hosts_events():
         router.stop(timeout=3)
         router = None
         assert time.monotonic() - started < 3
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if router is not None:
+            router.stop()
+        users.remove()
+
+
+def test_a_router_holding_denied_events_stops_at_once_and_keeps_them():
+    """Nothing held goes out by waiting: stop() does not wait drain_timeout
+    (10 s), and the broker has the events back in the router's queue."""
+    tag = uuid.uuid4().hex[:8]
+    vhost, user = f"evt-denied-{tag}", f"evt-denied-{tag}-router"
+    users = BrokerUsers(vhost, {user: ("pw", ".*", ".*", ".*")})
+    topo = topology.Topology(prefix=f"evt-denied-{tag}")
+    admin = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    router = publisher = None
+    try:
+        with kombu.Connection(admin) as conn:
+            topology.declare(conn.channel(), *topo.central())
+            topology.declare(conn.channel(), *topo.for_host(HOST))
+        router = RunningRouter(_Bus(users.url(user), topo),
+                               refused_patience=2.0, refused_hold=0.5)
+        publisher = Publisher(_Bus(admin, topo))
+        _permit(vhost, user, "^$")      # before its first publish
+        for _ in range(3):
+            publisher.to_ingress(_event(HOST))
+        stats = router.service.stats
+        wait_for(lambda: stats["in"] >= 3 and stats["publish_denied"] >= 1,
+                 10, what="the events taken and held")
+        started = time.monotonic()
+        router.stop(timeout=5)
+        router = None
+        assert time.monotonic() - started < 3
+        wait_for(lambda: queue_depth(admin, topo.router_queue_name) == 3, 5,
+                 what="the held events back in the router queue")
     finally:
         if publisher is not None:
             publisher.close()
