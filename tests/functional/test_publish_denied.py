@@ -207,3 +207,53 @@ def test_a_router_holding_denied_events_stops_at_once_and_keeps_them():
         if router is not None:
             router.stop()
         users.remove()
+
+
+def test_a_denied_dead_letter_exchange_costs_only_the_dead_letters():
+    """A central destination denied: its copies are refused with backoff
+    and given up after patience (a dead letter: dropped, said at ERROR);
+    every host's events go on."""
+    tag = uuid.uuid4().hex[:8]
+    vhost, user = f"evt-nodlx-{tag}", f"evt-nodlx-{tag}-router"
+    topo = topology.Topology(prefix=f"evt-nodlx-{tag}")
+    users = BrokerUsers(vhost, {user: ("pw", ".*", ".*", ".*")})
+    admin = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    router = publisher = None
+    try:
+        with kombu.Connection(admin) as conn:
+            topology.declare(conn.channel(), *topo.central())
+            topology.declare(conn.channel(), *topo.for_host(HOST))
+        router = RunningRouter(_Bus(users.url(user), topo),
+                               refused_patience=2.0, refused_hold=0.5)
+        publisher = Publisher(_Bus(admin, topo))
+        # Not at the start: the dead-letter queue, bound then, has its name.
+        _permit(vhost, user,
+                f"^(?!{re.escape(topo.dead_letter_exchange_name)}$).*")
+        publisher._blocking.publish(
+            topo.ingress_exchange_name,
+            topology.instance_routing_key(contract.VIF_PLUGGED),
+            b"not json", message_id="malformed-1")
+        stats = router.service.stats
+        wait_for(lambda: stats["publish_denied"] >= 1, 10,
+                 what="the dead letter denied")
+        for _ in range(6):
+            env = _event(HOST)
+            publisher.to_ingress(env)
+            got = collect(admin, topo.host_queue_name(HOST), 1, timeout=2.0)
+            assert [m.properties["message_id"] for m in got] == [env.id], \
+                dict(stats)
+            time.sleep(0.1)
+        wait_for(lambda: stats["dropped:malformed"] == 1, 15,
+                 what="the dead letter given up")
+        assert stats["sessions"] == 1
+        assert queue_depth(admin, topo.router_queue_name) == 0
+        started = time.monotonic()
+        router.stop(timeout=3)
+        router = None
+        assert time.monotonic() - started < 3
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if router is not None:
+            router.stop()
+        users.remove()
