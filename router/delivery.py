@@ -28,6 +28,12 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   declared internal, say) is parked at once, and for ``hold`` seconds that
   host's new copies are parked without being published, so they cannot
   close the channel the other hosts' copies share.
+- denied (403 "refused for user" on a copy alone): the router user may not
+  write to that copy's exchange. Until a copy for another destination
+  passes, the whole permission may be gone: every copy is held, one tried
+  at a time with backoff, none runs out its patience. Once one passes (a
+  partial grant), the denied destination refuses: a host's copies are
+  parked as above, any other copy is refused until its patience ends.
 
 Fallbacks: a host, retry or probation copy that cannot be placed becomes a
 dead letter saying why (``refused``; ``unroutable`` for a host exchange that
