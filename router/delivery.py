@@ -190,9 +190,18 @@ class Delivery:
 
     @property
     def held(self):
-        """Whether the broker refuses every publish of the router's, as far
-        as it knows: nothing held would go out by waiting for it."""
-        return bool(self._denials)
+        """Whether nothing in hand would go out by waiting for it: the
+        broker refuses every publish of the router's, as far as it knows,
+        or each copy not placed yet is for a destination it may not write
+        (a partial grant), none pending a confirm. Asked when stopping."""
+        if self._denials:
+            return True
+        if not self._denied or self._outcomes or self.publisher.in_flight or (
+                self._q_publisher is not None and self._q_publisher.in_flight):
+            return False
+        waiting = [c for _, _, c in self._delayed] + list(self._quarantine)
+        return bool(waiting) and all(c.exchange in self._denied
+                                     for c in waiting)
 
     # --- entries and copies ---------------------------------------------------
     def track(self, lane, tag, message, env_id, *, ours=False, parked=0):

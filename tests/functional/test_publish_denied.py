@@ -257,3 +257,50 @@ def test_a_denied_dead_letter_exchange_costs_only_the_dead_letters():
         if router is not None:
             router.stop()
         users.remove()
+
+
+def test_a_router_holding_only_copies_for_a_denied_destination_stops_at_once():
+    """A dead letter refused by its denied exchange, patience 30 s to go:
+    stop() does not wait drain_timeout (10 s) for it."""
+    tag = uuid.uuid4().hex[:8]
+    vhost, user = f"evt-nodlx-{tag}", f"evt-nodlx-{tag}-router"
+    users = BrokerUsers(vhost, {user: ("pw", ".*", ".*", ".*")})
+    topo = topology.Topology(prefix=f"evt-nodlx-{tag}")
+    admin = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    router = publisher = None
+    try:
+        with kombu.Connection(admin) as conn:
+            topology.declare(conn.channel(), *topo.central())
+            topology.declare(conn.channel(), *topo.for_host(HOST))
+        router = RunningRouter(_Bus(users.url(user), topo),
+                               refused_patience=30.0, refused_hold=0.5)
+        publisher = Publisher(_Bus(admin, topo))
+        _permit(vhost, user,
+                f"^(?!{re.escape(topo.dead_letter_exchange_name)}$).*")
+        publisher._blocking.publish(
+            topo.ingress_exchange_name,
+            topology.instance_routing_key(contract.VIF_PLUGGED),
+            b"not json", message_id="malformed-1")
+        stats = router.service.stats
+        wait_for(lambda: stats["publish_denied"] >= 1, 10,
+                 what="the dead letter denied")
+        env = _event(HOST)      # passes: the grant is partial
+        publisher.to_ingress(env)
+        assert collect(admin, topo.host_queue_name(HOST), 1, timeout=2.0)
+        wait_for(lambda: stats["refused"] >= 1, 10,
+                 what="the dead letter refused by its destination")
+        started = time.monotonic()
+        router.stop(timeout=5)
+        router = None
+        assert time.monotonic() - started < 3
+        assert not [k for k in stats if k.startswith("dropped:")], dict(stats)
+        # Its ingress message is the broker's again (and the healthy one's
+        # too, if its ack waited behind it: acknowledgements go in order).
+        wait_for(lambda: queue_depth(admin, topo.router_queue_name) >= 1, 5,
+                 what="the malformed message back in the router queue")
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if router is not None:
+            router.stop()
+        users.remove()
