@@ -32,6 +32,12 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   declared internal, say) is parked at once, and for ``hold`` seconds that
   host's new copies are parked without being published, so they cannot
   close the channel the other hosts' copies share.
+- denied (403 "refused for user" on a copy alone): the router user may not
+  write to that copy's exchange. Until a copy for another destination
+  passes, the whole permission may be gone: every copy is held, one tried
+  at a time with backoff, none runs out its patience. Once one passes (a
+  partial grant), the denied destination refuses: a host's copies are
+  parked as above, any other copy is refused until its patience ends.
 
 Fallbacks: a host, retry or probation copy that cannot be placed becomes a
 dead letter saying why (``refused``; ``unroutable`` for a host exchange that
@@ -66,6 +72,7 @@ REASON_REFUSED = "refused"
 
 _LOST = "channel-closed"
 AVOIDED = "its exchange closed a channel just now"
+DENIED = "the router user may not write to its exchange"
 
 
 class Entry:
@@ -133,11 +140,15 @@ class Delivery:
         # the parked copy, so that its host is trusted when it comes back.
         self._user = None if memory else user
         self._avoid = {}            # host -> monotonic time its copies may go again
-        # The broker refuses the router user's publishes (403 "refused for
-        # user": its write permission revoked): every copy would be, so they
-        # are held, none tried before this, and none runs out its patience.
+        # The broker refuses the router user's publishes to a destination
+        # (403 "refused for user"). Until a copy for another destination
+        # passes on a channel opened since, the whole write permission may
+        # be gone: every copy is held, none tried before _denied_until, and
+        # none runs out its patience. Once one passes, the grant is partial:
+        # only the denied destinations' copies are refused (_denied_copy).
         self._denied_until = 0.0
-        self._denials = 0           # in a row
+        self._denials = 0           # in a row, none passed since
+        self._denied = {}           # exchange -> monotonic time it may be tried
         self._memory = memory
         self._clock = clock
         self._outcomes = []         # (copy or None, outcome): broker callbacks
@@ -184,6 +195,21 @@ class Delivery:
         return not (self.entries or self._outcomes or self._quarantine
                     or self._delayed)
 
+    @property
+    def held(self):
+        """Whether nothing in hand would go out by waiting for it: the
+        broker refuses every publish of the router's, as far as it knows,
+        or each copy not placed yet is for a destination it may not write
+        (a partial grant), none pending a confirm. Asked when stopping."""
+        if self._denials:
+            return True
+        if not self._denied or self._outcomes or self.publisher.in_flight or (
+                self._q_publisher is not None and self._q_publisher.in_flight):
+            return False
+        waiting = [c for _, _, c in self._delayed] + list(self._quarantine)
+        return bool(waiting) and all(c.exchange in self._denied
+                                     for c in waiting)
+
     # --- entries and copies ---------------------------------------------------
     def track(self, lane, tag, message, env_id, *, ours=False, parked=0):
         entry = Entry(lane, tag, message, env_id, ours, parked)
@@ -206,7 +232,9 @@ class Delivery:
             # until one is confirmed there; never on the shared channel.
             copy.suspect = True
             return self._quarantine.append(copy)
-        if self._denials:       # held with the others until one passes
+        if self._denied and (self._denials or exchange in self._denied):
+            # Held with the others until one passes; or for a destination
+            # the router may not write: alone, never on the shared channel.
             copy.suspect = True
             return self._quarantine.append(copy)
         while self._closed:
@@ -450,23 +478,51 @@ class Delivery:
         return until is not None and self._clock() < until
 
     def _hold_denied(self, copy, exc):
-        """Not this copy's fault nor its host's: the router may not publish
-        (a permission revoked). Holding everything costs nobody more than
-        the fault does: nothing could be routed anyway, and the prefetch
-        window, once full, stops the intake. The copies go again, one
-        first, with backoff; their patience counts from when one passes."""
+        """The router user may not write to this copy's destination. Known
+        to be one destination among writable ones (a partial grant), the
+        destination refuses: _denied_copy. Otherwise the router may not
+        publish at all, as far as it knows (a permission revoked): holding
+        everything costs nobody more than the fault does, nothing could be
+        routed anyway, and the prefetch window, once full, stops the
+        intake. The copies go again, one at a time, with backoff, a copy
+        for a destination not denied yet first: one that passes proves the
+        grant partial. Their patience counts from when one passes."""
         now = self._clock()
+        dest = copy.exchange
+        self.stats["publish_denied"] += 1
+        if dest in self._denied and not self._denials:
+            self._denied[dest] = now + self.hold
+            return self._denied_copy(copy, _brief(exc))
+        if len(self._denied) >= 1024:       # bounded: forget the expired
+            self._denied = {d: t for d, t in self._denied.items() if t > now}
+        self._denied[dest] = now            # may be tried: nothing proven
         self._denials += 1
         delay = backoff.refused_copy_delay(self._denials)
         self._denied_until = now + delay
         copy.refusals, copy.first_refused = 0, None
-        self._quarantine.appendleft(copy)
-        self.stats["publish_denied"] += 1
+        # Behind the others: no copy is the probe twice in a row.
+        self._quarantine.append(copy)
         if self._denials == 1 or self._denials % 12 == 0:
             LOG.error("router %s: the broker refuses the router user's "
                       "publishes (%s): %d event(s) held, trying again every "
                       "%.2fs up to %.0fs", self._router, _brief(exc),
                       len(self.entries), delay, backoff.REFUSED_CAP)
+
+    def _denied_copy(self, copy, why):
+        """A copy for a destination the router may not write while others
+        take its publishes: that destination refuses it. A host's copies
+        are parked, as a host whose exchange closes channels (see
+        _culprit); any other copy is published again with backoff, given
+        up after patience (_refused). The destination is tried again, one
+        copy alone, after hold."""
+        if copy.kind == HOST_COPY and self._user is not None:
+            now = self._clock()
+            if len(self._avoid) >= 1024:        # bounded: forget the expired
+                self._avoid = {h: t for h, t in self._avoid.items() if t > now}
+            self._avoid[copy.host] = self._denied.get(copy.exchange, now)
+            self.stats["refused"] += 1
+            return self._park(copy, why)
+        self._refused(copy, why)
 
     def _feed_quarantine(self):
         if not self._quarantine:
@@ -477,6 +533,8 @@ class Delivery:
             self._q_channel, self._q_publisher = self._open(self._q_outcome)
         if self._q_publisher.in_flight:
             return
+        if self._denials:
+            self._probe_first()
         while self._quarantine:
             copy = self._quarantine.popleft()
             if not self._current(copy.entry):
@@ -484,20 +542,45 @@ class Delivery:
             if self._avoided(copy.host):
                 self._park(copy, AVOIDED)
                 continue
+            if (self._denied and not self._denials
+                    and self._denied.get(copy.exchange, 0) > self._clock()):
+                self._denied_copy(copy, DENIED)
+                continue
             self._q_publisher.publish(copy.exchange, copy.routing_key,
                                       copy.body, copy, **copy.kwargs)
             return
+
+    def _probe_first(self):
+        """While the router's publishes are denied: a copy for a destination
+        not denied yet goes first, if there is one. It passes if the grant
+        is partial; it is denied if the whole permission is gone."""
+        for i, copy in enumerate(self._quarantine):
+            if copy.exchange not in self._denied:
+                if i:
+                    del self._quarantine[i]
+                    self._quarantine.appendleft(copy)
+                return
 
     def _q_outcome(self, copy, outcome):
         if outcome == publishing.ACK:
             copy.suspect = False    # not this one; it is placed
             if self._avoid:
                 self._avoid.pop(copy.host, None)    # its host takes copies again
+            if self._denied:
+                # Placed on a channel opened after the denials: the router
+                # may write here now, whatever it may not write elsewhere.
+                self._denied.pop(copy.exchange, None)
             if self._denials:
                 LOG.warning("router %s: the broker takes the router user's "
-                            "publishes again (after %d refusals)", self._router,
-                            self._denials)
+                            "publishes again (after %d refusals)%s",
+                            self._router, self._denials, "; still refused: "
+                            + ", ".join(sorted(map(repr, self._denied)))
+                            if self._denied else "")
                 self._denials = 0
+                # Each destination still denied is tried once more, alone:
+                # refused then, it is that destination's, not the router's.
+                now = self._clock()
+                self._denied = dict.fromkeys(self._denied, now)
         self._outcomes.append((copy, outcome))
 
     # --- what goes out -------------------------------------------------------------

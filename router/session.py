@@ -111,7 +111,9 @@ class Session:
                 LOG.info("router %s stopping: %d in flight", self.s.name,
                          len(self.delivery.entries) + len(self.main.deliveries))
             if stopping_since is not None:
-                idle = self.delivery.idle and not any(
+                # Held for a denied write, nothing drains: the broker gives
+                # what is in hand back to the queue when the session ends.
+                idle = self.delivery.held or self.delivery.idle and not any(
                     lane.deliveries for lane in lanes)
                 if idle or time.monotonic() - stopping_since > self.s.drain_timeout:
                     return
