@@ -465,12 +465,13 @@ class Delivery:
             return self._park(copy, _brief(exc))
         self._refused(copy, _brief(exc))
 
-    def _avoid_host(self, host, now):
-        """For hold, `host`'s copies are parked without being published;
-        then they go alone through the quarantine until one is confirmed."""
+    def _avoid_host(self, host, now, until=None):
+        """Until `until` (hold from now), `host`'s copies are parked without
+        being published; then they go alone through the quarantine until
+        one is confirmed."""
         if len(self._avoid) >= 1024:        # bounded: forget the expired
             self._avoid = {h: t for h, t in self._avoid.items() if t > now}
-        self._avoid[host] = now + self.hold
+        self._avoid[host] = now + self.hold if until is None else until
 
     def _avoided(self, host):
         """Whether `host`'s exchange closed a channel less than hold ago."""
@@ -517,9 +518,8 @@ class Delivery:
         copy alone, after hold."""
         if copy.kind == HOST_COPY and self._user is not None:
             now = self._clock()
-            if len(self._avoid) >= 1024:        # bounded: forget the expired
-                self._avoid = {h: t for h, t in self._avoid.items() if t > now}
-            self._avoid[copy.host] = self._denied.get(copy.exchange, now)
+            self._avoid_host(copy.host, now,
+                             self._denied.get(copy.exchange, now))
             self.stats["refused"] += 1
             return self._park(copy, why)
         self._refused(copy, why)
