@@ -424,6 +424,11 @@ class World:
                         fault.hosts, good.host):
                     good.blockers.add(fault)
                     good.faults_seen.append(fault)
+                    # Due again when this one is removed: an event due
+                    # after an earlier fault (a service's backoff, say)
+                    # may be held by this one too (a run failed so: due
+                    # 6 s after a revocation ended, stop_app began at once).
+                    good.due = None
 
     def remove(self, fault, resume=None):
         """The fault is over: what it held up is due within its bound.
