@@ -71,7 +71,7 @@ HEADER_PARKED = "x-evrouter-parked"
 REASON_REFUSED = "refused"
 
 _LOST = "channel-closed"
-AVOIDED = "its exchange closed a channel just now"
+AVOIDED = "its host refused copies or closed a channel just now"
 DENIED = "the router user may not write to its exchange"
 
 
