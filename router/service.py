@@ -15,8 +15,10 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import Optional
 
 from router import delivery, lanes, routing
+from router import journal as journal_
 from router.bus import connection as bus_connection
 from router.bus import contract, supervision
 from router.bus.backoff import Backoff, Ready, Schedule
@@ -64,6 +66,8 @@ class RouterSettings:
     # with its consumer (router/bus/consuming.py: RabbitMQ 3.10 does not
     # always cancel the consumers of a deleted quorum queue).
     consume_check: float = 5.0
+    # The journal of hops (router/journal.py); None: no journal.
+    journal: Optional[journal_.JournalSettings] = None
 
 
 class RouterService:
@@ -78,6 +82,10 @@ class RouterService:
         # Whether the broker's dead-lettering of the parking queues was
         # checked (topology.parking_refusal): once per process.
         self.parking_checked = False
+        self.journal = (journal_.Journal(settings.journal,
+                                         f"router:{settings.name}")
+                        if settings.journal is not None
+                        else journal_.NullJournal())
 
     def stop(self):
         """Finish in-flight messages and return from run(). Signal-safe."""
@@ -106,9 +114,13 @@ class RouterService:
         """Route until stop(). Supervised: a bug outside the per-message
         containment restarts the session (logged at ERROR, with backoff);
         whatever it held unacknowledged is redelivered, and counted."""
-        supervision.run_supervised(self._serve, self._stop,
-                                   f"router {self.settings.name}",
-                                   on_failure=self._failed)
+        self.journal.start()
+        try:
+            supervision.run_supervised(self._serve, self._stop,
+                                       f"router {self.settings.name}",
+                                       on_failure=self._failed)
+        finally:
+            self.journal.stop()
         LOG.info("router %s stopped", self.settings.name)
 
     def _failed(self, exc):

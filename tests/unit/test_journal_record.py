@@ -1,0 +1,34 @@
+"""The journal's recording side: bounded, never blocking, never raising."""
+
+import json
+
+from router import journal
+
+
+def test_a_full_journal_drops_new_records_and_counts_them():
+    j = journal.Journal(journal.JournalSettings(max_pending=3), "test")
+    for i in range(5):
+        j.record(journal.ROUTED, f"m{i}", None, "u", "p", "e", "s", ("h",))
+    assert j.backlog == 3
+    assert j.stats["dropped"] == 2
+    assert [r[2] for r in j._pending] == ["m0", "m1", "m2"]
+
+
+def test_batches_round_trip_and_foreign_bodies_give_nothing():
+    rec = (1.5, journal.ROUTED, "m", "t" * 32, "u", "p", "e", "completed",
+           ("h1", "h2"))
+    body = journal.encode_batch("router:x", "node1", [rec])
+    (out,) = journal.decode_batch(body)
+    assert out["mid"] == "m" and out["detail"] == ["h1", "h2"]
+    assert out["svc"] == "router:x" and out["node"] == "node1"
+    for foreign in (b"", b"{}", b"[]", b"\xff", b'{"v": 1, "r": 3}',
+                    json.dumps({"v": 1, "r": [[1, 2]]}).encode()):
+        assert journal.decode_batch(foreign) == []
+
+
+def test_the_null_journal_records_nothing():
+    j = journal.NullJournal()
+    j.record(journal.ROUTED, "m", None, None, None, None, None, None)
+    j.start()
+    j.stop()
+    assert not j.enabled
