@@ -96,7 +96,7 @@ class Receipt:
 
 class _Job:
     __slots__ = ("routing_key", "body", "message_id", "future", "record",
-                 "event", "settled", "traceparent")
+                 "event", "settled", "traceparent", "sent_at")
 
     def __init__(self, routing_key, body, message_id, future=None,
                  record=None, event=None, traceparent=None):
@@ -110,6 +110,7 @@ class _Job:
         # W3C trace context: sent as the traceparent header (not spooled:
         # an event sent from the spool goes without one)
         self.traceparent = traceparent
+        self.sent_at = None         # wall clock, for the journal
 
 
 class _Unconfirmed(Exception):
@@ -468,7 +469,9 @@ class InstanceEventPublisher:
         try:
             conn, publisher, outcomes = self._open_session()
             exchange = self.settings.topology.ingress_exchange_name
+            sent_at = time.time()
             for job in jobs:
+                job.sent_at = sent_at
                 publisher.publish(exchange, job.routing_key, job.body, job,
                                   message_id=job.message_id,
                                   headers={tracecontext.HEADER: job.traceparent}
@@ -527,7 +530,8 @@ class InstanceEventPublisher:
         self.journal.record(
             journal_.PUBLISHED, job.message_id,
             job.traceparent and job.traceparent[3:35], e.server_uuid, e.tag,
-            e.name, e.status, f"{how}; host hint {e.host or '-'}")
+            e.name, e.status, f"{how}; host hint {e.host or '-'}",
+            at=job.sent_at)
 
     def _keepalive(self):
         session = self._session

@@ -164,13 +164,14 @@ class Journal:
 
     # --- any thread -----------------------------------------------------------
     def record(self, hop, message_id, trace_id, instance, port, event, status,
-               detail=None):
-        """One hop. Never blocks, never raises: a full journal drops it."""
+               detail=None, at=None):
+        """One hop (at `at`, default now, on this process's wall clock).
+        Never blocks, never raises: a full journal drops it."""
         try:
             if len(self._pending) >= self._max:
                 self.stats["dropped"] += 1
                 return
-            self._pending.append((time.time(), hop, message_id, trace_id,
+            self._pending.append((at or time.time(), hop, message_id, trace_id,
                                   instance, port, event, status, detail))
         except Exception:       # never into the caller's path
             self.stats["dropped"] += 1
@@ -212,7 +213,9 @@ class Journal:
         conn = session = None
         while True:
             stopping = self._stop.is_set()
-            if stopping and (not self.backlog or
+            # Stopping: what is pending is written, unless the broker is
+            # refusing (a stop is not held up by a journal that fails).
+            if stopping and (not self.backlog or self._failing or
                              time.monotonic() > self._stop_at):
                 break
             if delay:

@@ -138,9 +138,20 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
             conn.release()
         except Exception:   # a dead connection's close
             pass
-    found.sort(key=lambda r: (r["t"] if isinstance(r["t"], (int, float))
-                              else 0))
+    found.sort(key=_timeline_order)
     return found, dict(stats, seconds=time.monotonic() - started)
+
+
+_HOP_ORDER = {h: i for i, h in enumerate((
+    journal.PUBLISHED, journal.ROUTED, journal.RETRIED, journal.PARKED,
+    journal.DEAD, journal.DROPPED, journal.DELIVERED, journal.MATCHED))}
+
+
+def _timeline_order(rec):
+    # by the recorder's time; equal times in the order hops happen
+    t = rec.get("t")
+    return (t if isinstance(t, (int, float)) else 0,
+            _HOP_ORDER.get(rec.get("hop"), len(_HOP_ORDER)))
 
 
 def _looks_hex(text):
