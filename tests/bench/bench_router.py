@@ -36,6 +36,7 @@ import kombu
 
 from compute.events import InstanceEvents
 from compute.host_consumer import HostConsumer, HostConsumerSettings
+from router import journal
 from router.bus import connection as bus_connection
 from router.bus import contract, topology
 from router.bus.publishing import ConfirmedPublisher
@@ -89,13 +90,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+# --journal on|off: the router writes the journal of hops (router/journal.py)
+JOURNAL = {"on": True}
+
+
 class Router:
     def __init__(self, prefix):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "router", "--bus-prefix", prefix,
              "--router-ops_listen", f"127.0.0.1:{self.port}",
-             "--bus-host_message_ttl", "3600"],
+             "--bus-host_message_ttl", "3600",
+             "--journal-enabled" if JOURNAL["on"] else "--journal-noenabled"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _until(lambda: self.metric("evrouter_router_connected") == 1, 30)
 
@@ -147,6 +153,9 @@ class Slice:
         for q in [q.name for q in qs] + [self.topo.host_queue_name(h) for h in self.hosts] \
                 + list(extra_queues):
             ch.queue_delete(q)
+        # the journal's stream and exchange, whether or not it was on
+        ch.queue_delete(journal.stream_name(self.topo.prefix))
+        ch.exchange_delete(journal.stream_name(self.topo.prefix))
         for e in [e.name for e in ex] + [self.topo.host_exchange_name(h) for h in self.hosts] \
                 + list(extra_exchanges):
             ch.exchange_delete(e)
@@ -371,9 +380,12 @@ def main(argv=None):
     p.add_argument("--latency-events", type=int, default=2000)
     p.add_argument("--skip", action="append", default=[],
                    choices=["throughput", "latency", "hosts", "soak"])
+    p.add_argument("--journal", choices=["on", "off"], default="on",
+                   help="the router writes the journal of hops (default on)")
     args = p.parse_args(argv)
+    JOURNAL["on"] = args.journal == "on"
     print(f"evrouter router benchmarks: {os.cpu_count()} cores, "
-          f"Python {sys.version.split()[0]}")
+          f"Python {sys.version.split()[0]}, journal {args.journal}")
     if "throughput" not in args.skip:
         ours, ref = throughput(args.events)
         print(f"1. throughput end to end ({args.events} events, best of 2): {ours:,.0f} "
