@@ -109,6 +109,8 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
                 for rec in journal.decode_batch(body):
                     stats["records"] += 1
                     if matches(rec, wanted):
+                        # who wrote it, as the broker vouches (user_id)
+                        rec["user"] = props.get("user_id")
                         found.append(rec)
             if last_offset is not None and type(offset) is int \
                     and offset >= last_offset:
@@ -219,6 +221,8 @@ def format_record(rec):
     if isinstance(detail, list):
         detail = "to host(s) " + ",".join(map(str, detail))
     who = f"{rec.get('svc')}@{rec.get('node')}"
+    if rec.get("user"):
+        who += f" ({rec['user']})"
     what = f"{rec.get('event') or '-'} {rec.get('status') or '-'}"
     return (f"{when}  {rec.get('hop', '?'):<13} {who:<34} msg {rec.get('mid')}"
             f"  {what}  {detail if detail is not None else ''}").rstrip()
