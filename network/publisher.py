@@ -512,6 +512,9 @@ class InstanceEventPublisher:
             if job.record is not None:
                 confirmed_records.append(job.record)
                 self.stats["drained"] += 1
+                self.journal.record(journal_.PUBLISHED, job.message_id, None,
+                                    None, None, None, None,
+                                    "sent from the spool", at=job.sent_at)
                 LOG.info("event %s sent from the spool", job.message_id)
             else:
                 self.stats["sent"] += 1

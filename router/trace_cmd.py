@@ -60,8 +60,11 @@ def parse_age(text):
 
 
 def matches(record, wanted):
-    return (wanted == record.get("mid") or wanted == record.get("tid")
-            or wanted == record.get("instance") or wanted == record.get("port"))
+    """Whether a record names `wanted`: its message id or port exactly, its
+    instance uuid or trace id in any case (both are written lower case)."""
+    folded = wanted.lower()
+    return (wanted == record.get("mid") or wanted == record.get("port")
+            or folded == record.get("instance") or folded == record.get("tid"))
 
 
 def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
@@ -72,8 +75,8 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
     Raises TraceError when the stream cannot be read.
     """
     started = time.monotonic()
-    wanted = wanted.lower() if _looks_hex(wanted) else wanted
-    needle = wanted.encode()
+    # a cheap test before a batch is decoded: it names `wanted` somewhere
+    needles = {wanted.encode(), wanted.lower().encode()}
     name = journal.stream_name(prefix)
     conn = bus_connection.connection(transport_url, heartbeat=0, ssl_opts=ssl)
     errors = conn.connection_errors + conn.channel_errors
@@ -105,7 +108,7 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
                 done.append(True)
                 return
             body = message.body
-            if needle in body:
+            if any(needle in body for needle in needles):
                 for rec in journal.decode_batch(body):
                     stats["records"] += 1
                     if matches(rec, wanted):
@@ -154,10 +157,6 @@ def _timeline_order(rec):
     t = rec.get("t")
     return (t if isinstance(t, (int, float)) else 0,
             _HOP_ORDER.get(rec.get("hop"), len(_HOP_ORDER)))
-
-
-def _looks_hex(text):
-    return bool(re.fullmatch(r"[0-9A-Fa-f-]{16,36}", text))
 
 
 def _mark_end(conn, name):

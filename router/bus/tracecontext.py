@@ -53,7 +53,10 @@ def parse(value):
 def valid(value):
     """The value as a str if it is a valid traceparent, else None."""
     parsed = parse(value)
-    return None if parsed is None else f"00-{parsed[0]}-{parsed[1]}-{parsed[2]}"
+    if parsed is None:
+        return None
+    return value if type(value) is str else \
+        f"00-{parsed[0]}-{parsed[1]}-{parsed[2]}"
 
 
 def trace_id_of(value):
