@@ -78,7 +78,7 @@ journal_opts = [
                      "off the hot path, in batches; `evrouter trace` reads "
                      "it. A broker that refuses it costs a WARNING, never an "
                      "event. Off by default until its cost is shown to be "
-                     "within 5% of throughput (README, Measured)."),
+                     "within 5 percent of throughput (README, The journal)."),
     cfg.IntOpt("max_bytes", default=1 << 30, min=1 << 20,
                help="Retention of the journal stream by size "
                     "(x-max-length-bytes). Applies when this process "

@@ -219,11 +219,11 @@ def format_record(rec):
     detail = rec.get("detail")
     if isinstance(detail, list):
         detail = "to host(s) " + ",".join(map(str, detail))
-    who = f"{rec.get('svc')}@{rec.get('node')}"
-    if rec.get("user"):
-        who += f" ({rec['user']})"
+    # the service, the machine it runs on, the broker user that wrote it
+    who = f"{rec.get('svc')} ({rec.get('node')}"
+    who += f", {rec['user']})" if rec.get("user") else ")"
     what = f"{rec.get('event') or '-'} {rec.get('status') or '-'}"
-    return (f"{when}  {rec.get('hop', '?'):<13} {who:<34} msg {rec.get('mid')}"
+    return (f"{when}  {rec.get('hop', '?'):<13} {who:<30} msg {rec.get('mid')}"
             f"  {what}  {detail if detail is not None else ''}").rstrip()
 
 

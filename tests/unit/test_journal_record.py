@@ -32,3 +32,24 @@ def test_the_null_journal_records_nothing():
     j.start()
     j.stop()
     assert not j.enabled
+
+
+def test_trace_ages_and_matching():
+    import pytest
+
+    from router import trace_cmd
+    assert trace_cmd.parse_age("90s") == 90
+    assert trace_cmd.parse_age("30m") == 1800
+    assert trace_cmd.parse_age("1h") == 3600
+    assert trace_cmd.parse_age("2d") == 172800
+    assert trace_cmd.parse_age("15") == 15
+    for bad in ("", "1w", "-1h", "h", "1 h"):
+        with pytest.raises(ValueError):
+            trace_cmd.parse_age(bad)
+    rec = {"mid": "Msg-1", "tid": "ab" * 16, "instance": "6f1c2a4e-8d3b-4c55-"
+           "9a10-2b7e4f0c9d21", "port": "Port-A"}
+    for wanted in ("Msg-1", "AB" * 16, "6F1C2A4E-8D3B-4C55-9A10-2B7E4F0C9D21",
+                   "Port-A"):
+        assert trace_cmd.matches(rec, wanted), wanted
+    for wanted in ("msg-1", "port-a", "6f1c"):
+        assert not trace_cmd.matches(rec, wanted), wanted
