@@ -133,7 +133,7 @@ class NullJournal:
     enabled = False
     stats = collections.Counter()
 
-    def record(self, *args):
+    def record(self, *args, **kwargs):
         pass
 
     def start(self):

@@ -29,6 +29,9 @@ def test_batches_round_trip_and_foreign_bodies_give_nothing():
 def test_the_null_journal_records_nothing():
     j = journal.NullJournal()
     j.record(journal.ROUTED, "m", None, None, None, None, None, None)
+    # every way the callers call Journal.record
+    j.record(journal.ROUTED, "m", None, None, None, None, None, None, at=1.0)
+    j.record(journal.ROUTED, "m", None, None, None, None, None)
     j.start()
     j.stop()
     assert not j.enabled
