@@ -13,6 +13,7 @@ from compute.host_consumer import HostConsumer, HostConsumerSettings
 from network.publisher import InstanceEventPublisher, PublisherSettings
 from router import journal, trace_cmd
 from router.bus import contract, topology, tracecontext
+from router.metrics import RouterCollector
 from tests.conftest import BROKER_URL, RunningRouter, collect, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -193,6 +194,10 @@ def test_a_journal_the_broker_refuses_costs_a_warning_never_an_event(
         j = router.service.journal
         wait_for(lambda: j.stats["failures"] >= 1, 10, what="a failed write")
         assert router.service.ready.is_set()
+        metrics = {s.name: s.value for family in
+                   RouterCollector(router.service).collect()
+                   for s in family.samples if s.name.startswith("evrouter_journal")}
+        assert metrics["evrouter_journal_write_failures_total"] >= 1
     finally:
         router.stop()
     warnings = [r for r in caplog.records if r.name == "router.journal"
