@@ -415,6 +415,11 @@ class HostSession:
         LOG.warning("event %s on host %s dead-lettered (%s): %s%s",
                     inbound.loggable(msg_id), self.s.host, reason,
                     inbound.clip(detail, 300), f" [{cut}]" if cut else "")
+        # under its message id only: nothing of a body it could not take
+        # is believed
+        self.owner.journal.record(
+            journal_.DEAD, msg_id, None, None, None, None, None,
+            f"{reason}: {inbound.clip(detail, 300)} (host {self.s.host})")
 
     def _settle_dead_letter(self, copy, ok):
         if copy.owner is not self.intake:

@@ -107,6 +107,22 @@ def test_a_routed_event_is_traced_from_publisher_to_waiter(bus, world):
             r["hop"] for r in found]
 
 
+def test_the_waiters_other_outcomes_are_traced(bus, world):
+    router, host, pub = world
+    server, port = str(uuid.uuid4()), "port-early"
+    early = contract.InstanceEvent(contract.VIF_PLUGGED, server, port,
+                                   host=HOST)
+    first = pub.publish(early)
+    wait_for(lambda: host.registry.held, 10, what="the event held")
+    pub.publish(early, message_id=first.message_id)     # sent again
+    wait_for(lambda: host.registry.stats["duplicates"], 10,
+             what="the duplicate")
+    _flushed(pub.journal, router.service.journal, host.consumer.journal)
+    matched = [r["detail"] for r in _trace(bus, first.message_id)[0]
+               if r["hop"] == journal.MATCHED]
+    assert matched == ["held early", "duplicate"]
+
+
 def _publish_raw(bus, body, message_id, headers=None, name=contract.VIF_PLUGGED):
     with kombu.Connection(BROKER_URL) as conn:
         producer = kombu.Producer(conn.channel())
@@ -287,3 +303,21 @@ def test_a_reader_that_cannot_mark_the_end_probes_for_it(bus):
     found, stats = _trace(bus, "m29")
     assert stats["end"] == "probe"
     assert [r["mid"] for r in found] == ["m29"]
+
+
+def test_a_host_consumers_dead_letter_is_traced(bus, world):
+    router, host, pub = world
+    msg_id = f"host-dl-{uuid.uuid4().hex}"
+    with kombu.Connection(BROKER_URL) as conn:
+        kombu.Producer(conn.channel()).publish(
+            b"\xff not json", exchange=bus.topology.host_exchange_name(HOST),
+            routing_key=topology.instance_routing_key(contract.VIF_PLUGGED),
+            message_id=msg_id, content_type="application/json",
+            content_encoding="utf-8")
+    # this host's journal has nothing else to write
+    wait_for(lambda: host.consumer.journal.stats["written"] >= 1, 10,
+             what="the host's dead letter journaled")
+    (rec,) = _trace(bus, msg_id)[0]
+    assert rec["hop"] == journal.DEAD and rec["svc"] == f"host:{HOST}"
+    assert rec["detail"].startswith("malformed: ")
+    assert rec["detail"].endswith(f"(host {HOST})")
