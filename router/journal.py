@@ -210,6 +210,7 @@ class Journal:
     def _run(self):
         s = self.settings
         delay = 0.0
+        backoff = 0.0           # grows while the broker refuses, to 30 s
         conn = session = None
         while True:
             stopping = self._stop.is_set()
@@ -243,10 +244,10 @@ class Journal:
                     self._failing = False
                     LOG.info("journal %s: writing to %s again",
                              self.service, stream_name(s.prefix))
-                delay = 0.0
+                backoff = 0.0
             except Exception as exc:        # never stop the writer
                 self._failed(exc)
-                delay = min(30.0, max(0.5, (delay or 0.25) * 2))
+                backoff = delay = min(30.0, max(0.5, backoff * 2))
                 if conn is not None:
                     _release(conn)
                 conn = session = None

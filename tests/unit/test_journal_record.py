@@ -56,3 +56,29 @@ def test_trace_ages_and_matching():
         assert trace_cmd.matches(rec, wanted), wanted
     for wanted in ("msg-1", "port-a", "6f1c"):
         assert not trace_cmd.matches(rec, wanted), wanted
+
+
+def test_the_writer_backs_off_more_each_time_the_broker_refuses(monkeypatch):
+    """Not a fixed pause: a broker that refuses is asked less and less."""
+    import threading
+
+    j = journal.Journal(journal.JournalSettings(batch_seconds=0.01), "t")
+    waits, done = [], threading.Event()
+
+    def refuse():
+        raise ConnectionRefusedError("no broker")
+
+    def wait(seconds):
+        waits.append(seconds)
+        if len(waits) >= 5:
+            j._stop_at = 0.0
+            j._stop.set()
+            done.set()
+        return False
+
+    monkeypatch.setattr(j, "_connect", refuse)
+    monkeypatch.setattr(j._stop, "wait", wait)
+    j.record(journal.ROUTED, "m", None, None, None, None, None)
+    j._run()
+    assert done.is_set()
+    assert waits[:4] == [0.5, 1.0, 2.0, 4.0], waits
