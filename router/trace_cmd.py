@@ -211,7 +211,20 @@ def _probe_last(conn, name):
     return max(seen) if seen else None
 
 
+def _shown(value):
+    """A field fit for a terminal: message ids, ports and details may come
+    from whoever published the event, escape sequences included."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def format_record(rec):
+    """One line of the timeline (every field made printable)."""
+    rec = {k: (_shown(v) if isinstance(v, str) else
+               [_shown(x) for x in v] if isinstance(v, list) else v)
+           for k, v in rec.items()}
     t = rec.get("t")
     when = (datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
             .strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

@@ -82,3 +82,12 @@ def test_the_writer_backs_off_more_each_time_the_broker_refuses(monkeypatch):
     j._run()
     assert done.is_set()
     assert waits[:4] == [0.5, 1.0, 2.0, 4.0], waits
+
+
+def test_a_timeline_line_never_carries_control_characters():
+    from router import trace_cmd
+    line = trace_cmd.format_record({
+        "t": 1.0, "hop": "dead-lettered", "svc": "router:x", "node": "n",
+        "mid": "evil\x1b[2J\x07", "detail": ["h\x1b]0;x\x07"], "port": "p"})
+    assert line.isprintable(), line
+    assert "evil\\x1b[2J\\x07" in line
