@@ -15,11 +15,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 from compute.delivery_ledger import DeliveryLedger
 from compute.host_session import HEADER_HOST
 from compute.host_session import HostSession as _Session
 from compute.host_session import Lost as _Lost
+from router import journal as journal_
 from router.bus import connection as bus_connection
 from router.bus import contract, supervision
 from router.bus.backoff import Backoff, Ready, Schedule
@@ -61,6 +63,9 @@ class HostConsumerSettings:
     # make 67 passive declares a second, and the case is rare (an operator
     # deleting a host queue, one deletion in ten on the test cluster).
     consume_check: float = 30.0
+    # The journal of hops (router/journal.py): each event taken from the
+    # queue and the waiter's outcome. None: no journal.
+    journal: Optional[journal_.JournalSettings] = None
 
 
 class HostConsumer:
@@ -91,6 +96,10 @@ class HostConsumer:
         # queue): if one of them keeps killing the consumer, it is alone in
         # flight when it does, and the others are not counted with it.
         self._cautious = False
+        self.journal = (journal_.Journal(settings.journal,
+                                         f"host:{settings.host}")
+                        if settings.journal is not None
+                        else journal_.NullJournal())
 
     def stop(self):
         """Finish what is in hand and return from run(). Signal-safe."""
@@ -127,9 +136,13 @@ class HostConsumer:
     def run(self):
         """Consume until stop(): supervised, so a bug restarts the consumer
         (logged at ERROR, reported to on_failure) instead of ending it."""
-        supervision.run_supervised(self._consume, self._stop,
-                                   f"host consumer {self.settings.host}",
-                                   on_failure=self._failed)
+        self.journal.start()
+        try:
+            supervision.run_supervised(self._consume, self._stop,
+                                       f"host consumer {self.settings.host}",
+                                       on_failure=self._failed)
+        finally:
+            self.journal.stop()
 
     def _failed(self, exc):
         self._cautious = True

@@ -29,9 +29,10 @@ from kombu import Consumer
 from compute import dead_letters, events
 from compute.delivery_ledger import DeliveryLedger
 from router import acks
+from router import journal as journal_
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
-from router.bus import consuming, contract, inbound, topology
+from router.bus import consuming, contract, inbound, topology, tracecontext
 
 LOG = logging.getLogger(__name__)
 
@@ -364,6 +365,21 @@ class HostSession:
             return
         self._settle(message, True)
         self.stats[outcome] += 1
+        journal = self.owner.journal
+        if journal.enabled:
+            self._record(journal, env, props, outcome)
+
+    def _record(self, journal, env, props, outcome):
+        """Taken from the queue, and what the waiter made of it."""
+        headers = props.get("application_headers")
+        trace = tracecontext.trace_id_of(headers.get(tracecontext.HEADER)) \
+            if type(headers) is dict else None
+        p = env.payload
+        where = f"host {self.s.host}"
+        journal.record(journal_.DELIVERED, env.id, trace, p.server_uuid,
+                       p.tag, p.name, p.status, where)
+        journal.record(journal_.MATCHED, env.id, trace, p.server_uuid, p.tag,
+                       p.name, p.status, journal_.OUTCOMES.get(outcome, outcome))
 
     def _redelivered(self, message, props):
         info = message.delivery_info
@@ -399,6 +415,11 @@ class HostSession:
         LOG.warning("event %s on host %s dead-lettered (%s): %s%s",
                     inbound.loggable(msg_id), self.s.host, reason,
                     inbound.clip(detail, 300), f" [{cut}]" if cut else "")
+        # under its message id only: nothing of a body it could not take
+        # is believed
+        self.owner.journal.record(
+            journal_.DEAD, msg_id, None, None, None, None, None,
+            f"{reason}: {inbound.clip(detail, 300)} (host {self.s.host})")
 
     def _settle_dead_letter(self, copy, ok):
         if copy.owner is not self.intake:

@@ -54,6 +54,7 @@ from compute import host_consumer, waiting
 from router import options
 from router.bus import contract
 from router.bus.topology import Topology
+from router.journal import JournalSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ OPTS = [
     cfg.BoolOpt("enabled", default=True,
                 help="False: nova-compute gets the real driver itself, "
                      "evrouter's subclass is not built (rollback)."),
+    cfg.BoolOpt("journal", default=False,
+                help="Append this host's hops (each event taken from its "
+                     "queue, and what the waiter made of it) to evrouter's "
+                     "journal stream, for `evrouter trace`. Needs write on "
+                     "the journal exchange (`evrouter permissions` grants "
+                     "it); refused, it costs a WARNING, never an event."),
 ] + options.tls_opts    # ssl, ssl_ca_file, ... ssl_login = external: no password
 
 # Events Nova's ComputeManager handles itself; nothing waits for them.
@@ -367,7 +374,10 @@ class HostBus:
         tls = options.checked_tls(opts.transport_url, options.ssl_from(conf, GROUP))
         settings = host_consumer.HostConsumerSettings(
             host=host, transport_url=opts.transport_url,
-            topology=Topology(prefix=opts.topology_prefix), ssl=tls)
+            topology=Topology(prefix=opts.topology_prefix), ssl=tls,
+            journal=JournalSettings(transport_url=opts.transport_url,
+                                    prefix=opts.topology_prefix, ssl=tls)
+            if opts.journal else None)
         consumer = host_consumer.HostConsumer(settings, bridge.deliver)
         # A native thread: nova-compute 34 runs on native threads. Under
         # eventlet mode the service has monkey-patched threading already.

@@ -8,7 +8,7 @@ import socket
 from oslo_config import cfg
 
 from network import publisher, spool
-from router import options
+from router import journal, options
 
 publisher_opts = [
     cfg.StrOpt("spool_path", default="/var/lib/evrouter/network.spool",
@@ -46,5 +46,7 @@ def publisher_settings(conf, **overrides):
         confirm_timeout=n.confirm_timeout,
         heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf))
+    values["journal"] = journal.settings_from(conf, values["transport_url"],
+                                              values["ssl"])
     values.update(overrides)
     return publisher.PublisherSettings(**values)

@@ -34,6 +34,11 @@ cli_opts = [
                     "the id of an earlier attempt, or derive it from the "
                     "source event, to make a retry harmless: the waiter "
                     "ignores an id it has seen."),
+    cfg.StrOpt("traceparent", metavar="TP",
+               help="W3C trace context of the caller "
+                    "(00-<32 hex>-<16 hex>-<2 hex>): the event is published "
+                    "as a new span of that trace. Default: a new trace. "
+                    "`evrouter trace` finds the event by its trace id."),
 ]
 
 # contract field -> the flag the user typed
@@ -78,7 +83,8 @@ def main(argv):
         connect_timeout=max(min(conf.timeout, 2.0), 0.5))
     try:
         with InstanceEventPublisher(settings) as publisher:
-            receipt = publisher.publish(event, message_id=conf.message_id)
+            receipt = publisher.publish(event, message_id=conf.message_id,
+                                        traceparent=conf.traceparent)
     except (BrokerUnavailable, PublishRefused) as exc:
         return fail(f"not published: {exc}", 1)
     print(f"published {receipt.message_id}: {event.name} {event.status} for "

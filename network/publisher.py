@@ -41,8 +41,9 @@ import amqp.exceptions
 import kombu.exceptions
 
 from network.spool import Spool, SpoolFull
+from router import journal as journal_
 from router.bus import connection as bus_connection
-from router.bus import contract, publishing, topology
+from router.bus import contract, publishing, topology, tracecontext
 from router.bus.backoff import Backoff, Schedule, describe
 from router.bus.topology import Topology
 
@@ -81,6 +82,9 @@ class PublisherSettings:
     ssl: object = False
     max_batch: int = 256
     reconnect: Schedule = Schedule()
+    # The journal of hops (router/journal.py): each event confirmed (or
+    # spooled), with its host hint. None: no journal.
+    journal: Optional[journal_.JournalSettings] = None
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,10 @@ class Receipt:
 
 class _Job:
     __slots__ = ("routing_key", "body", "message_id", "future", "record",
-                 "event", "settled")
+                 "event", "settled", "traceparent", "sent_at")
 
     def __init__(self, routing_key, body, message_id, future=None,
-                 record=None, event=None):
+                 record=None, event=None, traceparent=None):
         self.routing_key = routing_key
         self.body = body
         self.message_id = message_id
@@ -103,6 +107,10 @@ class _Job:
         self.record = record       # the spool record, when sent from the spool
         self.event = event
         self.settled = False
+        # W3C trace context: sent as the traceparent header (not spooled:
+        # an event sent from the spool goes without one)
+        self.traceparent = traceparent
+        self.sent_at = None         # wall clock, for the journal
 
 
 class _Unconfirmed(Exception):
@@ -135,6 +143,10 @@ class InstanceEventPublisher:
         self._reconnect_at = 0.0    # no connect attempt before this
         self._last_cause = None     # why the last session ended
         self._up_since = None       # when the current session connected
+        self.journal = (journal_.Journal(settings.journal,
+                                         f"publisher:{settings.producer}")
+                        if settings.journal is not None
+                        else journal_.NullJournal())
 
     # --- caller side (any thread) -------------------------------------------
     def start(self):
@@ -147,6 +159,7 @@ class InstanceEventPublisher:
                 connect_timeout=s.connect_timeout)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="network-publisher")
+        self.journal.start()
         self._thread.start()
         return self
 
@@ -156,7 +169,8 @@ class InstanceEventPublisher:
     def __exit__(self, *exc):
         self.close()
 
-    def publish(self, event, *, timeout=None, message_id=None):
+    def publish(self, event, *, timeout=None, message_id=None,
+                traceparent=None):
         """Publish one InstanceEvent; a Receipt once it is safe.
 
         `message_id` names the envelope; give one derived from the source
@@ -164,7 +178,10 @@ class InstanceEventPublisher:
         retried command) makes a duplicate the waiter drops. Default: a new
         id. Raises ContractError (a ValueError) for an event or id the
         contract refuses, SpoolFull, BrokerUnavailable (no spool) or
-        PublishRefused.
+        PublishRefused. `traceparent` (W3C) is the publishing context's:
+        the event goes as a new span of its trace; without one (or with
+        an invalid one), of the current OpenTelemetry span's, or of a new
+        trace.
         """
         owner = self._thread
         if owner is None or self._stopping.is_set():
@@ -175,7 +192,8 @@ class InstanceEventPublisher:
         contract.decode(body)       # refuse here what the router would refuse
         future = concurrent.futures.Future()
         self._jobs.put(_Job(topology.instance_routing_key(event.name), body,
-                            env.id, future, event=event))
+                            env.id, future, event=event,
+                            traceparent=tracecontext.for_publish(traceparent)))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _TICK if deadline is None else min(
@@ -215,6 +233,7 @@ class InstanceEventPublisher:
             LOG.error("network publisher did not stop within %.0fs", timeout)
             return
         self._thread = None
+        self.journal.stop()
 
     # --- the owner thread ---------------------------------------------------
     def _run(self):
@@ -352,6 +371,7 @@ class InstanceEventPublisher:
                         job.message_id, job.event.name, job.event.status,
                         job.event.server_uuid, len(self._spool),
                         self._spool.path)
+            self._record(job, "spooled")
             job.future.set_result(Receipt(job.message_id, spooled=True))
 
     def _drain_once(self):
@@ -449,9 +469,13 @@ class InstanceEventPublisher:
         try:
             conn, publisher, outcomes = self._open_session()
             exchange = self.settings.topology.ingress_exchange_name
+            sent_at = time.time()
             for job in jobs:
+                job.sent_at = sent_at
                 publisher.publish(exchange, job.routing_key, job.body, job,
-                                  message_id=job.message_id)
+                                  message_id=job.message_id,
+                                  headers={tracecontext.HEADER: job.traceparent}
+                                  if job.traceparent else None)
             publisher.pump()
             deadline = time.monotonic() + self.settings.confirm_timeout
             while any(job not in outcomes for job in jobs):
@@ -488,6 +512,9 @@ class InstanceEventPublisher:
             if job.record is not None:
                 confirmed_records.append(job.record)
                 self.stats["drained"] += 1
+                self.journal.record(journal_.PUBLISHED, job.message_id, None,
+                                    None, None, None, None,
+                                    "sent from the spool", at=job.sent_at)
                 LOG.info("event %s sent from the spool", job.message_id)
             else:
                 self.stats["sent"] += 1
@@ -495,10 +522,19 @@ class InstanceEventPublisher:
                 LOG.info("event %s %s %s for %s tag %s host %s published",
                          job.message_id, e.name, e.status, e.server_uuid,
                          e.tag, e.host or "-")
+                self._record(job, "confirmed")
                 job.future.set_result(Receipt(job.message_id, spooled=False))
         if confirmed_records:
             self._spool.done(confirmed_records)
         return others
+
+    def _record(self, job, how):
+        e = job.event
+        self.journal.record(
+            journal_.PUBLISHED, job.message_id,
+            job.traceparent and job.traceparent[3:35], e.server_uuid, e.tag,
+            e.name, e.status, f"{how}; host hint {e.host or '-'}",
+            at=job.sent_at)
 
     def _keepalive(self):
         session = self._session

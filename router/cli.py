@@ -27,6 +27,8 @@ COMMANDS = {
     "publish": ("network.publish_cmd", "publish one instance event"),
     "network-adapter": ("network.adapter_cmd",
                         "turn network service notifications into events"),
+    "trace": ("router.trace_cmd",
+              "every hop of an event, from the journal stream"),
 }
 
 

@@ -57,6 +57,7 @@ import itertools
 import logging
 import time
 
+from router import journal as journal_
 from router.bus import backoff, contract, inbound, publishing
 from router.bus.connection import take
 
@@ -79,7 +80,8 @@ class Entry:
     """An ingress message in hand, until all the copies it caused ended."""
 
     __slots__ = ("lane", "tag", "key", "message", "env_id", "ours",
-                 "remaining", "started", "dropped", "parked", "fallback")
+                 "remaining", "started", "dropped", "parked", "fallback",
+                 "trace", "event")
 
     def __init__(self, lane, tag, message, env_id, ours, parked=0):
         self.started = time.monotonic()
@@ -95,6 +97,10 @@ class Entry:
         # Called instead of waiting out patience when its probation copy is
         # refused past hold: routes the message here (router/session.py).
         self.fallback = None
+        # For the journal: the sender's traceparent (if valid),
+        # the InstanceEvent it carries; None when there is none.
+        self.trace = None
+        self.event = None
 
 
 class Copy:
@@ -124,8 +130,9 @@ class Delivery:
 
     def __init__(self, conn, topo, stats, *, settled, host_gone, router_name,
                  patience=20.0, hold=2.0, user=None, memory=False,
-                 damaged=None, clock=time.monotonic):
+                 damaged=None, clock=time.monotonic, journal=None):
         self.conn = conn
+        self.journal = journal or journal_.NullJournal()
         self.topo = topo
         self.stats = stats
         self._settled_cb = settled
@@ -385,6 +392,9 @@ class Delivery:
                   headers=dict(theirs, **ours) if theirs else ours,
                   user_id=self._user)
         self.stats["parked:refused"] += 1
+        self.record(entry, journal_.PARKED,
+                     f"host {copy.host}: {outcome}; round {rounds}, "
+                     f"{delay}ms")
         LOG.warning("event %s: the copy for host %s was refused (%s); parked "
                     "for %dms (round %d)", entry.env_id, copy.host, outcome,
                     delay, rounds)
@@ -401,6 +411,8 @@ class Delivery:
         reason = copy.kwargs.get("headers", {}).get(contract.HEADER_REASON, "-")
         self.stats[f"dropped:{reason}"] += 1
         entry.dropped = True
+        self.record(entry, journal_.DROPPED,
+                     f"{reason}: its dead letter could not be placed")
         LOG.error("event %s: dropped: the dead letter (%s) could not be "
                   "placed: %s", entry.env_id, reason, detail)
         self._ended(entry)
@@ -624,8 +636,23 @@ class Delivery:
                   content_type=inbound.safe_shortstr(
                       property_of(message, "content_type")))
         self.stats[f"dead_lettered:{reason}"] += 1
+        self.record(entry, journal_.DEAD, f"{reason}: {inbound.clip(detail, 300)}"
+                     + (f" (host {extra_headers[HEADER_HOST]})"
+                        if extra_headers and HEADER_HOST in extra_headers else ""),
+                     msg_id)
         LOG.warning("event %s dead-lettered (%s): %s", inbound.loggable(msg_id),
                     reason, inbound.clip(detail, 300))
+
+    def record(self, entry, hop, detail, msg_id=None):
+        """One hop of `entry`'s event in the journal."""
+        event, trace = entry.event, entry.trace
+        trace = trace and trace[3:35]
+        if event is None:
+            self.journal.record(hop, msg_id or entry.env_id, trace, None,
+                                None, None, None, detail)
+        else:
+            self.journal.record(hop, entry.env_id, trace, event.server_uuid,
+                                event.tag, event.name, event.status, detail)
 
 
 def untrusted_headers(message, ours):

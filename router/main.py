@@ -4,7 +4,7 @@ import uuid
 
 from oslo_config import cfg
 
-from router import options, rest, routing, service
+from router import journal, options, rest, routing, service
 from router.bus import ops
 from router.metrics import RouterCollector
 from router.observer import DEFAULT_HOST_CHECK_RATE
@@ -120,7 +120,9 @@ def settings_from(conf):
         max_instances_per_host=conf.router.max_instances_per_host,
         heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf),
-        name=conf.router.name or uuid.uuid4().hex[:12])
+        name=conf.router.name or uuid.uuid4().hex[:12],
+        journal=journal.settings_from(conf, options.transport_url(conf),
+                                      options.ssl_from(conf)))
 
 
 def main(argv):

@@ -122,6 +122,19 @@ class RouterCollector:
         yield GaugeMetricFamily("evrouter_router_placed_instances",
                                 "Instances in the placement table.",
                                 value=len(svc.placement))
+        journal = svc.journal.stats
+        records = CounterMetricFamily(
+            "evrouter_journal_records",
+            "Hops this router recorded for the journal stream, by what "
+            "became of them (dropped: the journal full or stopped while the "
+            "broker refused it).", labels=["outcome"])
+        for outcome in ("written", "dropped"):
+            records.add_metric([outcome], journal.get(outcome, 0))
+        yield records
+        yield CounterMetricFamily(
+            "evrouter_journal_write_failures",
+            "Journal writes the broker refused or that failed (each logged "
+            "at WARNING once per outage).", value=journal.get("failures", 0))
         yield GaugeMetricFamily("evrouter_router_connected",
                                 "1 while consuming from the broker.",
                                 value=1 if svc.ready.is_set() else 0)

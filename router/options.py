@@ -70,10 +70,45 @@ bus_opts = [
 ] + tls_opts
 
 
+journal_opts = [
+    cfg.BoolOpt("enabled", default=False,
+                help="Append a record of each hop of every instance event "
+                     "(published, routed, retried, dead-lettered, delivered, "
+                     "the waiter's outcome) to the stream <prefix>.journal, "
+                     "off the hot path, in batches; `evrouter trace` reads "
+                     "it. A broker that refuses it costs a WARNING, never an "
+                     "event. Off by default until its cost is shown to be "
+                     "within 5 percent of throughput (README, The journal)."),
+    cfg.IntOpt("max_bytes", default=1 << 30, min=1 << 20,
+               help="Retention of the journal stream by size "
+                    "(x-max-length-bytes). Applies when this process "
+                    "declares the stream; a stream that exists keeps its "
+                    "arguments."),
+    cfg.StrOpt("max_age", default="24h",
+               help="Retention of the journal stream by age (x-max-age: a "
+                    "number and one of Y, M, D, h, m, s)."),
+    cfg.IntOpt("segment_bytes", default=16 << 20, min=1 << 16,
+               help="Segment size of the journal stream "
+                    "(x-stream-max-segment-size-bytes): retention deletes "
+                    "whole segments, so keep it well below max_bytes."),
+    cfg.IntOpt("batch_records", default=500, min=1,
+               help="Records per journal message, at most."),
+    cfg.IntOpt("batch_ms", default=200, min=1,
+               help="Longest a record waits for others to share its "
+                    "message (milliseconds)."),
+    cfg.IntOpt("max_pending", default=100_000, min=1,
+               help="Records waiting to be written, at most (the broker "
+                    "slow or refusing); past it they are dropped and "
+                    "counted."),
+]
+
+
 def register_bus_opts(conf):
-    """[DEFAULT] transport_url and the [bus] group, also as --bus-* flags."""
+    """[DEFAULT] transport_url, the [bus] group, also as --bus-* flags, and
+    the [journal] group (--journal-*)."""
     conf.register_cli_opt(transport_opt)
     conf.register_cli_opts(bus_opts, group="bus")
+    conf.register_cli_opts(journal_opts, group="journal")
 
 
 def transport_url(conf):
@@ -111,4 +146,5 @@ def checked_tls(transport_url, tls):
 
 def list_opts():
     """For oslo-config-generator: the options every service shares."""
-    return [("DEFAULT", [transport_opt]), ("bus", bus_opts)]
+    return [("DEFAULT", [transport_opt]), ("bus", bus_opts),
+            ("journal", journal_opts)]

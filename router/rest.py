@@ -35,7 +35,7 @@ import wsgiref.simple_server
 from oslo_config import cfg
 
 from router.bus import connection as bus_connection
-from router.bus import contract, publishing, topology
+from router.bus import contract, publishing, topology, tracecontext
 from router.bus.backoff import Backoff
 
 LOG = logging.getLogger(__name__)
@@ -236,7 +236,10 @@ class RestIngress:
                         self._topo.ingress_exchange_name,
                         topology.instance_routing_key(env.payload.name),
                         contract.encode(env), message_id=env.id,
-                        headers={contract.HEADER_PUBLISHER: PUBLISHER},
+                        # a trace of its own per event (the request's
+                        # traceparent is not taken yet)
+                        headers={contract.HEADER_PUBLISHER: PUBLISHER,
+                                 tracecontext.HEADER: tracecontext.new()},
                         timeout=self._timeout)
                 done.put(None)
             except Exception as exc:      # answered as 503

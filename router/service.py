@@ -15,8 +15,10 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import Optional
 
 from router import delivery, lanes, routing
+from router import journal as journal_
 from router.bus import connection as bus_connection
 from router.bus import contract, supervision
 from router.bus.backoff import Backoff, Ready, Schedule
@@ -69,6 +71,8 @@ class RouterSettings:
     # a host's exchange exists (router/observer.py, KnownHosts): the hints
     # are the senders' to choose.
     host_check_rate: float = DEFAULT_HOST_CHECK_RATE
+    # The journal of hops (router/journal.py); None: no journal.
+    journal: Optional[journal_.JournalSettings] = None
 
 
 class RouterService:
@@ -83,6 +87,10 @@ class RouterService:
         # Whether the broker's dead-lettering of the parking queues was
         # checked (topology.parking_refusal): once per process.
         self.parking_checked = False
+        self.journal = (journal_.Journal(settings.journal,
+                                         f"router:{settings.name}")
+                        if settings.journal is not None
+                        else journal_.NullJournal())
 
     def stop(self):
         """Finish in-flight messages and return from run(). Signal-safe."""
@@ -111,9 +119,13 @@ class RouterService:
         """Route until stop(). Supervised: a bug outside the per-message
         containment restarts the session (logged at ERROR, with backoff);
         whatever it held unacknowledged is redelivered, and counted."""
-        supervision.run_supervised(self._serve, self._stop,
-                                   f"router {self.settings.name}",
-                                   on_failure=self._failed)
+        self.journal.start()
+        try:
+            supervision.run_supervised(self._serve, self._stop,
+                                       f"router {self.settings.name}",
+                                       on_failure=self._failed)
+        finally:
+            self.journal.stop()
         LOG.info("router %s stopped", self.settings.name)
 
     def _failed(self, exc):

@@ -19,9 +19,10 @@ import time
 
 from amqp.exceptions import ConsumerCancelled
 
+from router import journal as journal_
 from router import routing
 from router.bus import connection as bus_connection
-from router.bus import contract, inbound, topology
+from router.bus import contract, inbound, topology, tracecontext
 from router.bus.connection import take
 from router.delivery import (
     DEAD,
@@ -76,7 +77,7 @@ class Session:
                 host_gone=self.hosts.forget, router_name=self.s.name,
                 patience=self.s.refused_patience, hold=self.s.refused_hold,
                 user=self.user, memory=self.memory,
-                damaged=self._damaged)
+                damaged=self._damaged, journal=self.service.journal)
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
                 self.stats, memory=self.memory, heard=self.hosts.seen)
@@ -333,6 +334,15 @@ class Session:
             lane, tag, message,
             env.id if env else inbound.safe_shortstr(msg_id) or "-", ours=ours,
             parked=parked)
+        if headers:
+            # The sender's, so hostile: kept only if it is well formed.
+            traceparent = tracecontext.valid(headers.get(tracecontext.HEADER)) \
+                if type(headers) is dict else None
+        else:
+            traceparent = None
+        entry.trace = traceparent
+        if env is not None and type(env.payload) is contract.InstanceEvent:
+            entry.event = env.payload
         if seen:
             # If the probation queue refuses its copy past hold, the message
             # is routed here instead, uncounted: a bystander of a lost
@@ -351,7 +361,8 @@ class Session:
         if verdict is not None:
             return self.delivery.dead_letter(entry, *verdict)
         if for_host:
-            return self._deliver(entry, env, (for_host,), publisher)
+            return self._deliver(entry, env, (for_host,), publisher,
+                                 entry.trace)
         decision = routing.decide(
             env, publisher=publisher,
             hosts_for=self.service.placement.hosts_for,
@@ -360,7 +371,7 @@ class Session:
             placement_ready=self.service.placement.ready,
             authenticated=not self.memory)
         if type(decision) is routing.Deliver:
-            self._deliver(entry, env, decision.hosts, publisher)
+            self._deliver(entry, env, decision.hosts, publisher, entry.trace)
         elif type(decision) is routing.Retry:
             self._retry(entry, env, decision, publisher, first_seen)
         else:
@@ -373,6 +384,9 @@ class Session:
         LOG.error("event %s: dropped after %d deliveries: even its poison "
                   "dead letter could not be placed", inbound.loggable(msg_id),
                   seen + 1)
+        self.service.journal.record(
+            journal_.DROPPED, inbound.safe_shortstr(msg_id), None, None, None,
+            None, None, f"poison: delivered {seen + 1} times")
 
     def _to_probation(self, entry, verdict, publisher, seen, attempt,
                       first_seen):
@@ -406,9 +420,19 @@ class Session:
         self.stats["redelivered"] += 1
         LOG.info("event %s redelivered (%d): to probation", entry.env_id, seen)
 
-    def _deliver(self, entry, env, hosts, publisher):
-        key = topology.instance_routing_key(env.payload.name)
+    def _deliver(self, entry, env, hosts, publisher, traceparent=None):
+        p = env.payload
+        key = topology.instance_routing_key(p.name)
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
+        if traceparent is not None:
+            if headers is None:
+                headers = {tracecontext.HEADER: traceparent}
+            else:
+                headers[tracecontext.HEADER] = traceparent
+        self.service.journal.record(journal_.ROUTED, env.id,
+                                    traceparent and traceparent[3:35],
+                                    p.server_uuid, p.tag, p.name, p.status,
+                                    hosts)
         body = inbound.raw_body(entry.message.body)
         for host in hosts:
             self.delivery.send(entry, HOST_COPY, host,
@@ -424,6 +448,8 @@ class Session:
         headers = {contract.HEADER_ATTEMPT: decision.attempt,
                    contract.HEADER_FIRST_SEEN: first_seen,
                    contract.HEADER_PUBLISHER: publisher or ""}
+        if entry.trace is not None:
+            headers[tracecontext.HEADER] = entry.trace
         body = inbound.raw_body(entry.message.body)
         if self.memory:
             # The memory transport has no TTLs to park a message with: keep
@@ -437,6 +463,9 @@ class Session:
                                message_id=env.id, headers=headers,
                                user_id=self.user)
         self.stats["retried"] += 1
+        self.delivery.record(entry, journal_.RETRIED,
+                             f"attempt {decision.attempt} in {delay}ms: "
+                             f"{decision.detail}")
         LOG.info("event %s retry %d in %dms: %s", env.id, decision.attempt,
                  delay, decision.detail)
 

@@ -1,0 +1,353 @@
+"""The journal of hops: one compact record per step of every event, on a stream.
+
+Each evrouter process that handles instance events (the network side's
+publisher and ``evrouter publish``, the router, a compute host's consumer)
+appends a record per hop: published, routed, retried, dead-lettered,
+dropped, delivered, and the waiter's match outcome. ``evrouter trace``
+reads them back (router/trace_cmd.py).
+
+Off the hot path: ``record(...)`` appends a tuple to a bounded deque and
+returns; it never blocks, never raises, and drops the record (counted in
+``stats["dropped"]``) when the deque is full. A thread of the journal's own,
+with a connection of its own, takes records in batches (up to
+``batch_records`` or ``batch_seconds`` after the first) and publishes each
+batch as one confirmed message to the exchange ``<prefix>.journal``, bound
+to the stream ``<prefix>.journal`` (``x-queue-type: stream`` with retention
+by size and age). Publishing through an exchange rather than to the queue by
+name: a user may write an exchange without writing the default one.
+
+A broker that refuses (no stream, no permission, a stream declared with
+other arguments) costs one WARNING line, then the writer backs off and
+tries again; meanwhile records wait in the deque until it is full, then
+are dropped and counted. The events themselves never wait for the journal.
+
+A batch on the wire (JSON): ``{"v": 1, "svc": service, "node": hostname,
+"r": [[t, hop, message id, trace id, instance, port, event, status,
+detail], ...]}``. ``t`` is the recorder's wall clock (seconds since the
+epoch, ``time.time()`` of the process that recorded it): clocks of
+different machines may disagree, so a timeline across hosts is ordered by
+these times only as well as those clocks agree.
+"""
+
+import collections
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from kombu import Exchange, Queue
+
+from router.bus import connection as bus_connection
+from router.bus import publishing
+
+LOG = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+# Hop kinds
+PUBLISHED = "published"
+ROUTED = "routed"
+RETRIED = "retried"         # no host known yet: parked in a retry queue
+PARKED = "parked"           # a host's copy refused: parked for that host
+DEAD = "dead-lettered"
+DROPPED = "dropped"
+DELIVERED = "delivered"     # taken from the host's queue by its consumer
+MATCHED = "matched"         # the waiter's outcome (detail)
+
+# The waiter's outcomes as the journal says them (compute/events.py's)
+OUTCOMES = {"delivered": "woken", "held": "held early",
+            "duplicate": "duplicate", "stale": "stale", "closed": "closed"}
+
+FIELDS = ("t", "hop", "mid", "tid", "instance", "port", "event", "status",
+          "detail")
+HEADER_MARKER = "x-evrouter-journal-marker"
+
+
+@dataclass
+class JournalSettings:
+    transport_url: str = bus_connection.DEFAULT_URL
+    prefix: str = "evrouter"
+    ssl: object = False
+    # Retention of the stream: the broker deletes whole segments past
+    # either limit, so a segment is small beside max_bytes.
+    max_bytes: int = 1 << 30
+    max_age: str = "24h"
+    segment_bytes: int = 16 << 20
+    batch_records: int = 500
+    batch_seconds: float = 0.2
+    # Records waiting for the writer, at most; past it, dropped and counted.
+    max_pending: int = 100_000
+    heartbeat: int = 30
+
+
+def stream_name(prefix):
+    return f"{prefix}.journal"
+
+
+def entities(settings):
+    """(exchange, stream queue) of the journal, as kombu declares them."""
+    name = stream_name(settings.prefix)
+    exchange = Exchange(name, type="fanout", durable=True, auto_delete=False)
+    queue = Queue(name, exchange=exchange, routing_key="", durable=True,
+                  auto_delete=False, queue_arguments={
+                      "x-queue-type": "stream",
+                      "x-max-length-bytes": settings.max_bytes,
+                      "x-max-age": settings.max_age,
+                      "x-stream-max-segment-size-bytes": settings.segment_bytes})
+    return exchange, queue
+
+
+def encode_batch(service, node, records):
+    """Records to one message body (bytes). Pure."""
+    return json.dumps({"v": FORMAT_VERSION, "svc": service, "node": node,
+                       "r": records}, separators=(",", ":"),
+                      default=str).encode()
+
+
+def decode_batch(body):
+    """A message body to [(service, node, record dict)]; [] for anything
+    that is not a journal batch (a marker, a foreign message). Total."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, TypeError):
+        return []
+    if type(doc) is not dict or doc.get("v") != FORMAT_VERSION:
+        return []
+    svc, node, rows = doc.get("svc"), doc.get("node"), doc.get("r")
+    if type(rows) is not list:
+        return []
+    out = []
+    for row in rows:
+        if type(row) is list and len(row) == len(FIELDS):
+            rec = dict(zip(FIELDS, row, strict=True))
+            rec["svc"], rec["node"] = svc, node
+            out.append(rec)
+    return out
+
+
+class NullJournal:
+    """The journal switched off: records nothing."""
+
+    enabled = False
+    stats = collections.Counter()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def start(self):
+        return self
+
+    def stop(self, timeout=5.0):
+        pass
+
+
+class Journal:
+    """Records hops of one service and writes them to the journal stream."""
+
+    enabled = True
+
+    def __init__(self, settings, service, *, node=None):
+        self.settings = settings
+        self.service = service
+        self.node = node or socket.gethostname()
+        self.stats = collections.Counter()
+        self._pending = collections.deque()
+        self._max = settings.max_pending
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = None
+        self._batch = None          # a batch the broker did not take yet
+        self._failing = False       # said at WARNING; quiet until it works
+        self.written = threading.Condition()
+
+    # --- any thread -----------------------------------------------------------
+    def record(self, hop, message_id, trace_id, instance, port, event, status,
+               detail=None, at=None):
+        """One hop (at `at`, default now, on this process's wall clock).
+        Never blocks, never raises: a full journal drops it."""
+        try:
+            if len(self._pending) >= self._max:
+                self.stats["dropped"] += 1
+                return
+            self._pending.append((at or time.time(), hop, message_id, trace_id,
+                                  instance, port, event, status, detail))
+        except Exception:       # never into the caller's path
+            self.stats["dropped"] += 1
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"journal-{self.service}")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        """Write what is pending (for at most `timeout`), then stop."""
+        self._stop_at = time.monotonic() + timeout
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout + 5.0)
+
+    @property
+    def backlog(self):
+        return len(self._pending) + (len(self._batch) if self._batch else 0)
+
+    def flushed(self, timeout=10.0):
+        """Wait until every record so far is written (tests, tools)."""
+        deadline = time.monotonic() + timeout
+        with self.written:
+            while self.backlog:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self.written.wait(min(left, 0.05))
+        return True
+
+    # --- the writer thread ------------------------------------------------------
+    def _run(self):
+        s = self.settings
+        delay = 0.0
+        backoff = 0.0           # grows while the broker refuses, to 30 s
+        conn = session = None
+        while True:
+            stopping = self._stop.is_set()
+            # Stopping: what is pending is written, unless the broker is
+            # refusing (a stop is not held up by a journal that fails).
+            if stopping and (not self.backlog or self._failing or
+                             time.monotonic() > self._stop_at):
+                break
+            if delay:
+                if stopping:
+                    time.sleep(max(0.0, min(delay, self._stop_at
+                                            - time.monotonic())))
+                else:
+                    self._stop.wait(delay)
+                delay = 0.0
+                continue
+            if not stopping and not self._pending and not self._batch:
+                self._wake.wait(s.batch_seconds)
+                self._wake.clear()
+                continue
+            if not stopping and self._batch is None and \
+                    len(self._pending) < s.batch_records:
+                # the first record of a batch waits for company, a while
+                self._wake.wait(s.batch_seconds)
+                self._wake.clear()
+            try:
+                if session is None:
+                    conn, session = self._connect()
+                self._write(session)
+                if self._failing:
+                    self._failing = False
+                    LOG.info("journal %s: writing to %s again",
+                             self.service, stream_name(s.prefix))
+                backoff = 0.0
+            except Exception as exc:        # never stop the writer
+                self._failed(exc)
+                backoff = delay = min(30.0, max(0.5, backoff * 2))
+                if conn is not None:
+                    _release(conn)
+                conn = session = None
+        if conn is not None:
+            _release(conn)
+        dropped = self.backlog
+        if dropped:
+            self.stats["dropped"] += dropped
+            LOG.warning("journal %s: stopped with %d record(s) not written",
+                        self.service, dropped)
+        with self.written:
+            self.written.notify_all()
+
+    def _connect(self):
+        s = self.settings
+        conn = bus_connection.connection(s.transport_url, heartbeat=0,
+                                         ssl_opts=s.ssl)
+        try:
+            conn.connect()
+            self._declare(conn)
+            publisher = publishing.BlockingPublisher(
+                conn, user_id=bus_connection.user_of(conn))
+        except BaseException:
+            _release(conn)
+            raise
+        return conn, publisher
+
+    def _declare(self, conn):
+        """Declare the exchange, the stream and their binding; a user that
+        may not (no configure permission) publishes to what is there."""
+        exchange, queue = entities(self.settings)
+        channel = conn.channel()
+        try:
+            queue(channel).declare()
+        except conn.channel_errors as exc:
+            self.stats["declare_refused"] += 1
+            LOG.debug("journal %s: declaring %s refused: %s", self.service,
+                      queue.name, exc)
+        finally:
+            try:
+                channel.close()
+            except conn.connection_errors + conn.channel_errors:
+                pass
+
+    def _write(self, publisher):
+        s = self.settings
+        while True:
+            if self._batch is None:
+                n = min(len(self._pending), s.batch_records)
+                if not n:
+                    return
+                pop = self._pending.popleft
+                self._batch = [pop() for _ in range(n)]
+            body = encode_batch(self.service, self.node, self._batch)
+            publisher.publish(stream_name(s.prefix), "", body, timeout=5.0)
+            with self.written:
+                self.stats["written"] += len(self._batch)
+                self.stats["batches"] += 1
+                self._batch = None
+                self.written.notify_all()
+            if len(self._pending) < s.batch_records and not self._stop.is_set():
+                return
+
+    def _failed(self, exc):
+        self.stats["failures"] += 1
+        what = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if not self._failing:
+            self._failing = True
+            LOG.warning("journal %s: cannot write to %s (%s); events are not "
+                        "affected, records wait (at most %d) and are dropped "
+                        "past that; trying again with backoff", self.service,
+                        stream_name(self.settings.prefix), what, self._max)
+        else:
+            LOG.debug("journal %s: still cannot write: %s", self.service, what)
+        if self._batch and len(self._pending) >= self._max:
+            # the oldest batch goes: new records are worth as much
+            self.stats["dropped"] += len(self._batch)
+            self._batch = None
+
+
+def _release(conn):
+    try:
+        conn.release()
+    except Exception:       # a dead connection's close
+        pass
+
+
+def settings_from(conf, transport_url, ssl=False):
+    """The [journal] options as JournalSettings; None when disabled."""
+    j = conf.journal
+    if not j.enabled:
+        return None
+    return JournalSettings(
+        transport_url=transport_url, prefix=conf.bus.prefix, ssl=ssl,
+        max_bytes=j.max_bytes, max_age=j.max_age,
+        segment_bytes=j.segment_bytes, batch_records=j.batch_records,
+        batch_seconds=j.batch_ms / 1000.0, max_pending=j.max_pending)
+
+
+def from_conf(conf, service, transport_url, ssl=False):
+    """The [journal] options to a Journal (or NullJournal when disabled)."""
+    settings = settings_from(conf, transport_url, ssl)
+    return NullJournal() if settings is None else Journal(settings, service)
