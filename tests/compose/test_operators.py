@@ -33,7 +33,8 @@ def exposed():
         "stats": collections.Counter({"in": 1, "dead_lettered:malformed": 1,
                                       "dropped:malformed": 1,
                                       "forbidden:host-snapshot": 1}),
-        "latency": LatencyHistogram(), "placement": {}, "ready": threading.Event()})
+        "latency": LatencyHistogram(), "placement": {}, "ready": threading.Event(),
+        "journal": type("Journal", (), {"stats": collections.Counter()})()})
     agent = type("Agent", (), {"stats": collections.Counter(), "published": 0,
                                "held": 0, "outbox": [], "healthy": True})
     registry = CollectorRegistry()

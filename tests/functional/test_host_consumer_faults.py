@@ -358,8 +358,12 @@ def test_a_soft_error_on_the_consuming_channel_reopens_that_channel_only(bus):
                  what="every good event recorded")
         assert set(delivered) == {g.id for g in goods}
         _one_session(h.consumer)
-        # The one in hand when the channel closed came back: a duplicate.
-        assert h.consumer.stats["duplicate"] == 1
+        # What was taken before the close arrived came back: duplicates,
+        # each recorded once (held == 5 above). At least the one in hand;
+        # more when the broker's close came after the next deliveries were
+        # handled (a busy machine: 2 in one run), their acks lost with the
+        # channel.
+        assert 1 <= h.consumer.stats["duplicate"] <= len(goods)
         assert h.consumer.stats["intake_channel_faults"] == 1
         wait_for(lambda: h.queue_depth() == 0, 10, what="an empty host queue")
         _no_more_dead_letters(bus)
