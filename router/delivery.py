@@ -130,8 +130,13 @@ class Delivery:
 
     def __init__(self, conn, topo, stats, *, settled, host_gone, router_name,
                  patience=20.0, hold=2.0, user=None, memory=False,
-                 damaged=None, clock=time.monotonic, journal=None):
+                 damaged=None, clock=time.monotonic, journal=None,
+                 max_held=128):
         self.conn = conn
+        # Copies for refusing central queues held in hand at most (each
+        # holds its ingress delivery's prefetch slot): a quarter of the
+        # window, so the other three quarters keep routing.
+        self.max_held = max_held
         self.journal = journal or journal_.NullJournal()
         self.topo = topo
         self.stats = stats
@@ -363,6 +368,18 @@ class Delivery:
             return self._ended(entry)
         if now - copy.first_refused >= self.patience:
             return self._give_up(copy, outcome)
+        if copy.refusals == 1 and not parking and self._holding_central():
+            # A central queue refusing (the dead-letter queue full, say)
+            # under a flood: each copy held in hand keeps its ingress
+            # delivery in the prefetch window everyone shares. Past
+            # max_held of them, a new one is given up at once (a dead
+            # letter dropped, counted, said at ERROR): the review saw the
+            # router take nothing in for 10 s of a 50/s malformed flood.
+            n = self.stats["refused_over_cap"] = \
+                self.stats["refused_over_cap"] + 1
+            return self._give_up(copy, f"{outcome}; {self.max_held} copies "
+                                 f"already held for refusing queues; "
+                                 f"{n} given up so", quiet=n % 100 != 1)
         delay = backoff.refused_copy_delay(copy.refusals)
         if parking or entry.fallback is not None:
             # parked (or routed here) when hold is up, not a backoff later
@@ -374,6 +391,17 @@ class Delivery:
                 "event %s: broker %s the %s copy%s; publishing it again in "
                 "%.2fs", entry.env_id, outcome, copy.kind, _for_host(copy),
                 delay)
+
+    def _holding_central(self):
+        """Whether max_held copies (not a host's: those are parked) wait in
+        hand to be published again. Asked on a first refusal only."""
+        held = 0
+        for _, _, waiting in self._delayed:
+            if waiting.kind != HOST_COPY:
+                held += 1
+                if held >= self.max_held:
+                    return True
+        return False
 
     def _park(self, copy, outcome):
         """A host copy out of hand: to a retry queue for its host alone, so
@@ -400,21 +428,25 @@ class Delivery:
                     delay, rounds)
         self._ended(entry)
 
-    def _give_up(self, copy, outcome):
+    def _give_up(self, copy, outcome, quiet=False):
+        """quiet: at DEBUG (one of a flood, said at ERROR now and then)."""
         entry = copy.entry
         where = f"{copy.exchange or 'queue'} {copy.routing_key}".strip()
+        took = self._clock() - (copy.first_refused or self._clock())
         detail = (f"the broker refused the {copy.kind} copy ({outcome}) "
-                  f"{copy.refusals} times over {self.patience:.0f}s: {where}")
+                  f"{max(copy.refusals, 1)} time(s) over {took:.1f}s: {where}")
+        level = logging.DEBUG if quiet else logging.ERROR
         if copy.kind != DEAD:
-            LOG.error("event %s: %s; dead-lettering it", entry.env_id, detail)
+            LOG.log(level, "event %s: %s; dead-lettering it", entry.env_id,
+                    detail)
             return self._replace_with_dead_letter(copy, REASON_REFUSED, detail)
         reason = copy.kwargs.get("headers", {}).get(contract.HEADER_REASON, "-")
         self.stats[f"dropped:{reason}"] += 1
         entry.dropped = True
         self.record(entry, journal_.DROPPED,
                      f"{reason}: its dead letter could not be placed")
-        LOG.error("event %s: dropped: the dead letter (%s) could not be "
-                  "placed: %s", entry.env_id, reason, detail)
+        LOG.log(level, "event %s: dropped: the dead letter (%s) could not be "
+                "placed: %s", entry.env_id, reason, detail)
         self._ended(entry)
 
     def _replace_with_dead_letter(self, copy, reason, detail):

@@ -81,6 +81,10 @@ class RouterService:
         self.placement = placement if placement is not None else PlacementTable(
             max_per_host=settings.max_instances_per_host)
         self.stats = collections.Counter()
+        # (message id, body hash) -> deliveries counted for a message routed
+        # past a refusing probation queue (router/session.py _bypass): kept
+        # across sessions, as the probation copy's header would have been.
+        self.bypassed = collections.OrderedDict()
         self.latency = LatencyHistogram()
         self._stop = threading.Event()
         self.ready = Ready()     # set while consuming

@@ -157,3 +157,85 @@ def test_a_refusing_probation_queue_dead_letters_no_bystander():
         if router is not None:
             router.stop()
         users.remove()
+
+
+def test_a_session_killer_routed_past_a_refusing_probation_queue_is_counted(
+        bus, policy, monkeypatch):
+    """A redelivered message goes to probation to be counted; the probation
+    queue refusing, it is routed here after hold, its count kept by the
+    router process instead. One that kills its session comes back counted
+    on and is dead-lettered `poison` at the limit (the second review: a
+    bypassed killer, uncounted, killed 8 sessions in 60 s with no end, the
+    backoff at 30 s and a healthy host's p90 23.6 s)."""
+    import amqp.exceptions
+
+    from router import session as router_session
+    bus.declare_central()
+    bus.declare_host(GOOD[0])
+    topo = bus.topology
+    policy(topo.probation_queue_name, REJECT_ALL)
+    killer = _event(GOOD[0])
+    decide = router_session.routing.decide
+
+    def deadly(env, **kwargs):
+        if env.id == killer.id:
+            raise amqp.exceptions.FrameError("test: this message kills its session")
+        return decide(env, **kwargs)
+
+    monkeypatch.setattr(router_session.routing, "decide", deadly)
+    router = RunningRouter(bus, refused_hold=0.5, redelivery_limit=3)
+    try:
+        _flood(bus.url, topo, [killer])
+        stats = router.service.stats
+        wait_for(lambda: stats["dead_lettered:poison"] == 1, 60,
+                 what="the killer dead-lettered poison")
+        assert _dead_letter_ids(bus.url, topo) == {killer.id: contract.REASON_POISON}
+        # Killed the first session and each bypass's: no more than the limit.
+        assert stats["sessions"] <= 3 + 1, dict(stats)
+        assert stats["probation_bypassed"] >= 1, dict(stats)
+        after = [_event(GOOD[0]) for _ in range(5)]
+        _flood(bus.url, topo, after)
+        got = collect_ids(bus.url, topo.host_queue_name(GOOD[0]),
+                          {e.id for e in after}, timeout=20)
+        assert {m.properties["message_id"] for m in got} == {e.id for e in after}
+    finally:
+        router.stop()
+
+
+def test_a_refusing_dead_letter_queue_under_a_flood_holds_no_ones_routing(
+        bus, policy):
+    """Dead letters the dead-letter queue refuses are held in hand, each
+    keeping its ingress delivery's prefetch slot: a flood of malformed
+    messages filled the window and the router took nothing in for 10 s (the
+    second review: a healthy host's p90 39.6 s). At most a quarter of the
+    window is held so; past it a dead letter is given up at once (dropped,
+    counted, said at ERROR now and then)."""
+    bus.declare_central()
+    bus.declare_host(GOOD[0])
+    topo = bus.topology
+    policy(topo.dead_letter_queue_name, REJECT_ALL)
+    router = RunningRouter(bus, prefetch=40, refused_patience=10.0)
+    try:
+        with kombu.Connection(bus.url) as conn:
+            ch = conn.channel()
+            for i in range(200):
+                ch.basic_publish(ch.prepare_message(
+                    b"not json", properties={"message_id": f"bad-{i}",
+                                             "user_id": conn.userid}),
+                    exchange=topo.ingress_exchange_name,
+                    routing_key="instance.network-vif-plugged")
+        stats = router.service.stats
+        wait_for(lambda: stats["in"] >= 60, 10, what="the flood taken in")
+        good = [_event(GOOD[0]) for _ in range(10)]
+        t = time.monotonic()
+        _flood(bus.url, topo, good)
+        got = collect_ids(bus.url, topo.host_queue_name(GOOD[0]),
+                          {e.id for e in good}, timeout=30)
+        took = time.monotonic() - t
+        assert {m.properties["message_id"] for m in got} == {e.id for e in good}
+        # Before: behind 40 held dead letters, refused_patience (10 s).
+        assert took < 3.0, f"healthy events took {took:.1f}s behind the flood"
+        assert stats["refused_over_cap"] > 0, dict(stats)
+        assert stats["sessions"] == 1
+    finally:
+        router.stop()
