@@ -19,7 +19,7 @@ import uuid
 import kombu
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from router.bus import publishing
 from tests.conftest import BROKER_URL, broker_reachable
@@ -79,7 +79,10 @@ class RefusingBroker(RuleBasedStateMachine):
             pass
         self.publisher.pump()
 
-    @precondition(lambda self: self._owed())
+    # No precondition on what is owed: whether a confirm has come yet is
+    # the broker's timing, and a rule enabled by it made hypothesis's data
+    # generation differ between a run and its replay (FlakyStrategyDefinition
+    # in a CI run). With nothing owed this returns at once.
     @rule()
     def drain_all(self):
         for _ in range(200):
