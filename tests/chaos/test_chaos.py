@@ -326,8 +326,11 @@ class Schedule:
         copies are parked (and dead-lettered `refused` past patience);
         nobody else's are held up."""
         w, host = self.w, self.rng.choice(HOSTS)
+        # lost: its consumer's connection stays, but a new session (a
+        # restart, a close_connection) cannot declare the exchange as it
+        # is (406 inequivalent arg 'internal') until the fault is undone.
         fault = cw.Fault(
-            f"internal-host {host}", frozenset({host}),
+            f"internal-host {host}", frozenset({host}), lost=(host,),
             backlog=cw.parked_backlog(w.refused_patience),
             resume=cw.avoided_resume(w.refused_hold),
             undo=lambda: w.admin_do(lambda ch: _redeclare_host(w, ch, host)))

@@ -120,7 +120,7 @@ class Fault:
     lost: tuple = ()
     backlog: float = 0.0
     settle: float = 0.0
-    resume: float = None        # None: remove()'s default
+    resume: float = None        # its own resume path's bound, beside the backoff
     undo: object = None
     began: float = field(default_factory=time.monotonic)
     ended: float = None
@@ -449,8 +449,6 @@ class World:
         router serves all)."""
         if fault.undo is not None:
             fault.undo()
-        if resume is None:
-            resume = fault.resume
         now = time.monotonic()
         fault.ended = now
         self.faults.remove(fault)
@@ -465,6 +463,8 @@ class World:
                 within[host] = RESUME + fault.settle + max(
                     (self._next_attempt(who) for who in fault.lost
                      if who in ("router", host)), default=0.0)
+                if fault.resume is not None:    # its own path's bound
+                    within[host] = max(within[host], fault.resume)
             self.recovering.append((frozenset({host}), now + within[host]))
         with self._lock:
             for good in self.good.values():
