@@ -169,3 +169,21 @@ def test_a_host_its_agent_spoke_for_is_asked_again_sooner_when_missing():
     clock.now += 1.0
     assert known("late") is True
     assert broker.asked["late"] == 2
+
+
+def test_a_host_found_gone_is_asked_again_every_half_second_while_gone():
+    """It existed (a delivery found it gone): the deployment's host, its
+    exchange deleted and maybe declared again. Doubled like a made-up
+    hint's, one deleted and declared again 3 s later stayed unknown for
+    4-8 s more (the chaos test's 2 s resume bound broke on it)."""
+    clock, broker = Clock(), Broker("h2")
+    known = hosts(broker, clock)
+    assert known("h2") is True
+    broker.existing.discard("h2")
+    known.forget("h2")                  # a copy to it came back 404
+    for _ in range(6):                  # 3 s gone, asked every 0.5 s
+        assert known("h2") is False
+        clock.now += 0.5
+    broker.existing.add("h2")           # declared again
+    clock.now += 0.5
+    assert known("h2") is True, "found within half a second"
