@@ -31,6 +31,10 @@ setup(
         "orm": ["SQLAlchemy>=1.4"],
         # Keystone authentication of the router's REST compatibility endpoint
         "keystone": ["keystonemiddleware>=10.0", "oslo.policy>=4.0"],
+        # [journal] otlp_endpoint: each hop as an OpenTelemetry span over
+        # OTLP/HTTP (router/journal_otlp.py); not imported when it is empty
+        "otlp": ["opentelemetry-sdk>=1.45.2,<2",
+                 "opentelemetry-exporter-otlp-proto-http>=1.45.2,<2"],
         # python -m tests.fuzz: coverage-guided fuzzing, outside the test run
         "fuzz": ["atheris>=2.3"],
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80",

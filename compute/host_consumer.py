@@ -96,10 +96,8 @@ class HostConsumer:
         # queue): if one of them keeps killing the consumer, it is alone in
         # flight when it does, and the others are not counted with it.
         self._cautious = False
-        self.journal = (journal_.Journal(settings.journal,
-                                         f"host:{settings.host}")
-                        if settings.journal is not None
-                        else journal_.NullJournal())
+        self.journal = journal_.open_journal(settings.journal,
+                                             f"host:{settings.host}")
 
     def stop(self):
         """Finish what is in hand and return from run(). Signal-safe."""

@@ -372,14 +372,16 @@ class HostSession:
     def _record(self, journal, env, props, outcome):
         """Taken from the queue, and what the waiter made of it."""
         headers = props.get("application_headers")
-        trace = tracecontext.trace_id_of(headers.get(tracecontext.HEADER)) \
+        parsed = tracecontext.parse(headers.get(tracecontext.HEADER)) \
             if type(headers) is dict else None
+        trace, span = parsed[:2] if parsed else (None, None)
         p = env.payload
         where = f"host {self.s.host}"
         journal.record(journal_.DELIVERED, env.id, trace, p.server_uuid,
-                       p.tag, p.name, p.status, where)
+                       p.tag, p.name, p.status, where, span_id=span)
         journal.record(journal_.MATCHED, env.id, trace, p.server_uuid, p.tag,
-                       p.name, p.status, journal_.OUTCOMES.get(outcome, outcome))
+                       p.name, p.status, journal_.OUTCOMES.get(outcome, outcome),
+                       span_id=span)
 
     def _redelivered(self, message, props):
         info = message.delivery_info

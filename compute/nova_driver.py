@@ -51,7 +51,7 @@ from oslo_utils import importutils
 
 from compute import events as evr_events
 from compute import host_consumer, waiting
-from router import options
+from router import journal_otlp, options
 from router.bus import contract
 from router.bus.topology import Topology
 from router.journal import JournalSettings
@@ -81,6 +81,12 @@ OPTS = [
                      "journal stream, for `evrouter trace`. Needs write on "
                      "the journal exchange (`evrouter permissions` grants "
                      "it); refused, it costs a WARNING, never an event."),
+    cfg.StrOpt("otlp_endpoint", default="",
+               help="OTLP/HTTP traces URL (e.g. "
+                    "http://collector:4318/v1/traces): this host's hops are "
+                    "also exported as OpenTelemetry spans of each event's "
+                    "trace, with or without the journal stream. Needs the "
+                    "extra evrouter[otlp]. Empty: off."),
 ] + options.tls_opts    # ssl, ssl_ca_file, ... ssl_login = external: no password
 
 # Events Nova's ComputeManager handles itself; nothing waits for them.
@@ -372,12 +378,17 @@ class HostBus:
         # A contradiction or an unreadable file in [evrouter]'s TLS options
         # stops nova-compute here with one line naming them.
         tls = options.checked_tls(opts.transport_url, options.ssl_from(conf, GROUP))
+        # So does otlp_endpoint set without OpenTelemetry installed.
+        journal_otlp.check(opts.otlp_endpoint, f"[{GROUP}] otlp_endpoint")
+        otlp = journal_otlp.OtlpSettings(opts.otlp_endpoint) \
+            if opts.otlp_endpoint else None
         settings = host_consumer.HostConsumerSettings(
             host=host, transport_url=opts.transport_url,
             topology=Topology(prefix=opts.topology_prefix), ssl=tls,
             journal=JournalSettings(transport_url=opts.transport_url,
-                                    prefix=opts.topology_prefix, ssl=tls)
-            if opts.journal else None)
+                                    prefix=opts.topology_prefix, ssl=tls,
+                                    stream=opts.journal, otlp=otlp)
+            if opts.journal or otlp else None)
         consumer = host_consumer.HostConsumer(settings, bridge.deliver)
         # A native thread: nova-compute 34 runs on native threads. Under
         # eventlet mode the service has monkey-patched threading already.

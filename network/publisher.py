@@ -143,10 +143,8 @@ class InstanceEventPublisher:
         self._reconnect_at = 0.0    # no connect attempt before this
         self._last_cause = None     # why the last session ended
         self._up_since = None       # when the current session connected
-        self.journal = (journal_.Journal(settings.journal,
-                                         f"publisher:{settings.producer}")
-                        if settings.journal is not None
-                        else journal_.NullJournal())
+        self.journal = journal_.open_journal(settings.journal,
+                                             f"publisher:{settings.producer}")
 
     # --- caller side (any thread) -------------------------------------------
     def start(self):
@@ -534,7 +532,8 @@ class InstanceEventPublisher:
             journal_.PUBLISHED, job.message_id,
             job.traceparent and job.traceparent[3:35], e.server_uuid, e.tag,
             e.name, e.status, f"{how}; host hint {e.host or '-'}",
-            at=job.sent_at)
+            at=job.sent_at,
+            span_id=job.traceparent and job.traceparent[36:52])
 
     def _keepalive(self):
         session = self._session

@@ -678,13 +678,15 @@ class Delivery:
     def record(self, entry, hop, detail, msg_id=None):
         """One hop of `entry`'s event in the journal."""
         event, trace = entry.event, entry.trace
+        span = trace and trace[36:52]
         trace = trace and trace[3:35]
         if event is None:
             self.journal.record(hop, msg_id or entry.env_id, trace, None,
-                                None, None, None, detail)
+                                None, None, None, detail, span_id=span)
         else:
             self.journal.record(hop, entry.env_id, trace, event.server_uuid,
-                                event.tag, event.name, event.status, detail)
+                                event.tag, event.name, event.status, detail,
+                                span_id=span)
 
 
 def untrusted_headers(message, ours):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from kombu import Exchange, Queue
 
+from router import journal_otlp  # imports OpenTelemetry only when used
 from router.bus import connection as bus_connection
 from router.bus import publishing
 
@@ -80,6 +81,10 @@ class JournalSettings:
     # Records waiting for the writer, at most; past it, dropped and counted.
     max_pending: int = 100_000
     heartbeat: int = 30
+    # False: no stream, only the OTLP spans (an operator may want those alone)
+    stream: bool = True
+    # router/journal_otlp.py's OtlpSettings: each hop as a span too; None: no
+    otlp: object = None
 
 
 def stream_name(prefix):
@@ -164,9 +169,11 @@ class Journal:
 
     # --- any thread -----------------------------------------------------------
     def record(self, hop, message_id, trace_id, instance, port, event, status,
-               detail=None, at=None):
+               detail=None, at=None, span_id=None):
         """One hop (at `at`, default now, on this process's wall clock).
-        Never blocks, never raises: a full journal drops it."""
+        Never blocks, never raises: a full journal drops it. `span_id`, the
+        traceparent's, is for the OTLP spans only (router/journal_otlp.py):
+        the stream does not keep it."""
         try:
             if len(self._pending) >= self._max:
                 self.stats["dropped"] += 1
@@ -336,18 +343,33 @@ def _release(conn):
 
 
 def settings_from(conf, transport_url, ssl=False):
-    """The [journal] options as JournalSettings; None when disabled."""
+    """The [journal] options as JournalSettings; None when neither the
+    stream nor the OTLP spans are on."""
     j = conf.journal
-    if not j.enabled:
+    otlp = journal_otlp.settings_from(j)
+    if not j.enabled and otlp is None:
         return None
     return JournalSettings(
         transport_url=transport_url, prefix=conf.bus.prefix, ssl=ssl,
         max_bytes=j.max_bytes, max_age=j.max_age,
         segment_bytes=j.segment_bytes, batch_records=j.batch_records,
-        batch_seconds=j.batch_ms / 1000.0, max_pending=j.max_pending)
+        batch_seconds=j.batch_ms / 1000.0, max_pending=j.max_pending,
+        stream=j.enabled, otlp=otlp)
+
+
+def open_journal(settings, service):
+    """The journal a service records its hops to: the stream, the OTLP
+    spans (router/journal_otlp.py, which imports OpenTelemetry), both, or
+    a NullJournal (settings None)."""
+    if settings is None:
+        return NullJournal()
+    stream = Journal(settings, service) if settings.stream else None
+    if settings.otlp is None:
+        return stream if stream is not None else NullJournal()
+    return journal_otlp.SpanJournal(settings.otlp, service,
+                                    node=socket.gethostname(), stream=stream)
 
 
 def from_conf(conf, service, transport_url, ssl=False):
-    """The [journal] options to a Journal (or NullJournal when disabled)."""
-    settings = settings_from(conf, transport_url, ssl)
-    return NullJournal() if settings is None else Journal(settings, service)
+    """The [journal] options to a journal (see open_journal)."""
+    return open_journal(settings_from(conf, transport_url, ssl), service)

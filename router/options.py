@@ -100,6 +100,23 @@ journal_opts = [
                help="Records waiting to be written, at most (the broker "
                     "slow or refusing); past it they are dropped and "
                     "counted."),
+    cfg.StrOpt("otlp_endpoint", default="",
+               help="OTLP/HTTP (protobuf) traces URL, e.g. "
+                    "http://collector:4318/v1/traces: each hop is also "
+                    "exported as an OpenTelemetry span of its event's trace "
+                    "(the traceparent's), in batches, off the hot path; with "
+                    "or without the stream (enabled). Needs the extra "
+                    "evrouter[otlp]. The OTEL_EXPORTER_OTLP_TRACES_* "
+                    "environment variables (headers, certificate, "
+                    "compression) apply. Empty: off, OpenTelemetry is not "
+                    "even imported."),
+    cfg.IntOpt("otlp_max_queue", default=20_000, min=1,
+               help="Spans waiting to be sent, at most (the collector slow "
+                    "or down); past it they are dropped and counted."),
+    cfg.FloatOpt("otlp_timeout", default=5.0, min=0.1,
+                 help="Seconds one export of spans may take, retries "
+                      "included; a failed one drops its spans, and exports "
+                      "pause with backoff (up to 30 s) while it fails."),
 ]
 
 

@@ -91,10 +91,8 @@ class RouterService:
         # Whether the broker's dead-lettering of the parking queues was
         # checked (topology.parking_refusal): once per process.
         self.parking_checked = False
-        self.journal = (journal_.Journal(settings.journal,
-                                         f"router:{settings.name}")
-                        if settings.journal is not None
-                        else journal_.NullJournal())
+        self.journal = journal_.open_journal(settings.journal,
+                                             f"router:{settings.name}")
 
     def stop(self):
         """Finish in-flight messages and return from run(). Signal-safe."""

@@ -6,7 +6,7 @@ import sys
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from router import options
+from router import journal_otlp, options
 
 
 def parse(argv, prog, description, opts_by_group=(), cli_opts=(), defaults=None):
@@ -29,6 +29,8 @@ def parse(argv, prog, description, opts_by_group=(), cli_opts=(), defaults=None)
         # A TLS option that contradicts the URL, or names a file this
         # process cannot read: one line now, not a retry loop later.
         options.checked_tls(options.transport_url(conf), options.ssl_from(conf))
+        # Spans asked for and OpenTelemetry not installed: the same.
+        journal_otlp.check(conf.journal.otlp_endpoint)
     except ValueError as exc:
         raise SystemExit(fail(str(exc), 2)) from None
     return conf

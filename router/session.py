@@ -466,7 +466,8 @@ class Session:
         self.service.journal.record(journal_.ROUTED, env.id,
                                     traceparent and traceparent[3:35],
                                     p.server_uuid, p.tag, p.name, p.status,
-                                    hosts)
+                                    hosts,
+                                    span_id=traceparent and traceparent[36:52])
         body = inbound.raw_body(entry.message.body)
         for host in hosts:
             self.delivery.send(entry, HOST_COPY, host,
