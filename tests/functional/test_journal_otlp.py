@@ -238,7 +238,7 @@ def test_a_collector_that_is_down_never_slows_or_stops_routing(
     try:
         started = time.monotonic()
         waits = []
-        for i in range(n):
+        for _ in range(n):
             server = str(uuid.uuid4())
             waits.append(world.registry.prepare(server, contract.VIF_PLUGGED,
                                                 "p"))
