@@ -202,8 +202,10 @@ class SpanJournal:
             own, parent = parent, None
         else:
             own = random.getrandbits(64) or 1
-        attrs = {"evrouter.hop": hop, "evrouter.service": self.service,
-                 "evrouter.node": self.node}
+        # the service and node are the resource's (service.instance.id,
+        # host.name): sent once per batch, not per span (encoding each
+        # attribute is most of a span's cost)
+        attrs = {"evrouter.hop": hop}
         for key, value in (("messaging.message.id", message_id),
                            ("evrouter.instance", instance),
                            ("evrouter.port", port), ("evrouter.event", event),

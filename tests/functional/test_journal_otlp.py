@@ -193,7 +193,6 @@ def test_an_events_hops_arrive_as_spans_of_its_trace(bus, collector):
         assert s["attrs"]["evrouter.event"] == contract.VIF_PLUGGED
         assert s["attrs"]["evrouter.status"] == contract.COMPLETED
         assert s["attrs"]["evrouter.hop"] == s["name"]
-        assert s["attrs"]["evrouter.node"] == socket.gethostname()
         assert s["resource"]["host.name"] == socket.gethostname()
         assert s["scope"] == "evrouter.journal"
         assert s["start"] <= s["end"]
@@ -206,7 +205,7 @@ def test_an_events_hops_arrive_as_spans_of_its_trace(bus, collector):
         == {journal.PUBLISHED: "evrouter-publisher",
             journal.ROUTED: "evrouter-router",
             journal.DELIVERED: "evrouter-host", journal.MATCHED: "evrouter-host"}
-    assert routed["attrs"]["evrouter.service"] == \
+    assert routed["resource"]["service.instance.id"] == \
         f"router:{world.router.service.settings.name}"
     # PRODUCER, INTERNAL, CONSUMER (OTLP's numbering)
     assert (published["kind"], routed["kind"], delivered["kind"]) == (4, 1, 5)

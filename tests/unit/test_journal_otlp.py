@@ -86,13 +86,13 @@ def test_each_hop_is_a_span_of_the_events_trace_under_the_publish():
     assert 0.2e9 < published.end_time - published.start_time < 5e9
     assert routed.start_time == routed.end_time
     assert dict(routed.attributes) == {
-        "evrouter.hop": "routed", "evrouter.service": "router:r1",
-        "evrouter.node": "node1", "messaging.message.id": "m1",
+        "evrouter.hop": "routed", "messaging.message.id": "m1",
         "evrouter.instance": "inst-1", "evrouter.port": "port-1",
         "evrouter.event": "network-vif-plugged",
         "evrouter.status": "completed", "evrouter.detail": ("h1", "h2")}
     assert routed.resource.attributes["service.name"] == "evrouter-router"
     assert routed.resource.attributes["host.name"] == "node1"
+    assert routed.resource.attributes["service.instance.id"] == "router:r1"
     # no trace: a trace of its own, findable by message id; an error
     assert dead.context.trace_id not in (0, trace) and dead.parent is None
     assert dead.status.status_code.name == "ERROR"
