@@ -170,7 +170,7 @@ class SpanJournal:
                detail=None, at=None, span_id=None):
         if self.stream is not None:
             self.stream.record(hop, message_id, trace_id, instance, port,
-                               event, status, detail, at)
+                               event, status, detail, at=at)
         try:
             processor = self._processor
             if processor is None or self._stopped:

@@ -135,6 +135,16 @@ class RouterCollector:
             "evrouter_journal_write_failures",
             "Journal writes the broker refused or that failed (each logged "
             "at WARNING once per outage).", value=journal.get("failures", 0))
+        # [journal] otlp_endpoint (router/journal_otlp.py); 0 while it is off
+        spans = getattr(svc.journal, "span_stats", {})
+        exported = CounterMetricFamily(
+            "evrouter_journal_spans",
+            "Hops this router exported as OpenTelemetry spans over OTLP, by "
+            "what became of them (dropped: too many waiting, the collector "
+            "down or refusing, or the router stopping).", labels=["outcome"])
+        for outcome in ("exported", "dropped"):
+            exported.add_metric([outcome], spans.get(outcome, 0))
+        yield exported
         yield GaugeMetricFamily("evrouter_router_connected",
                                 "1 while consuming from the broker.",
                                 value=1 if svc.ready.is_set() else 0)

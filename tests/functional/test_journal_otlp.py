@@ -18,6 +18,7 @@ from network.publisher import InstanceEventPublisher, PublisherSettings
 from router import journal
 from router.bus import contract
 from router.journal_otlp import OtlpSettings
+from router.metrics import RouterCollector
 from tests.conftest import BROKER_URL, RunningRouter, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -255,6 +256,12 @@ def test_a_collector_that_is_down_never_slows_or_stops_routing(
             assert not j.span_stats["exported"]
             assert j.span_stats["export_failures"] >= 1   # it was tried
             assert j.backlog == 0
+        metrics = {(s.name, s.labels.get("outcome")): s.value
+                   for family in RouterCollector(world.router.service).collect()
+                   for s in family.samples
+                   if s.name == "evrouter_journal_spans_total"}
+        assert metrics == {("evrouter_journal_spans_total", "exported"): 0,
+                           ("evrouter_journal_spans_total", "dropped"): n}
     finally:
         stopped_in = world.stop()
     assert stopped_in < 15

@@ -185,8 +185,8 @@ def test_the_stream_gets_every_hop_too(monkeypatch):
     class Stream:
         stats = {"written": 7}
 
-        def record(self, *args):
-            got.append(args)
+        def record(self, *args, at=None):
+            got.append((*args, at))
 
         def start(self):
             got.append("start")
