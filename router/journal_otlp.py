@@ -306,6 +306,21 @@ class GuardedExporter:
         self._closed = False
         # spans whose fate is known (sent or dropped): read by record()
         self.settled = 0
+        # The OTLP exporter's HTTP client (its retries, TLS, headers, the
+        # OTEL_EXPORTER_OTLP_TRACES_* variables) sends what router/otlp_wire
+        # encodes, 5 times faster than the SDK's encoder. Not a public
+        # interface: an exporter without it is given the spans.
+        from router import otlp_wire  # imports OpenTelemetry's protobuf
+        self._encode = otlp_wire.encode
+        client = getattr(inner, "_client", None)
+        self._send = client.export if callable(
+            getattr(client, "export", None)) else None
+
+    def _export(self, spans):
+        """True if the collector took `spans`."""
+        if self._send is not None:
+            return bool(self._send(self._encode(spans)).success)
+        return self._inner.export(spans) == self._results.SUCCESS
 
     def export(self, spans):
         now = time.monotonic()
@@ -313,8 +328,7 @@ class GuardedExporter:
                 (self.deadline is not None and now > self.deadline):
             return self._settle(len(spans), "dropped")
         try:
-            result = self._inner.export(spans)
-            error = None if result == self._results.SUCCESS else \
+            error = None if self._export(spans) else \
                 "refused or unreachable (the exporter's log says which)"
         except Exception as exc:    # a foreign exporter's trouble
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
