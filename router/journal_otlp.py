@@ -19,7 +19,8 @@ id.
 
 Off the hot path: ``record(...)`` builds one ReadableSpan (a few
 microseconds) and hands it to the SDK's BatchSpanProcessor, whose thread
-encodes and sends batches. It never blocks and never raises. Spans waiting
+encodes batches (router/otlp_wire.py) and sends them with the OTLP/HTTP
+exporter's client. It never blocks and never raises. Spans waiting
 to be sent are bounded (``max_queue``); past it, new spans are dropped and
 counted here, before the SDK's queue, which would drop its oldest silently.
 A collector that is down or refuses costs one WARNING, then exports are
