@@ -176,6 +176,8 @@ class HostSession:
                 next_heartbeat = now + bus_connection.heartbeat_every(self.conn)
             if stopping_since is None and not self.memory:
                 self.watch.check(now)     # ends the session as a cancel would
+            if self.owner.waits is not None:
+                self.owner.waits.check()
 
     def _drain(self, stopping, next_heartbeat):
         """Wait for the broker until something arrives or is due.
@@ -201,6 +203,9 @@ class HostSession:
             due.append(now + 0.25)
         else:
             due += [next_heartbeat, self.watch.next_due]
+        if self.owner.waits is not None:
+            # on the registry's clock: time.monotonic unless a test's
+            due.append(self.owner.waits.next_due)
         return min(max(0.0, min(d for d in due if d is not None) - now), 30.0)
 
     def _pump(self):

@@ -81,6 +81,11 @@ OPTS = [
                      "journal stream, for `evrouter trace`. Needs write on "
                      "the journal exchange (`evrouter permissions` grants "
                      "it); refused, it costs a WARNING, never an event."),
+    cfg.FloatOpt("stuck_after", default=30.0, min=1.0,
+                 help="A wait for an event (Nova's prepare) still pending "
+                      "after this many seconds is logged at WARNING and, "
+                      "with the journal, recorded stuck for `evrouter "
+                      "stuck`, which says why."),
 ] + options.tls_opts    # ssl, ssl_ca_file, ... ssl_login = external: no password
 
 # Events Nova's ComputeManager handles itself; nothing waits for them.
@@ -166,7 +171,7 @@ class NovaEventBridge:
         with self._lock:
             entry = self._prepared.pop(key, None)
         if entry is not None:
-            self.registry.discard(entry[1])
+            self.registry.discard(entry[1], "Nova's wait timed out")
 
     def cleared(self, instance):
         with self._lock:
@@ -377,8 +382,9 @@ class HostBus:
             topology=Topology(prefix=opts.topology_prefix), ssl=tls,
             journal=JournalSettings(transport_url=opts.transport_url,
                                     prefix=opts.topology_prefix, ssl=tls)
-            if opts.journal else None)
-        consumer = host_consumer.HostConsumer(settings, bridge.deliver)
+            if opts.journal else None, stuck_after=opts.stuck_after)
+        consumer = host_consumer.HostConsumer(settings, bridge.deliver,
+                                              waits=registry)
         # A native thread: nova-compute 34 runs on native threads. Under
         # eventlet mode the service has monkey-patched threading already.
         thread = threading.Thread(target=consumer.run, daemon=True,
