@@ -135,6 +135,17 @@ class RouterCollector:
             "evrouter_journal_write_failures",
             "Journal writes the broker refused or that failed (each logged "
             "at WARNING once per outage).", value=journal.get("failures", 0))
+        stuck = svc.stuck
+        if stuck is not None:
+            yield GaugeMetricFamily(
+                "evrouter_stuck_waits",
+                "Waits compute hosts recorded stuck (pending past their "
+                "stuck_after) and not ended, as read from the journal "
+                "(`evrouter stuck` says why).", value=stuck.current())
+            yield CounterMetricFamily(
+                "evrouter_stuck_waits_recorded", "Waits recorded stuck, ever (since "
+                "this router started following the journal).",
+                value=stuck.seen)
         yield GaugeMetricFamily("evrouter_router_connected",
                                 "1 while consuming from the broker.",
                                 value=1 if svc.ready.is_set() else 0)

@@ -13,12 +13,14 @@ import sys
 import uuid
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from compute.events import InstanceEvents
 from compute.host_consumer import HostConsumer, HostConsumerSettings
 from network.publisher import InstanceEventPublisher, PublisherSettings
 from router import journal, stuck_cmd
 from router.bus import contract
+from router.metrics import RouterCollector
 from tests.conftest import BROKER_URL, Bus, RunningRouter, single_user_policy, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -235,13 +237,23 @@ def test_a_stuck_wait_that_ends_is_no_longer_listed(world):
     prepared = h1.registry.prepare(server, contract.VIF_PLUGGED, port)
     world.stuck(H1)
     assert [w.wid for w in world.find()]
+    # the router follows the journal: its gauge counts the stuck wait
+    wait_for(lambda: _gauge(world) == 1, 10, what="evrouter_stuck_waits 1")
     world.publish(contract.VIF_PLUGGED, server, port, host=H1)
     wait_for(lambda: prepared.how is not None, 10, what="the late event")
     assert h1.consumer.waits.stuck == 0
     world.flush()
+    wait_for(lambda: _gauge(world) == 0, 10, what="evrouter_stuck_waits 0")
+    assert world.router.service.stuck.seen == 1
     assert world.find() == []
     ended = world.find(include_ended=True)
     assert len(ended) == 1 and ended[0].ended.startswith("was stuck; woken by")
+
+
+def _gauge(world):
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(world.router.service))
+    return registry.get_sample_value("evrouter_stuck_waits")
 
 
 def test_the_command_prints_each_stuck_wait_and_its_cause(world):

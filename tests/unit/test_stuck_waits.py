@@ -13,6 +13,7 @@ from compute.events import DELIVERED, InstanceEvents
 from compute.wait_watch import WaitWatch
 from router import journal, stuck_cmd
 from router.bus import contract
+from router.stuck_watch import StuckWaits
 from tests.unit.clock import Clock
 
 SERVER = "6f1c2a4e-8d3b-4c55-9a10-2b7e4f0c9d21"
@@ -200,3 +201,21 @@ def test_any_journal_gives_a_diagnosis_and_a_printable_report(records):
     assert w.kind in CASES and w.why
     for line in stuck_cmd.format_wait(w).splitlines():
         assert line.isprintable()
+
+
+# --- the router's follower's state ----------------------------------------------
+def test_the_followed_stuck_waits_are_bounded_and_end():
+    clock = Clock(1000.0)
+    waits = StuckWaits(max_age=60, max_waits=3, clock=clock)
+    for i in range(5):
+        waits.feed(_rec(journal.WAIT_STUCK, mid=f"w-{i}", t=clock.now))
+    assert waits.current() == 3 and waits.seen == 5      # the newest 3
+    waits.feed(_rec(journal.WAIT_ENDED, mid="w-4", detail="was stuck; woken"))
+    assert waits.current() == 2
+    # an end read before its stuck record (two routers' order): not counted
+    waits.feed(_rec(journal.WAIT_ENDED, mid="w-9", detail="was stuck; woken"))
+    waits.feed(_rec(journal.WAIT_STUCK, mid="w-9", t=clock.now))
+    assert waits.current() == 2
+    waits.feed(_rec(journal.WAIT_STUCK, mid=["not", "a", "str"]))
+    clock.now += 61             # a host that went away never ends its waits
+    assert waits.current() == 0
