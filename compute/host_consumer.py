@@ -142,6 +142,9 @@ class HostConsumer:
 
     last_connect_error = None
     backoff = None          # the current consume loop's reconnect Backoff
+    # The trace id of the event deliver() is handling (consumer's thread,
+    # during the call only; None otherwise or when it came without one)
+    current_trace = None
 
     def _connect_failed(self, exc):
         self.last_connect_error = str(exc)[:300]

@@ -347,6 +347,13 @@ class HostSession:
             return self._dead_letter(message, env.id, contract.REASON_INVALID,
                                      f"kind: {env.kind} does not belong on a "
                                      f"host queue")
+        headers = props.get("application_headers")
+        trace = tracecontext.trace_id_of(headers.get(tracecontext.HEADER)) \
+            if type(headers) is dict else None
+        # For the embedding service's log lines, while deliver() runs on
+        # this thread (compute/nova_driver.py: Nova's request id)
+        self.owner.current_trace = trace
+        taken_at = time.time()      # the journal's "delivered": before the waiter
         try:
             # The envelope's created_at (the sender's clock) is not passed
             # on (issue 19, item 6).
@@ -359,6 +366,8 @@ class HostSession:
             return self._dead_letter(message, env.id, contract.REASON_INTERNAL,
                                      f"delivery failed: {type(exc).__name__}: "
                                      f"{exc}")
+        finally:
+            self.owner.current_trace = None
         if outcome == events.CLOSED:
             # The registry is shut down: the event belongs to the next
             # process on this host, and consuming on would only spin.
@@ -372,17 +381,14 @@ class HostSession:
         self.stats[outcome] += 1
         journal = self.owner.journal
         if journal.enabled:
-            self._record(journal, env, props, outcome)
+            self._record(journal, env, trace, outcome, taken_at)
 
-    def _record(self, journal, env, props, outcome):
+    def _record(self, journal, env, trace, outcome, taken_at):
         """Taken from the queue, and what the waiter made of it."""
-        headers = props.get("application_headers")
-        trace = tracecontext.trace_id_of(headers.get(tracecontext.HEADER)) \
-            if type(headers) is dict else None
         p = env.payload
         where = f"host {self.s.host}"
         journal.record(journal_.DELIVERED, env.id, trace, p.server_uuid,
-                       p.tag, p.name, p.status, where)
+                       p.tag, p.name, p.status, where, at=taken_at)
         journal.record(journal_.MATCHED, env.id, trace, p.server_uuid, p.tag,
                        p.name, p.status, journal_.OUTCOMES.get(outcome, outcome))
 

@@ -161,7 +161,8 @@ def scan(transport_url, prefix, since, needles, keep, *, ssl=False,
 
 _HOP_ORDER = {h: i for i, h in enumerate((
     journal.PUBLISHED, journal.ROUTED, journal.RETRIED, journal.PARKED,
-    journal.DEAD, journal.DROPPED, journal.DELIVERED, journal.MATCHED))}
+    journal.DEAD, journal.DROPPED, journal.WAIT_STARTED, journal.DELIVERED,
+    journal.UNUSED, journal.WAIT_STUCK, journal.WAIT_ENDED, journal.MATCHED))}
 
 
 def _timeline_order(rec):
