@@ -194,12 +194,13 @@ def diagnose(wait, records):
                              f"{unused.get('detail')}", held, unused)
     dead = last(journal.DEAD) or last(journal.DROPPED)
     if dead is not None:
-        return said(DEAD, f"{'dead-lettered' if dead['hop'] == journal.DEAD else 'dropped'} "
+        return said(DEAD, f"{'set aside' if dead['hop'] == journal.DEAD else 'dropped'} "
                           f"by {dead.get('svc')}: {dead.get('detail')}", dead)
     elsewhere = last(journal.DELIVERED, lambda r: not here(r))
     routed = last(journal.ROUTED)
     if elsewhere is not None:
-        return said(ELSEWHERE, f"delivered to host {_host_of(elsewhere)}, not "
+        return said(ELSEWHERE, f"delivered to host {_host_of(elsewhere)} (the "
+                               f"host its hint or placement named), not "
                                f"{wait.host}", routed, elsewhere)
     if routed is not None and isinstance(routed.get("detail"), list) \
             and wait.host not in routed["detail"]:
@@ -231,7 +232,7 @@ def diagnose(wait, records):
                                 f"since (is a router running, with the "
                                 f"journal on?)", published)
     return said(NEVER_PUBLISHED, f"no record of {what} of instance "
-                                 f"{wait.instance}: never published; look at "
+                                 f"{wait.instance} in the journal: look at "
                                  f"Neutron and its backend (the port's status, "
                                  f"its agent)")
 
