@@ -102,15 +102,29 @@ class InstanceEvents:
                                           max_owed=max_ended,
                                           max_heard=max_ended)
         self._closed = False
+        # Told of every wait's start and end and of held events that go
+        # unused, under the lock (compute/wait_watch.py): it must not block.
+        self.observer = _NO_OBSERVER
+
+    def observe(self, observer):
+        """Report waits to `observer` (started, ended, unused; called with
+        the registry's lock held, which ``observer.lock`` is set to; its
+        ``clock`` is set to the registry's). It must never raise: it runs
+        inside prepare() and deliver()."""
+        observer.lock, observer.clock = self._lock, self.clock
+        self.observer = observer
 
     # --- the waiting side -----------------------------------------------------
     def new_wake(self):
         return waiting.Wake(self._lock)
 
-    def prepare(self, instance_uuid, name, tag=None, *, wake=None):
+    def prepare(self, instance_uuid, name, tag=None, *, wake=None,
+                deadline=None):
         """Expect an event; a held early one resolves it at once.
 
-        Raises waiting.RegistryClosed after cancel_all().
+        `deadline` (seconds after the caller's work, if it knows) is only
+        said to the observer. Raises waiting.RegistryClosed after
+        cancel_all().
         """
         key = _key(instance_uuid, name, tag)
         wake = wake or self.new_wake()
@@ -130,20 +144,24 @@ class InstanceEvents:
                     present.append(prepared)
                 else:
                     self._pending[key] = [present, prepared]
+                self.observer.started(prepared, deadline)
                 return prepared
             self._held_bytes -= held.size
             prepared._resolve(held.event, held.message_id, now, waiting.EARLY)
             self.stats["early_used"] += 1
+            self.observer.started(prepared, deadline)
+            self.observer.ended(prepared)
         LOG.info("event %s %s for instance %s (tag %s) had arrived %.1fs "
                  "before it was prepared: satisfied at once", held.message_id,
                  name, instance_uuid, tag, now - held.held_at)
         return prepared
 
-    def discard(self, prepared):
+    def discard(self, prepared, why="ended without it"):
         """Forget a prepared event nobody waits for any more.
 
-        If it was still pending, its wait ended without it: remembered, so
-        that a late event of that wait cannot satisfy a later one.
+        If it was still pending, its wait ended without it (`why`, for the
+        observer): remembered, so that a late event of that wait cannot
+        satisfy a later one.
         """
         with self._lock:
             present = self._pending.get(prepared.key)
@@ -155,7 +173,9 @@ class InstanceEvents:
                     del self._pending[prepared.key]
             else:
                 return
-            self._end(prepared.key, self.clock())
+            now = self.clock()
+            self._end(prepared.key, now)
+            self.observer.ended(prepared, why, now)
 
     def wait_for_instance_event(self, instance, events, timeout=300.0,
                                 error_callback=None, *, deadline=None):
@@ -279,6 +299,7 @@ class InstanceEvents:
             late.paid(key, waiters)
             for prepared in waiters:
                 prepared._resolve(event, message_id, now, waiting.RECEIVED)
+                self.observer.ended(prepared)
             self.stats["delivered"] += 1
             return DELIVERED, ()
         if late.paid(key):
@@ -298,11 +319,14 @@ class InstanceEvents:
                 del self._held[other]
                 self._held_bytes -= held.size
                 self.stats["early_superseded"] += 1
+                self.observer.unused(other, held, "superseded by a newer "
+                                     "revision")
 
     def _fail(self, key, present, now, how):
         failed = contract.InstanceEvent(key[1], key[0], key[2], contract.FAILED)
         for prepared in present if type(present) is list else (present,):
             prepared._resolve(failed, None, now, how)
+            self.observer.ended(prepared)
 
     def _remember(self, message_id):
         self._seen.add(message_id)
@@ -320,15 +344,17 @@ class InstanceEvents:
         if old is not None:
             self._held_bytes -= old.size
             self.stats["early_replaced"] += 1
+            self.observer.unused(key, old, "replaced by a newer event")
         held = self._held[key] = _Held(event, message_id, now)
         self._held_bytes += held.size
         self.stats["early_held"] += 1
         dropped = []
         while self._held and (len(self._held) > self.max_held or
                               self._held_bytes > self.max_held_bytes):
-            _, oldest = self._held.popitem(last=False)
+            oldest_key, oldest = self._held.popitem(last=False)
             self._held_bytes -= oldest.size
             dropped.append(oldest)
+            self.observer.unused(oldest_key, oldest, "dropped: too many held")
         self.stats["early_dropped"] += len(dropped)
         return dropped
 
@@ -344,7 +370,25 @@ class InstanceEvents:
             del held[key]
             self._held_bytes -= oldest.size
             self.stats["early_expired"] += 1
+            self.observer.unused(key, oldest, f"expired: held "
+                                 f"{now - oldest.held_at:.0f}s, nobody "
+                                 f"prepared it")
 
+
+class _NoObserver:
+    lock = None
+
+    def started(self, prepared, deadline=None):
+        pass
+
+    def ended(self, prepared, why=None, now=None):
+        pass
+
+    def unused(self, key, held, why):
+        pass
+
+
+_NO_OBSERVER = _NoObserver()
 
 _SAID = {DELIVERED: "woke its waiter",
          HELD: "nobody waits yet, held",
@@ -376,9 +420,11 @@ class _Waiting:
         return self._wait
 
     def __exit__(self, exc_type, exc, tb):
+        why = ("the wait stopped early (its error callback)" if exc_type is None
+               else f"the work raised {exc_type.__name__}")
         try:
             if exc_type is None:
                 self._wait.wait()
         finally:
-            self._wait.abandon()
+            self._wait.abandon(why)
         return False

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from compute import wait_watch
 from compute.delivery_ledger import DeliveryLedger
 from compute.host_session import HEADER_HOST
 from compute.host_session import HostSession as _Session
@@ -66,13 +67,17 @@ class HostConsumerSettings:
     # The journal of hops (router/journal.py): each event taken from the
     # queue and the waiter's outcome. None: no journal.
     journal: Optional[journal_.JournalSettings] = None
+    # A wait pending this long is recorded stuck and logged (WARNING), with
+    # waits=registry (compute/wait_watch.py). Nova's vif_plugging_timeout
+    # is 300 s; a port is usually up in well under 10.
+    stuck_after: float = wait_watch.DEFAULT_STUCK_AFTER
 
 
 class HostConsumer:
     """Feeds ``deliver(event, message_id)`` (InstanceEvents.deliver) from
     this host's queue. Run ``run()`` on a thread of its own."""
 
-    def __init__(self, settings, deliver, *, on_failure=None):
+    def __init__(self, settings, deliver, *, on_failure=None, waits=None):
         self.settings = settings
         # deliver(event, message_id): the envelope's created_at (the
         # sender's clock) is deliberately not passed on (issue 19, item 6).
@@ -98,6 +103,14 @@ class HostConsumer:
         self._cautious = False
         self.journal = journal_.open_journal(settings.journal,
                                              f"host:{settings.host}")
+        # waits: the registry whose waits this host records and watches
+        # (its starts, ends and stuck ones); None: not watched.
+        self.waits = None
+        if waits is not None:
+            self.waits = wait_watch.WaitWatch(self.journal, settings.host,
+                                              settings.stuck_after,
+                                              wake=self.waker.wake)
+            waits.observe(self.waits)
 
     def stop(self):
         """Finish what is in hand and return from run(). Signal-safe."""
@@ -127,6 +140,9 @@ class HostConsumer:
 
     last_connect_error = None
     backoff = None          # the current consume loop's reconnect Backoff
+    # The trace id of the event deliver() is handling (consumer's thread,
+    # during the call only; None otherwise or when it came without one)
+    current_trace = None
 
     def _connect_failed(self, exc):
         self.last_connect_error = str(exc)[:300]

@@ -176,6 +176,8 @@ class HostSession:
                 next_heartbeat = now + bus_connection.heartbeat_every(self.conn)
             if stopping_since is None and not self.memory:
                 self.watch.check(now)     # ends the session as a cancel would
+            if self.owner.waits is not None:
+                self.owner.waits.check()
 
     def _drain(self, stopping, next_heartbeat):
         """Wait for the broker until something arrives or is due.
@@ -201,6 +203,9 @@ class HostSession:
             due.append(now + 0.25)
         else:
             due += [next_heartbeat, self.watch.next_due]
+        if self.owner.waits is not None:
+            # on the registry's clock: time.monotonic unless a test's
+            due.append(self.owner.waits.next_due)
         return min(max(0.0, min(d for d in due if d is not None) - now), 30.0)
 
     def _pump(self):
@@ -342,6 +347,15 @@ class HostSession:
             return self._dead_letter(message, env.id, contract.REASON_INVALID,
                                      f"kind: {env.kind} does not belong on a "
                                      f"host queue")
+        headers = props.get("application_headers")
+        parsed = tracecontext.parse(headers.get(tracecontext.HEADER)) \
+            if type(headers) is dict else None
+        # the span id: the parent of this host's spans (router/journal_otlp.py)
+        trace, span = parsed[:2] if parsed else (None, None)
+        # For the embedding service's log lines, while deliver() runs on
+        # this thread (compute/nova_driver.py: Nova's request id)
+        self.owner.current_trace = trace
+        taken_at = time.time()      # the journal's "delivered": before the waiter
         try:
             # The envelope's created_at (the sender's clock) is not passed
             # on (issue 19, item 6).
@@ -354,6 +368,8 @@ class HostSession:
             return self._dead_letter(message, env.id, contract.REASON_INTERNAL,
                                      f"delivery failed: {type(exc).__name__}: "
                                      f"{exc}")
+        finally:
+            self.owner.current_trace = None
         if outcome == events.CLOSED:
             # The registry is shut down: the event belongs to the next
             # process on this host, and consuming on would only spin.
@@ -367,18 +383,15 @@ class HostSession:
         self.stats[outcome] += 1
         journal = self.owner.journal
         if journal.enabled:
-            self._record(journal, env, props, outcome)
+            self._record(journal, env, trace, outcome, taken_at, span)
 
-    def _record(self, journal, env, props, outcome):
+    def _record(self, journal, env, trace, outcome, taken_at, span=None):
         """Taken from the queue, and what the waiter made of it."""
-        headers = props.get("application_headers")
-        parsed = tracecontext.parse(headers.get(tracecontext.HEADER)) \
-            if type(headers) is dict else None
-        trace, span = parsed[:2] if parsed else (None, None)
         p = env.payload
         where = f"host {self.s.host}"
         journal.record(journal_.DELIVERED, env.id, trace, p.server_uuid,
-                       p.tag, p.name, p.status, where, span_id=span)
+                       p.tag, p.name, p.status, where, at=taken_at,
+                       span_id=span)
         journal.record(journal_.MATCHED, env.id, trace, p.server_uuid, p.tag,
                        p.name, p.status, journal_.OUTCOMES.get(outcome, outcome),
                        span_id=span)

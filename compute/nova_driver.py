@@ -45,6 +45,7 @@ import collections
 import functools
 import logging
 import threading
+import uuid
 
 from oslo_config import cfg
 from oslo_utils import importutils
@@ -87,6 +88,11 @@ OPTS = [
                     "also exported as OpenTelemetry spans of each event's "
                     "trace, with or without the journal stream. Needs the "
                     "extra evrouter[otlp]. Empty: off."),
+    cfg.FloatOpt("stuck_after", default=30.0, min=1.0,
+                 help="A wait for an event (Nova's prepare) still pending "
+                      "after this many seconds is logged at WARNING and, "
+                      "with the journal, recorded stuck for `evrouter "
+                      "stuck`, which says why."),
 ] + options.tls_opts    # ssl, ssl_ca_file, ... ssl_login = external: no password
 
 # Events Nova's ComputeManager handles itself; nothing waits for them.
@@ -139,6 +145,9 @@ class NovaEventBridge:
         self._lock = threading.Lock()
         # key -> (instance, evrouter PreparedEvent) of Nova's pending prepares
         self._prepared = {}
+        # The trace id of the event being delivered (HostBus.start sets it
+        # to the host consumer's current_trace)
+        self.trace_of = lambda: None
 
     def install(self):
         """Make the manager's instance_events ours, keeping what is pending."""
@@ -172,7 +181,7 @@ class NovaEventBridge:
         with self._lock:
             entry = self._prepared.pop(key, None)
         if entry is not None:
-            self.registry.discard(entry[1])
+            self.registry.discard(entry[1], "Nova's wait timed out")
 
     def cleared(self, instance):
         with self._lock:
@@ -185,10 +194,11 @@ class NovaEventBridge:
     # --- the bus side ----------------------------------------------------------
     def deliver(self, event, message_id):
         """The host consumer's callback; returns an evrouter outcome."""
+        context = self._context_of(message_id, event)
         if event.name in NOVA_HANDLED:
             if not self.registry.first_sight(message_id):
                 return evr_events.DUPLICATE
-            self._handled_by_nova(event, message_id)
+            self._handled_by_nova(event, message_id, context)
             return evr_events.DELIVERED
         if not self._expected(event) and not self._is_here(event.server_uuid):
             # Nobody here waits and the instance is not here: holding it
@@ -202,8 +212,25 @@ class NovaEventBridge:
                      event.tag, self.manager.host)
             return evr_events.STALE
         outcome = self.registry.deliver(event, message_id)
-        self._hand_over()
+        self._hand_over(context)
         return outcome
+
+    def _context_of(self, message_id, event):
+        """Nova's context for what this event makes Nova do, on the host
+        consumer's thread: its request id is the event's trace id (a W3C
+        trace id is 128 bits, as a UUID is), so Nova's own log lines about
+        it carry ``req-<trace>`` and `evrouter trace` finds the rest."""
+        trace = self.trace_of()
+        if trace is None:
+            return self.context
+        context = self.context.elevated()
+        context.request_id = f"req-{uuid.UUID(hex=trace)}"
+        # the thread's current context: what oslo.log puts on Nova's lines
+        context.update_store()
+        LOG.info("event %s %s for instance %s (tag %s): trace %s, Nova request "
+                 "%s", message_id, event.name, event.server_uuid, event.tag,
+                 trace, context.request_id)
+        return context
 
     def _expected(self, event):
         with self._lock:
@@ -233,12 +260,12 @@ class NovaEventBridge:
             return True
         return self.manager.host in hosts
 
-    def _handled_by_nova(self, event, message_id):
+    def _handled_by_nova(self, event, message_id, context):
         _, exception, objects, _ = _nova()
         try:
             # As nova-api loads it for os-server-external-events.
             instance = objects.Instance.get_by_uuid(
-                self.context, event.server_uuid,
+                context, event.server_uuid,
                 expected_attrs=["migration_context", "info_cache"])
         except exception.InstanceNotFound:
             LOG.info("event %s %s for instance %s: no such instance here",
@@ -252,13 +279,14 @@ class NovaEventBridge:
                      event.server_uuid, self.manager.host)
             return
         self.manager.external_instance_event(
-            self.context, [instance], [self._nova_event(event, instance.uuid)])
+            context, [instance], [self._nova_event(event, instance.uuid)])
         self.stats["handled_by_nova"] += 1
         LOG.info("event %s %s for instance %s (tag %s): handed to Nova",
                  message_id, event.name, event.server_uuid, event.tag)
 
-    def _hand_over(self):
+    def _hand_over(self, context=None):
         """Give Nova the events the registry resolved for its prepares."""
+        context = context or self.context
         queue = self._arrivals.queue
         while queue:
             try:
@@ -274,7 +302,7 @@ class NovaEventBridge:
                 continue        # cleared or cancelled: Nova does its own
             instance = entry[0]
             self.manager.external_instance_event(
-                self.context, [instance],
+                context, [instance],
                 [self._nova_event(prepared.event, instance.uuid)])
             self.stats["woke_nova"] += 1
 
@@ -388,8 +416,10 @@ class HostBus:
             journal=JournalSettings(transport_url=opts.transport_url,
                                     prefix=opts.topology_prefix, ssl=tls,
                                     stream=opts.journal, otlp=otlp)
-            if opts.journal or otlp else None)
-        consumer = host_consumer.HostConsumer(settings, bridge.deliver)
+            if opts.journal or otlp else None, stuck_after=opts.stuck_after)
+        consumer = host_consumer.HostConsumer(settings, bridge.deliver,
+                                              waits=registry)
+        bridge.trace_of = lambda: consumer.current_trace
         # A native thread: nova-compute 34 runs on native threads. Under
         # eventlet mode the service has monkey-patched threading already.
         thread = threading.Thread(target=consumer.run, daemon=True,

@@ -218,7 +218,8 @@ class EventWait:
         for name, tag in self.expected:
             try:
                 prepared = self._registry.prepare(self.instance_uuid, name, tag,
-                                                  wake=self._wake)
+                                                  wake=self._wake,
+                                                  deadline=self.timeout)
             except RegistryClosed:
                 prepared = None
                 refused.append((name, tag))
@@ -241,7 +242,8 @@ class EventWait:
         for pair in pairs:
             prepared = self._prepared[self.expected.index(pair)]
             if prepared is not None:
-                self._registry.discard(prepared)
+                self._registry.discard(prepared, "satisfied by the caller "
+                                                 "(exit early)")
 
     def wait(self):
         """Wait for every expected event under one deadline, from now."""
@@ -261,11 +263,11 @@ class EventWait:
                 if not self._judge(*pair, prepared.event, prepared.how):
                     return
 
-    def abandon(self):
+    def abandon(self, why="the wait ended without it"):
         """Take the events still pending out of the registry."""
         for prepared in self._prepared:
             if prepared is not None:
-                self._registry.discard(prepared)
+                self._registry.discard(prepared, why)
 
     def _judge(self, name, tag, event, how):
         """True to keep waiting for the others; False to stop; or raise."""
@@ -278,7 +280,8 @@ class EventWait:
         return self._callback((name, tag), self.instance) is not False
 
     def _timeout(self):
-        self.abandon()      # no more resolutions: the states below are final
+        # no more resolutions: the states below are final
+        self.abandon(f"timed out after {self.timeout:g}s")
         states = []
         for pair, prepared in zip(self.expected, self._prepared, strict=True):
             if pair in self._skipped:

@@ -62,7 +62,7 @@ from network import spool, transitions
 from network.neutron_options import GROUP, OPTS, list_opts, register_opts  # noqa: F401
 from network.publisher import InstanceEventPublisher, PublisherSettings
 from router import options
-from router.bus import contract, topology
+from router.bus import contract, topology, tracecontext
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
@@ -280,7 +280,9 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
         try:
             spool.append_now(path, [
                 (topology.instance_routing_key(event.name), contract.encode(
-                    contract.envelope(event, producer, message_id=mid)))
+                    contract.envelope(event, producer, message_id=mid)),
+                 # the request's trace, as a publisher would have sent it
+                 tracecontext.for_publish())
                 for event, mid in items])
         except Exception as spool_exc:
             LOG.error("%d event(s) NOT published (%s) and NOT spooled (%s): "

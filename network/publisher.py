@@ -107,8 +107,8 @@ class _Job:
         self.record = record       # the spool record, when sent from the spool
         self.event = event
         self.settled = False
-        # W3C trace context: sent as the traceparent header (not spooled:
-        # an event sent from the spool goes without one)
+        # W3C trace context: sent as the traceparent header (kept in the
+        # spool with the event)
         self.traceparent = traceparent
         self.sent_at = None         # wall clock, for the journal
 
@@ -359,7 +359,8 @@ class InstanceEventPublisher:
         if not jobs:
             return
         try:
-            self._spool.append([(j.routing_key, j.body) for j in jobs])
+            self._spool.append([(j.routing_key, j.body, j.traceparent)
+                                for j in jobs])
         except (SpoolFull, OSError) as exc:
             self._fail(jobs, exc)
             return
@@ -374,8 +375,8 @@ class InstanceEventPublisher:
 
     def _drain_once(self):
         records = self._spool.peek(self.settings.max_batch)
-        jobs = [_Job(r.routing_key, r.body, _message_id(r.body), record=r)
-                for r in records]
+        jobs = [_Job(r.routing_key, r.body, _message_id(r.body), record=r,
+                     traceparent=r.traceparent) for r in records]
         try:
             self._send(jobs)
         except self._retryable() + _REFUSED as exc:

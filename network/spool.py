@@ -3,7 +3,10 @@
 One append-only file, one record per line::
 
     P instance.network-vif-plugged {"version":"1.0",...}\\n
-    ^ flag: P pending, D done; then routing key, a space, the message body
+    P instance.network-vif-plugged;00-4bf9...-01 {"version":"1.0",...}\\n
+    ^ flag: P pending, D done; then routing key (and, after a ";", the
+      event's W3C traceparent, so a spooled event keeps its trace), a
+      space, the message body
 
 A record is durable once ``append`` returned (the file was fsync'd), which is
 what lets the publisher tell its caller "accepted" while the broker is away.
@@ -29,6 +32,8 @@ import glob
 import logging
 import os
 
+from router.bus import tracecontext
+
 LOG = logging.getLogger(__name__)
 
 PENDING = b"P"
@@ -51,13 +56,14 @@ class SpoolLocked(SpoolError):
 
 
 class Record:
-    __slots__ = ("offset", "length", "routing_key", "body")
+    __slots__ = ("offset", "length", "routing_key", "body", "traceparent")
 
-    def __init__(self, offset, length, routing_key, body):
+    def __init__(self, offset, length, routing_key, body, traceparent=None):
         self.offset = offset
         self.length = length
         self.routing_key = routing_key
         self.body = body
+        self.traceparent = traceparent
 
 
 class Spool:
@@ -109,9 +115,11 @@ class Spool:
             line = data[offset:nl]
             flag, _, rest = line.partition(b" ")
             routing_key, _, body = rest.partition(b" ")
+            routing_key, _, traceparent = routing_key.partition(b";")
             if flag == PENDING and routing_key and body:
                 self._remember(Record(offset, nl + 1 - offset,
-                                      routing_key.decode(), body))
+                                      routing_key.decode(), body,
+                                      _traceparent(traceparent)))
             elif flag != DONE:
                 # Only a failing disk gets here: say so loudly, keep the rest.
                 LOG.error("spool %s: unreadable record at byte %d skipped: "
@@ -133,14 +141,16 @@ class Spool:
 
     # --- writing ------------------------------------------------------------
     def append(self, items):
-        """Durably add (routing_key, body) pairs, all or none, in order."""
-        items = list(items)
+        """Durably add (routing_key, body[, traceparent]) items, all or
+        none, in order. A traceparent that is not the W3C form is not kept."""
+        items = [(i[0], i[1], _traceparent(i[2]) if len(i) > 2 else None)
+                 for i in items]
         lines = []
-        for routing_key, body in items:
-            if " " in routing_key or b"\n" in body:
-                raise ValueError("routing key without spaces and a body "
+        for routing_key, body, traceparent in items:
+            if " " in routing_key or ";" in routing_key or b"\n" in body:
+                raise ValueError("routing key without spaces or ';' and a body "
                                  "without newlines, please")
-            lines.append(b"%s %s %s\n" % (PENDING, routing_key.encode(), body))
+            lines.append(_line(routing_key, body, traceparent))
         size = sum(map(len, lines))
         if (len(self._pending) + len(lines) > self.max_records
                 or self._bytes + size > self.max_bytes):
@@ -155,8 +165,10 @@ class Spool:
             # Not accepted: leave nothing behind that a restart would replay.
             os.ftruncate(self._fd, self._end)
             raise
-        for line, (routing_key, body) in zip(lines, items, strict=True):
-            self._remember(Record(self._end, len(line), routing_key, body))
+        for line, (routing_key, body, traceparent) in zip(lines, items,
+                                                          strict=True):
+            self._remember(Record(self._end, len(line), routing_key, body,
+                                  traceparent))
             self._end += len(line)
 
     def peek(self, limit):
@@ -200,9 +212,10 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             records, end = [], 0
             for r in self._pending.values():
-                line = b"%s %s %s\n" % (PENDING, r.routing_key.encode(), r.body)
+                line = _line(r.routing_key, r.body, r.traceparent)
                 _write_all(fd, line, end)
-                records.append(Record(end, len(line), r.routing_key, r.body))
+                records.append(Record(end, len(line), r.routing_key, r.body,
+                                      r.traceparent))
                 end += len(line)
             os.fsync(fd)
             os.rename(tmp, self.path)
@@ -261,7 +274,8 @@ def adopt_orphans(path, prefix, **limits):
                 continue    # taken over and removed while we opened it
             records = orphan.peek(len(orphan))
             if records:
-                append_now(path, [(r.routing_key, r.body) for r in records],
+                append_now(path, [(r.routing_key, r.body, r.traceparent)
+                                  for r in records],
                            **limits)
                 LOG.warning("spool %s: %d record(s) left by a process that is "
                             "gone, taken over by %s", orphan_path,
@@ -289,6 +303,21 @@ def _mtime(path):
         return os.stat(path).st_mtime
     except OSError:
         return 0.0
+
+
+def _line(routing_key, body, traceparent):
+    """One pending record as written: the only place that writes one."""
+    key = routing_key.encode()
+    if traceparent is not None:
+        key += b";" + traceparent.encode()
+    return b"%s %s %s\n" % (PENDING, key, body)
+
+
+def _traceparent(value):
+    """A valid traceparent as str, else None (a file is input too)."""
+    if not value:
+        return None
+    return tracecontext.valid(value)
 
 
 def _write_all(fd, data, offset):

@@ -29,6 +29,8 @@ COMMANDS = {
                         "turn network service notifications into events"),
     "trace": ("router.trace_cmd",
               "every hop of an event, from the journal stream"),
+    "stuck": ("router.stuck_cmd",
+              "the waits that are stuck now, and why, from the journal"),
 }
 
 

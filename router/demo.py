@@ -9,7 +9,10 @@ follows the domain, so an event without a host hint finds it).
 
 With no --transport-url it runs on kombu's in-process memory transport;
 with one it runs the same over RabbitMQ, under a prefix of its own that it
-deletes afterwards.
+deletes afterwards. Over RabbitMQ every part writes the journal of hops
+(router/journal.py, the stream <prefix>.journal), and the demo ends with
+vm-1's timeline from it, as `evrouter trace` prints it; --keep-journal
+leaves the stream (and its exchange) for `evrouter trace` to read after.
 """
 
 import contextlib
@@ -24,7 +27,7 @@ import uuid
 import kombu
 from oslo_config import cfg
 
-from router import routing
+from router import journal, routing, trace_cmd
 from router.bus import connection as bus_connection
 from router.bus import contract, topology
 from router.service_entry import fail, parse
@@ -36,6 +39,10 @@ cli_opts = [
                help="Instances to boot (spread over the two hosts)."),
     cfg.FloatOpt("stopped-delay", default=1.0, min=0.1,
                  help="Seconds the agents hold a STOPPED back (15 in production)."),
+    cfg.BoolOpt("keep-journal", default=False,
+                help="Over RabbitMQ: leave the journal stream <prefix>.journal "
+                     "and its exchange when the demo ends, for `evrouter "
+                     "trace --bus-prefix <prefix>` (the rest is deleted)."),
 ]
 
 
@@ -63,7 +70,8 @@ class Timeline:
 class Host:
     """One compute host: hypervisor, lifecycle agent, waiter registry."""
 
-    def __init__(self, name, url, topo, node_file, timeline, stopped_delay, latencies):
+    def __init__(self, name, url, topo, node_file, timeline, stopped_delay, latencies,
+                 journal_settings=None):
         import libvirt
 
         from compute import libvirt_watch
@@ -86,7 +94,8 @@ class Host:
                                f"(msg {message_id[:8]})")
             return outcome
         self.consumer = HostConsumer(HostConsumerSettings(
-            host=name, transport_url=url, topology=topo), deliver)
+            host=name, transport_url=url, topology=topo, journal=journal_settings),
+            deliver)
         self.agent = LifecycleAgent(AgentSettings(
             host=name, libvirt_uri=f"test://{node_file}", transport_url=url,
             topology=topo, stopped_delay=stopped_delay, reconnect_max=1.0),
@@ -109,10 +118,11 @@ class Host:
 class NetworkSide:
     """What the network service does: port status changes, published at once."""
 
-    def __init__(self, url, topo, timeline, latencies):
+    def __init__(self, url, topo, timeline, latencies, journal_settings=None):
         from network.publisher import InstanceEventPublisher, PublisherSettings
         self.publisher = InstanceEventPublisher(PublisherSettings(
-            transport_url=url, topology=topo, producer="demo-network")).start()
+            transport_url=url, topology=topo, producer="demo-network",
+            journal=journal_settings)).start()
         self.timeline = timeline
         self.latencies = latencies
 
@@ -200,30 +210,42 @@ def _wait(predicate, timeout, what):
         time.sleep(0.01)
 
 
-def run(url, instances, stopped_delay, out=sys.stdout):
+# The demo's journal: small, and short-lived if kept (--keep-journal).
+DEMO_JOURNAL = {"max_bytes": 8 << 20, "max_age": "1h", "segment_bytes": 1 << 20,
+                "batch_seconds": 0.05}
+
+
+def run(url, instances, stopped_delay, out=sys.stdout, keep_journal=False):
     from router.service import RouterService, RouterSettings
     timeline = Timeline(out)
     latencies = Latencies()
     topo = topology.Topology(prefix=f"demo-{uuid.uuid4().hex[:8]}")
     memory = url.startswith("memory://")
+    # the journal is a RabbitMQ stream: none on the memory transport
+    journal_settings = None if memory else journal.JournalSettings(
+        transport_url=url, prefix=topo.prefix, **DEMO_JOURNAL)
     print(f"evrouter demo on {'memory:// (in-process)' if memory else url}: router, "
           f"hosts {', '.join(HOSTS)} (libvirt test driver), network side; "
-          f"topology prefix {topo.prefix}", file=out)
+          f"topology prefix {topo.prefix}"
+          + ("" if memory else f", journal {journal.stream_name(topo.prefix)}"),
+          file=out)
+    traced = None
     total = 5
     with contextlib.ExitStack() as stack:
         setup = bus_connection.connect_once(bus_connection.connection(url))
         stack.callback(setup.release)
         topology.declare(setup.channel(), *topo.central())
         if not memory:
-            stack.callback(_delete, setup, topo)
+            stack.callback(_delete, setup, topo, keep_journal)
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         timeline.step(1, total, "start the router, two compute hosts, the network side")
         # Every part of the demo is one broker user (one trusted process):
         # that user speaks for both hosts' lifecycle.
         one_user = frozenset({bus_connection.user_of(setup)} - {None})
         router = RouterService(RouterSettings(
-            transport_url=url, topology=topo,
-            policy=routing.Policy(lifecycle_trusted_users=one_user)))
+            transport_url=url, topology=topo, name="demo-router",
+            policy=routing.Policy(lifecycle_trusted_users=one_user),
+            journal=journal_settings))
         rt = threading.Thread(target=router.run, daemon=True, name="router")
         rt.start()
         stack.callback(rt.join, 15)
@@ -233,11 +255,12 @@ def run(url, instances, stopped_delay, out=sys.stdout):
             node = f"{tmp}/{name}.xml"
             with open(node, "w") as f:
                 f.write("<node/>")
-            hosts[name] = Host(name, url, topo, node, timeline, stopped_delay, latencies)
+            hosts[name] = Host(name, url, topo, node, timeline, stopped_delay, latencies,
+                               journal_settings)
             stack.callback(hosts[name].stop)
         lifecycle = _LifecycleWatch(url, topo, timeline)
         stack.callback(lifecycle.close)
-        network = NetworkSide(url, topo, timeline, latencies)
+        network = NetworkSide(url, topo, timeline, latencies, journal_settings)
         stack.callback(network.close)
         _wait(lambda: router.ready.is_set() and all(h.ready() for h in hosts.values()),
               30, "every part to connect")
@@ -289,6 +312,10 @@ def run(url, instances, stopped_delay, out=sys.stdout):
         timeline.say("cmp-b", "network-changed for vm-1 reached its new host")
         for _, other, _, _ in booted[1:]:
             other.destroy()
+        if journal_settings is not None:
+            traced = _trace(url, topo.prefix, server, [
+                router.journal, network.publisher.journal,
+                *(h.consumer.journal for h in hosts.values())])
 
     print("\nper-event latency, network publish -> waiter woken:", file=out)
     print(f"  {'event':<22} {'instance':<9} {'host':<6} {'ms':>7}", file=out)
@@ -298,7 +325,34 @@ def run(url, instances, stopped_delay, out=sys.stdout):
         ordered = sorted(r[3] for r in latencies.rows)
         print(f"  median {ordered[len(ordered) // 2]:.1f} ms over {len(ordered)} events",
               file=out)
+    if traced is None:
+        print("\nthe journal: off on memory:// (it is a RabbitMQ stream; run the demo "
+              "with --transport-url to see `evrouter trace`)", file=out)
+        return 0
+    server, lines = traced
+    name = journal.stream_name(topo.prefix)
+    print(f"\nthe journal ({name}): every hop of vm-1's events, as "
+          f"`evrouter trace {server}` prints them:", file=out)
+    for line in lines:
+        print(f"  {line}", file=out)
+    if keep_journal:
+        print(f"kept {name} (stream and exchange): evrouter trace ID --bus-prefix "
+              f"{topo.prefix} --transport-url {url}; rabbitmqctl delete_queue {name} "
+              f"removes the stream", file=out)
     return 0
+
+
+def _trace(url, prefix, server, journals):
+    """(server, lines): every hop of the instance's events in the journal,
+    once each part's journal wrote what it recorded."""
+    for j in journals:
+        if not j.flushed(10):
+            raise RuntimeError(f"demo: journal {j.service} not written in 10s")
+    found, stats = trace_cmd.read(url, prefix, server, 600, timeout=10)
+    lines = [trace_cmd.format_record(rec) for rec in found]
+    lines.append(f"# {len(found)} hop(s) for {server}; {stats['records']} record(s) "
+                 f"decoded from {stats['messages']} message(s) in {stats['seconds']:.2f}s")
+    return server, lines
 
 
 class _LifecycleWatch:
@@ -344,12 +398,14 @@ class _LifecycleWatch:
         self._thread.join(5)
 
 
-def _delete(conn, topo):
+def _delete(conn, topo, keep_journal=False):
     exchanges, queues = topo.central()
     ch = conn.channel()
-    for q in [q.name for q in queues] + [topo.host_queue_name(h) for h in HOSTS]:
+    journal_ = [] if keep_journal else [journal.stream_name(topo.prefix)]
+    for q in [q.name for q in queues] + [topo.host_queue_name(h) for h in HOSTS] + journal_:
         ch.queue_delete(q)
-    for e in [e.name for e in exchanges] + [topo.host_exchange_name(h) for h in HOSTS]:
+    for e in [e.name for e in exchanges] + [topo.host_exchange_name(h) for h in HOSTS] \
+            + journal_:
         ch.exchange_delete(e)
 
 
@@ -362,6 +418,7 @@ def main(argv):
         # the timeline is the output; warnings and errors still show
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        return run(conf.transport_url, conf.instances, conf.stopped_delay)
-    except (RuntimeError, OSError) as exc:
+        return run(conf.transport_url, conf.instances, conf.stopped_delay,
+                   keep_journal=conf.keep_journal)
+    except (RuntimeError, OSError, trace_cmd.TraceError) as exc:
         return fail(str(exc), 1)

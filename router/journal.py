@@ -56,6 +56,11 @@ DEAD = "dead-lettered"
 DROPPED = "dropped"
 DELIVERED = "delivered"     # taken from the host's queue by its consumer
 MATCHED = "matched"         # the waiter's outcome (detail)
+# A compute service's waits (compute/wait_watch.py): message id = wait id
+WAIT_STARTED = "wait-started"
+WAIT_STUCK = "wait-stuck"   # pending past the threshold (once per wait)
+WAIT_ENDED = "wait-ended"   # how (detail; "was stuck; ..." if it was)
+UNUSED = "unused"           # a held early event nobody prepared: expired...
 
 # The waiter's outcomes as the journal says them (compute/events.py's)
 OUTCOMES = {"delivered": "woken", "held": "held early",

@@ -80,6 +80,11 @@ router_opts = [
                       "(evrouter_router_host_checks_deferred_total). A host "
                       "whose agent speaks for it on the lifecycle exchange "
                       "is checked outside the budget."),
+    cfg.BoolOpt("watch_stuck", default=True,
+                help="With the journal on: follow the journal stream for the "
+                     "waits compute hosts record stuck, for the "
+                     "evrouter_stuck_waits gauge (one more connection, "
+                     "reading the stream; `evrouter stuck` says why)."),
     cfg.StrOpt("name", help="This router process's name in logs and "
                             "dead-letter headers (default: random)."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
@@ -122,7 +127,8 @@ def settings_from(conf):
         ssl=options.ssl_from(conf),
         name=conf.router.name or uuid.uuid4().hex[:12],
         journal=journal.settings_from(conf, options.transport_url(conf),
-                                      options.ssl_from(conf)))
+                                      options.ssl_from(conf)),
+        watch_stuck=conf.router.watch_stuck)
 
 
 def main(argv):

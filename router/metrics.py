@@ -145,6 +145,17 @@ class RouterCollector:
         for outcome in ("exported", "dropped"):
             exported.add_metric([outcome], spans.get(outcome, 0))
         yield exported
+        stuck = svc.stuck
+        if stuck is not None:
+            yield GaugeMetricFamily(
+                "evrouter_stuck_waits",
+                "Waits compute hosts recorded stuck (pending past their "
+                "stuck_after) and not ended, as read from the journal "
+                "(`evrouter stuck` says why).", value=stuck.current())
+            yield CounterMetricFamily(
+                "evrouter_stuck_waits_recorded", "Waits recorded stuck, ever (since "
+                "this router started following the journal).",
+                value=stuck.seen)
         yield GaugeMetricFamily("evrouter_router_connected",
                                 "1 while consuming from the broker.",
                                 value=1 if svc.ready.is_set() else 0)

@@ -187,17 +187,22 @@ class RestIngress:
         self._work.put(None)
 
     def routes(self):
-        return {("POST", PATH): self.handle}
+        """For the ops endpoint: handler(body, headers)."""
+        return {("POST", PATH): lambda body, headers: self.handle(
+            body, trace=(headers.get("traceparent"),
+                         headers.get("X-OpenStack-Request-ID")))}
 
-    def handle(self, body, microversion=None):
-        """(status, document, headers) for one request body."""
+    def handle(self, body, microversion=None, trace=(None, None)):
+        """(status, document, headers) for one request body. `trace`: the
+        request's (traceparent, X-OpenStack-Request-ID) headers, each event
+        a span of that trace (tracecontext.for_publish)."""
         status, document, accepted, headers = evaluate(
             body, hosts_for=self._placement.hosts_for,
             is_hostless=self._placement.is_hostless, microversion=microversion,
             unready=self._placement.unready)
         if accepted:
             done = queue.Queue(maxsize=1)
-            self._work.put((accepted, done))
+            self._work.put((accepted, done, trace))
             try:
                 error = done.get(timeout=self._timeout + 5)
             except queue.Empty:
@@ -218,7 +223,7 @@ class RestIngress:
             item = self._work.get()
             if item is None:
                 break
-            accepted, done = item
+            accepted, done, (given, request_id) = item
             try:
                 if conn is None:
                     wait = reconnect_at - time.monotonic()
@@ -236,10 +241,11 @@ class RestIngress:
                         self._topo.ingress_exchange_name,
                         topology.instance_routing_key(env.payload.name),
                         contract.encode(env), message_id=env.id,
-                        # a trace of its own per event (the request's
-                        # traceparent is not taken yet)
+                        # the request's trace (its traceparent, else
+                        # Neutron's request id), a span per event
                         headers={contract.HEADER_PUBLISHER: PUBLISHER,
-                                 tracecontext.HEADER: tracecontext.new()},
+                                 tracecontext.HEADER: tracecontext.for_publish(
+                                     given, request_id)},
                         timeout=self._timeout)
                 done.put(None)
             except Exception as exc:      # answered as 503
@@ -304,7 +310,11 @@ class RestApp:
             return 400 if length < 0 else 413, {"badRequest": {
                 "code": 400, "message": "bad or too large Content-Length"}}, []
         body = environ["wsgi.input"].read(length) if length else b""
-        status, document, *extra = self._handle(body, microversion=version)
+        # novaclient sends the caller's request id (Neutron's req-...)
+        trace = (environ.get("HTTP_TRACEPARENT"),
+                 environ.get("HTTP_X_OPENSTACK_REQUEST_ID"))
+        status, document, *extra = self._handle(body, microversion=version,
+                                                trace=trace)
         return status, document, [*(extra[0] if extra else ()),
             ("OpenStack-API-Version", f"compute {_fmt(version)}"),
             ("X-OpenStack-Nova-API-Version", _fmt(version)),

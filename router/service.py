@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-from router import delivery, lanes, routing
+from router import delivery, lanes, routing, stuck_watch
 from router import journal as journal_
 from router.bus import connection as bus_connection
 from router.bus import contract, supervision
@@ -73,6 +73,8 @@ class RouterSettings:
     host_check_rate: float = DEFAULT_HOST_CHECK_RATE
     # The journal of hops (router/journal.py); None: no journal.
     journal: Optional[journal_.JournalSettings] = None
+    # With the journal: follow it for the hosts' stuck waits (metrics).
+    watch_stuck: bool = True
 
 
 class RouterService:
@@ -91,6 +93,7 @@ class RouterService:
         # Whether the broker's dead-lettering of the parking queues was
         # checked (topology.parking_refusal): once per process.
         self.parking_checked = False
+        self.stuck = None       # the StuckWatch, while running
         self.journal = journal_.open_journal(settings.journal,
                                              f"router:{settings.name}")
 
@@ -122,11 +125,16 @@ class RouterService:
         containment restarts the session (logged at ERROR, with backoff);
         whatever it held unacknowledged is redelivered, and counted."""
         self.journal.start()
+        if self.settings.journal is not None and \
+                self.settings.journal.stream and self.settings.watch_stuck:
+            self.stuck = stuck_watch.StuckWatch(self.settings.journal).start()
         try:
             supervision.run_supervised(self._serve, self._stop,
                                        f"router {self.settings.name}",
                                        on_failure=self._failed)
         finally:
+            if self.stuck is not None:
+                self.stuck.stop()
             self.journal.stop()
         LOG.info("router %s stopped", self.settings.name)
 

@@ -8,13 +8,18 @@ exist; a missing one it may not create is an error that says who can:
 
     evrouter topology --declare                  # as the router user
     evrouter topology --declare --host cmp-1     # as cmp-1's compute user
+
+With [journal] enabled, the central part includes the journal of hops: the
+fanout exchange and the stream <prefix>.journal (router/journal.py), with
+the [journal] retention, so that every part can write it from its first
+record on (only the router user may declare it; the others only write).
 """
 
 import amqp.exceptions
 from kombu import Queue
 from oslo_config import cfg
 
-from router import options
+from router import journal, options
 from router.bus import connection
 from router.service_entry import fail, parse
 
@@ -62,12 +67,22 @@ def main(argv):
                  "Show the exchanges and queues of an evrouter deployment; "
                  "with --declare, create them.", cli_opts=cli_opts)
     topo = options.topology_from(conf)
-    for row in topo.describe(conf.host):
+    url = options.transport_url(conf)
+    journal_settings = journal.settings_from(conf, url)
+    central = topo.central()
+    rows = topo.describe(conf.host)
+    if journal_settings is not None and journal_settings.stream:
+        exchange, stream = journal.entities(journal_settings)
+        central = (central[0] + [exchange], central[1] + [stream])
+        args = ", ".join(f"{k}={v}" for k, v in sorted(stream.queue_arguments.items()))
+        rows += [("exchange", exchange.name, exchange.type, "durable"),
+                 ("queue", stream.name, "stream",
+                  f"bound to {exchange.name} key ''; {args}")]
+    for row in rows:
         print("  ".join(row))
     if not conf.declare:
         return 0
-    url = options.transport_url(conf)
-    parts = [("central", topo.central())]
+    parts = [("central", central)]
     parts += [(f"host {host}", topo.for_host(host)) for host in conf.host]
     missing = []
     with connection.connection(url, ssl_opts=options.ssl_from(conf)) as conn:

@@ -74,9 +74,21 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
     Reads the journal of `prefix` from `since` seconds ago to its end.
     Raises TraceError when the stream cannot be read.
     """
-    started = time.monotonic()
     # a cheap test before a batch is decoded: it names `wanted` somewhere
     needles = {wanted.encode(), wanted.lower().encode()}
+    return scan(transport_url, prefix, since, needles,
+                lambda rec: matches(rec, wanted), ssl=ssl, timeout=timeout,
+                clock=clock)
+
+
+def scan(transport_url, prefix, since, needles, keep, *, ssl=False,
+         timeout=30.0, clock=time.time):
+    """(records for which keep(record) is true, sorted by time; stats).
+
+    Only the batches whose body contains one of `needles` (bytes) are
+    decoded. Raises TraceError when the stream cannot be read.
+    """
+    started = time.monotonic()
     name = journal.stream_name(prefix)
     conn = bus_connection.connection(transport_url, heartbeat=0, ssl_opts=ssl)
     errors = conn.connection_errors + conn.channel_errors
@@ -111,7 +123,7 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
             if any(needle in body for needle in needles):
                 for rec in journal.decode_batch(body):
                     stats["records"] += 1
-                    if matches(rec, wanted):
+                    if keep(rec):
                         # who wrote it, as the broker vouches (user_id)
                         rec["user"] = props.get("user_id")
                         found.append(rec)
@@ -149,7 +161,8 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
 
 _HOP_ORDER = {h: i for i, h in enumerate((
     journal.PUBLISHED, journal.ROUTED, journal.RETRIED, journal.PARKED,
-    journal.DEAD, journal.DROPPED, journal.DELIVERED, journal.MATCHED))}
+    journal.DEAD, journal.DROPPED, journal.WAIT_STARTED, journal.DELIVERED,
+    journal.UNUSED, journal.WAIT_STUCK, journal.WAIT_ENDED, journal.MATCHED))}
 
 
 def _timeline_order(rec):

@@ -88,8 +88,9 @@ class OpsServer:
         length = int(req.headers.get("Content-Length") or 0)
         if length > MAX_REQUEST_BYTES:
             return self._send_json(req, 413, {"error": "request body too large"})
-        # (status, document) or (status, document, [(header, value), ...])
-        status, document, *extra = handler(req.rfile.read(length))
+        # handler(body, request headers) -> (status, document) or
+        # (status, document, [(header, value), ...])
+        status, document, *extra = handler(req.rfile.read(length), req.headers)
         self._send_json(req, status, document, extra[0] if extra else ())
 
     def _send_json(self, req, status, document, headers=()):

@@ -3,8 +3,11 @@
 Every instance event evrouter publishes carries a ``traceparent`` AMQP
 header: version 00, a 16-byte trace id, an 8-byte span id and the flags,
 as https://www.w3.org/TR/trace-context/ writes them. It is taken from the
-publishing context when there is one (an explicit value, or the current
-OpenTelemetry span when that library is loaded), made up otherwise.
+publishing context when there is one (an explicit value, the current
+OpenTelemetry span when that library is loaded, or the request id of the
+current OpenStack request: ``req-<uuid>``'s 128 bits are the trace id, so
+the trace and the service's own log lines name the same request), made
+up otherwise.
 
 The header comes from whoever could publish to the exchange: it is
 hostile input. ``parse`` accepts exactly the W3C form (55 ASCII
@@ -71,13 +74,15 @@ def new(trace_id=None, flags=SAMPLED):
            f"{secrets.token_hex(8)}-{flags}"
 
 
-def for_publish(given=None):
+def for_publish(given=None, request_id=None):
     """The traceparent to put on a message being published.
 
     `given`, the publishing context's, if it is valid (a new span of its
     trace: this publish is a step of its own); else the current
     OpenTelemetry span's, if that library is loaded and a span is
-    recording; else a new trace.
+    recording; else the trace of `request_id` or, when none is given, of
+    the current oslo.context's request (if that library is loaded); else
+    a new trace.
     """
     parsed = parse(given) if given is not None else None
     if parsed is not None:
@@ -85,7 +90,43 @@ def for_publish(given=None):
     otel = _opentelemetry_context()
     if otel is not None:
         return new(*otel)
-    return new()
+    trace_id = trace_of_request(request_id if request_id is not None
+                                else _current_request_id())
+    return new(trace_id)
+
+
+_REQUEST = re.compile(r"req-([0-9a-fA-F]{8})-([0-9a-fA-F]{4})-([0-9a-fA-F]{4})-"
+                      r"([0-9a-fA-F]{4})-([0-9a-fA-F]{12})(?![\s\S])")
+
+
+def trace_of_request(request_id):
+    """The trace id of an OpenStack request id (``req-`` and a UUID), or
+    None for anything else (or the all-zero id W3C forbids). Total."""
+    if type(request_id) is bytes:
+        try:
+            request_id = request_id.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if type(request_id) is not str or len(request_id) != 40:
+        return None
+    m = _REQUEST.match(request_id)
+    if m is None:
+        return None
+    trace_id = "".join(m.groups()).lower()
+    return None if trace_id == _ZERO_TRACE else trace_id
+
+
+def _current_request_id():
+    # Only if the embedding service already imported it (Neutron does):
+    # never imported here.
+    context = sys.modules.get("oslo_context.context")
+    if context is None:
+        return None
+    try:
+        current = context.get_current()
+        return getattr(current, "request_id", None) if current else None
+    except Exception:       # a foreign library's trouble is not ours
+        return None
 
 
 def _opentelemetry_context():

@@ -4,11 +4,13 @@ its role's user.
 
 In order, on one deployment (tests/compose/conftest.py): every service
 healthy within 60 s of `up`; a network service's port notification through
-the adapter and a router to a waiter in this process; 1,000 events with one
+the adapter and a router to a waiter in this process, and its four hops in
+the journal (`evrouter trace` in a router container); 1,000 events with one
 router container killed (`docker kill`) in the middle, none lost; `down -v`
 leaving no container, network or volume behind.
 """
 
+import json
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ from compute import waiting
 from compute.events import InstanceEvents
 from compute.host_consumer import HostConsumer, HostConsumerSettings
 from network.publisher import InstanceEventPublisher, PublisherSettings
+from router import journal
 from router.bus import contract, topology
 from tests.compose.conftest import COMPUTE_HOST, run, timing
 from tests.conftest import report_fault, wait_for
@@ -40,12 +43,15 @@ EVENTS = 1000
 @pytest.fixture(scope="module")
 def waiter(deployment):
     """nova-compute's side in this process: the waiter registry fed by a
-    host consumer on compute-1's queue, as that host's broker user."""
+    host consumer on compute-1's queue, as that host's broker user, with
+    the journal on (nova.conf's [evrouter] journal = true)."""
     registry = InstanceEvents()
+    url = deployment.broker_url(f"evrouter-compute-{COMPUTE_HOST}")
     consumer = HostConsumer(HostConsumerSettings(
-        host=COMPUTE_HOST, topology=TOPOLOGY,
-        transport_url=deployment.broker_url(f"evrouter-compute-{COMPUTE_HOST}")),
+        host=COMPUTE_HOST, topology=TOPOLOGY, transport_url=url,
+        journal=journal.JournalSettings(transport_url=url, prefix=TOPOLOGY.prefix)),
         registry.deliver)
+    registry.host_consumer = consumer
     thread = threading.Thread(target=consumer.run, daemon=True, name="host-consumer")
     thread.start()
     assert consumer.ready.wait(30), "host consumer did not start"
@@ -124,6 +130,30 @@ def test_a_port_notification_wakes_a_waiter(deployment, waiter):
         transport.cleanup()
     timing("port notification -> waiter woken", time.monotonic() - start)
     assert "evrouter-network" in deployment.connection_users()
+
+    # The journal (deploy/evrouter.conf): the adapter, a router and the
+    # host consumer wrote a hop each way, each as its own user; `evrouter
+    # trace` in a router container reads them as the router user.
+    assert waiter.host_consumer.journal.flushed(10)
+    router = deployment.containers("router")[0]
+
+    def traced():
+        out = run(["docker", "exec", router, "evrouter", "trace", port_id, "--json",
+                   "--since", "10m", "--config-file", "/etc/evrouter/evrouter.conf"],
+                  timeout=60).stdout
+        hops = [json.loads(line) for line in out.splitlines()]
+        return hops if len(hops) >= 4 else None
+    start = time.monotonic()
+    hops = wait_for(traced, timeout=20, interval=0.5, what="four hops in the journal")
+    timing("evrouter trace in a router container", time.monotonic() - start)
+    assert [(h["hop"], h["user"]) for h in hops] == [
+        ("published", "evrouter-network"), ("routed", "evrouter-router"),
+        ("delivered", f"evrouter-compute-{COMPUTE_HOST}"),
+        ("matched", f"evrouter-compute-{COMPUTE_HOST}")], hops
+    assert len({h["mid"] for h in hops}) == 1 and hops[-1]["detail"] == "woken"
+    # nobody was refused the journal
+    logs = deployment.compose("logs", "--no-color", check=False, timeout=60).stdout
+    assert "cannot write to evrouter.journal" not in logs, logs[-3000:]
 
 
 def test_a_router_killed_mid_stream_loses_nothing(deployment, waiter):

@@ -34,7 +34,8 @@ def exposed():
                                       "dropped:malformed": 1,
                                       "forbidden:host-snapshot": 1}),
         "latency": LatencyHistogram(), "placement": {}, "ready": threading.Event(),
-        "journal": type("Journal", (), {"stats": collections.Counter()})()})
+        "journal": type("Journal", (), {"stats": collections.Counter()})(),
+        "stuck": type("Stuck", (), {"seen": 1, "current": lambda self: 1})()})
     agent = type("Agent", (), {"stats": collections.Counter(), "published": 0,
                                "held": 0, "outbox": [], "healthy": True})
     registry = CollectorRegistry()
@@ -74,7 +75,7 @@ def test_the_alerts_cover_what_operators_asked_for():
     exprs = rule_exprs()
     assert {"EvrouterRouterDown", "EvrouterNoRouter", "EvrouterDeadLetterRate",
             "EvrouterStoppedHeldTooLong", "EvrouterAgentOutboxFilling",
-            "EvrouterBrokerUnreachable"} <= set(exprs)
+            "EvrouterBrokerUnreachable", "EvrouterStuckWaits"} <= set(exprs)
     used = {m for e in exprs.values() for m in METRIC.findall(e)}
     assert used <= exposed(), used - exposed()
 

@@ -215,9 +215,28 @@ def test_compose_services_run_as_local_processes(bus, network_service,  # noqa: 
         event = contract.decode(m.body).payload
         assert (event.name, event.server_uuid, event.host) == \
             ("network-vif-plugged", server, host)
+        # deploy/evrouter.conf turns the journal on: the adapter and a
+        # router wrote their hops, each as its own user; the router user
+        # reads them (`evrouter trace`, as in a router container)
+        trace = [sys.executable, "-m", "router.cli", "trace", server, "--json",
+                 "--since", "10m", "--config-file", str(ROOT / "deploy" / "evrouter.conf"),
+                 "--bus-prefix", bus.prefix, "--transport-url",
+                 f"rabbit://evrouter-router:evrouter-dev@127.0.0.1:5672/{vhost}"]
+
+        def traced():
+            done = subprocess.run(trace, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            hops = [json.loads(line) for line in done.stdout.splitlines()]
+            return hops if len(hops) >= 2 else None
+        hops = wait_for(traced, timeout=20, interval=0.2,
+                        what="the adapter's and a router's hops in the journal")
+        assert [(h["hop"], h["user"], h["mid"]) for h in hops] == [
+            ("published", "evrouter-network", m.properties["message_id"]),
+            ("routed", "evrouter-router", m.properties["message_id"])], hops
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         outputs = [proc.communicate(timeout=30)[0] for proc in procs]
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output
+        assert "cannot write to" not in output, output     # the journal

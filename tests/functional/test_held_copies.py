@@ -36,7 +36,6 @@ from tests.conftest import (
     single_user_policy,
     wait_for,
 )
-from tests.functional.rabbitmq_users import BrokerUsers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,52 +110,36 @@ def test_a_refusing_host_holds_back_no_other_hosts_acknowledgements(bus, policy)
         router.stop()
 
 
-def test_a_refusing_probation_queue_dead_letters_no_bystander():
-    tag = uuid.uuid4().hex[:8]
-    vhost, user = f"evt-held-{tag}", f"evt-held-{tag}-router"
-    users = BrokerUsers(vhost, {user: ("pw", ".*", ".*", ".*")})
-    topo = topology.Topology(prefix=f"evt-held-{tag}")
-    admin = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-
-    class _Bus:                         # what RunningRouter needs of a Bus
-        url, topology = users.url(user), topo
-
-    router = None
-    try:
-        with kombu.Connection(admin) as conn:
-            topology.declare(conn.channel(), *topo.central())
-            topology.declare(conn.channel(), *topo.for_host(GOOD[0]))
-        policies = [f"{vhost}-probation", f"{vhost}-host"]
-        for name, queue in zip(policies, (topo.probation_queue_name,
-                                          topo.host_queue_name(GOOD[0])),
-                               strict=True):
-            rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues",
-                        "--priority", "100", name,
-                        f"^{queue.replace('.', '[.]')}$",
-                        '{"max-length": 0, "overflow": "reject-publish"}')
-        router = RunningRouter(_Bus, refused_hold=5.0, refused_patience=8.0,
-                               policy=single_user_policy(users.url(user)))
-        envs = [_event(GOOD[0]) for _ in range(50)]
-        _flood(admin, topo, envs)
-        stats = router.service.stats
-        # Every copy refused by the host queue, held in hand: unacknowledged.
-        wait_for(lambda: stats["refused"] >= 50, 4, what="every copy in hand")
-        rabbitmqctl("close_all_user_connections", user, "evrouter test")
-        rabbitmqctl("clear_policy", "-p", vhost, policies[1])
-        # Redelivered, each is copied to probation, which refuses; past hold
-        # it is routed here, uncounted, and reaches its host.
-        ids = {e.id for e in envs}
-        got = collect_ids(admin, topo.host_queue_name(GOOD[0]), ids, timeout=30)
-        assert sorted(m.properties["message_id"] for m in got) == sorted(ids)
-        assert stats["probation_bypassed"] >= 1, dict(stats)
-        assert not [k for k in stats if k.startswith(("dropped:",
-                                                      "dead_lettered:"))], \
-            dict(stats)
-        assert not _dead_letter_ids(admin, topo)
-    finally:
-        if router is not None:
-            router.stop()
-        users.remove()
+def test_a_refusing_probation_queue_dead_letters_no_bystander(router_vhost):
+    rv = router_vhost("held", [GOOD[0]])
+    vhost, topo, admin = rv.vhost, rv.topology, rv.admin
+    policies = [f"{vhost}-probation", f"{vhost}-host"]
+    for name, queue in zip(policies, (topo.probation_queue_name,
+                                      topo.host_queue_name(GOOD[0])),
+                           strict=True):
+        rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues",
+                    "--priority", "100", name,
+                    f"^{queue.replace('.', '[.]')}$",
+                    '{"max-length": 0, "overflow": "reject-publish"}')
+    router = rv.start_router(refused_hold=5.0, refused_patience=8.0,
+                             policy=single_user_policy(rv.url))
+    envs = [_event(GOOD[0]) for _ in range(50)]
+    _flood(admin, topo, envs)
+    stats = router.service.stats
+    # Every copy refused by the host queue, held in hand: unacknowledged.
+    wait_for(lambda: stats["refused"] >= 50, 4, what="every copy in hand")
+    rabbitmqctl("close_all_user_connections", rv.user, "evrouter test")
+    rabbitmqctl("clear_policy", "-p", vhost, policies[1])
+    # Redelivered, each is copied to probation, which refuses; past hold
+    # it is routed here, uncounted, and reaches its host.
+    ids = {e.id for e in envs}
+    got = collect_ids(admin, topo.host_queue_name(GOOD[0]), ids, timeout=30)
+    assert sorted(m.properties["message_id"] for m in got) == sorted(ids)
+    assert stats["probation_bypassed"] >= 1, dict(stats)
+    assert not [k for k in stats if k.startswith(("dropped:",
+                                                  "dead_lettered:"))], \
+        dict(stats)
+    assert not _dead_letter_ids(admin, topo)
 
 
 def test_a_session_killer_routed_past_a_refusing_probation_queue_is_counted(

@@ -16,7 +16,7 @@ import pytest
 
 from network.publisher import InstanceEventPublisher, PublisherSettings, PublishRefused
 from network.spool import Spool
-from router.bus import contract
+from router.bus import contract, tracecontext
 from tests.conftest import BROKER_URL, collect
 
 HOST = "compute-7"
@@ -159,6 +159,9 @@ def test_failover_url_skips_a_dead_host(bus, router):
     assert env.id == receipt.message_id
 
 
+TRACES = [f"00-{i + 1:032x}-{i + 7:016x}-01" for i in range(6)]
+
+
 def test_spooled_while_unreachable_then_delivered_once_in_order_after_restart(
         bus, router, tmp_path):
     bus.declare_host(HOST)
@@ -166,7 +169,8 @@ def test_spooled_while_unreachable_then_delivered_once_in_order_after_restart(
     # The broker is unreachable: every publish is still accepted, on disk.
     with InstanceEventPublisher(settings(bus, DEAD_URL,
                                          spool_path=spool_path)) as pub:
-        receipts = [pub.publish(plugged(i)) for i in range(6)]
+        receipts = [pub.publish(plugged(i), traceparent=TRACES[i])
+                    for i in range(6)]
     assert all(r.spooled for r in receipts)
     s = Spool(spool_path)
     assert len(s) == 6
@@ -181,6 +185,9 @@ def test_spooled_while_unreachable_then_delivered_once_in_order_after_restart(
         after.message_id]
     assert [env.payload for _, env in events] == [plugged(i) for i in range(7)]
     assert router.service.stats["in"] == 7
+    # each spooled event kept its publishing context's trace
+    assert [tracecontext.trace_id_of(m.headers[tracecontext.HEADER])
+             for m, _ in events[:6]] == [t[3:35] for t in TRACES]
 
 
 def test_a_gone_processs_spool_is_sent_by_the_next_process(bus, router, tmp_path):

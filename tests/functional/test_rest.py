@@ -11,7 +11,7 @@ import uuid
 import kombu
 
 from router import rest
-from router.bus import contract
+from router.bus import contract, tracecontext
 from router.bus.publishing import BlockingPublisher
 from router.service import RouterService, RouterSettings
 from tests.conftest import collect, single_user_policy, wait_for
@@ -20,10 +20,13 @@ from tests.functional.test_router import publish_lifecycle
 from tests.functional.test_router_ops import free_port
 from tests.functional.test_router_process import consumers, start_router, stop
 
+REQUEST_ID = "req-0af76519-16cd-43dd-8448-eb211c80319c"
 
-def post(url, document):
+
+def post(url, document, headers=None):
     request = urllib.request.Request(url, data=json.dumps(document).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=15) as resp:
             return resp.status, json.loads(resp.read())
@@ -50,7 +53,9 @@ def test_compute_api_body_is_answered_like_the_compute_api_and_routed(bus):
                 {"name": "network-vif-plugged", "server_uuid": placed, "tag": "port-9"},
                 {"name": "network-vif-plugged", "server_uuid": gone, "tag": "port-9"},
                 {"name": "network-vif-plugged", "server_uuid": unknown, "tag": "p"},
-                {"name": "power-update", "server_uuid": placed}]})
+                {"name": "power-update", "server_uuid": placed}]},
+                # as novaclient sends Neutron's request id
+                {"X-OpenStack-Request-ID": REQUEST_ID})
             return (status, doc) if status == 207 else None
         status, doc = wait_for(answer, what="placement learned by the router")
         assert [e["code"] for e in doc["events"]] == [200, 422, 404, 400]
@@ -60,6 +65,9 @@ def test_compute_api_body_is_answered_like_the_compute_api_and_routed(bus):
         assert (event.server_uuid, event.name, event.tag) == \
             (placed, "network-vif-plugged", "port-9")
         assert m.headers[contract.HEADER_PUBLISHER] == "os-server-external-events"
+        # its trace is the caller's request: Neutron's log lines name it too
+        assert tracecontext.trace_id_of(m.headers[tracecontext.HEADER]) == \
+            REQUEST_ID[4:].replace("-", "")
 
         status, doc = post(url, {"events": [{"name": "network-changed",
                                              "server_uuid": unknown}]})

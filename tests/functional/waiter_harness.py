@@ -73,7 +73,7 @@ class HostEvents:
             ch.close()
 
 
-def publish_with_kombu(bus, env):
+def publish_with_kombu(bus, env, headers=None):
     """Publish to ingress with a plain kombu Producer, as any client would
     (with its user_id: the router refuses events without one)."""
     with kombu.Connection(bus.url) as conn:
@@ -84,7 +84,8 @@ def publish_with_kombu(bus, env):
                              env.payload.name),
                          message_id=env.id, delivery_mode=2,
                          content_type="application/json",
-                         content_encoding="utf-8", user_id=conn.userid)
+                         content_encoding="utf-8", user_id=conn.userid,
+                         headers=headers)
 
 
 class Publisher:

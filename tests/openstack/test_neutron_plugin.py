@@ -13,9 +13,10 @@ from neutron_lib import constants
 from neutron_lib import context as n_context
 from neutron_lib.plugins import directory
 from oslo_config import cfg
+from oslo_context import context as oslo_context
 
 from network import neutron_plugin
-from router.bus import contract
+from router.bus import contract, tracecontext
 from tests.conftest import collect, routed_bus
 from tests.openstack import deploy_config
 
@@ -105,6 +106,23 @@ class EvrouterMl2Test(ml2_test.Ml2PluginV2TestCase):
         self.assertEqual((contract.VIF_PLUGGED, SERVER, port["id"], "completed", HOST),
                          (event.name, event.server_uuid, event.tag, event.status,
                           event.host))
+
+    def test_the_event_carries_the_trace_of_neutrons_request(self):
+        port = self._compute_port()
+        request = "req-0af76519-16cd-43dd-8448-eb211c80319c"
+        # the agent's RPC context, made the thread's current one as
+        # oslo.messaging's RPC server does: Neutron's lines carry this id
+        ctx = n_context.Context(user_id="agent", project_id="p", is_admin=True,
+                                request_id=request, overwrite=True)
+        self.addCleanup(lambda: vars(oslo_context._request_store).pop(
+            "context", None))
+        ml2_rpc.RpcCallbacks(None, None).update_device_up(
+            ctx, agent_id="ovs-agent-cmp-1", device=port["id"], host=HOST)
+        [m] = collect(self.bus.url, self.bus.topology.host_queue_name(HOST),
+                      1, 15)
+        self.assertEqual(contract.VIF_PLUGGED, contract.decode(m.body).payload.name)
+        self.assertEqual("0af7651916cd43dd8448eb211c80319c",
+                         tracecontext.trace_id_of(m.headers[tracecontext.HEADER]))
 
     def test_status_to_error_is_a_failed_plug_and_active_to_down_an_unplug(self):
         port = self._compute_port()

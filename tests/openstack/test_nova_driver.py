@@ -16,9 +16,11 @@ from nova import exception, objects, test
 from nova.compute import manager as compute_manager
 from nova.compute import power_state, vm_states
 from nova.network import model as network_model
+from oslo_context import context as oslo_context
 from oslo_utils import timeutils
 
 from compute import nova_driver
+from router import journal, stuck_cmd, trace_cmd
 from router.bus import connection, contract
 from tests.conftest import queue_depth, routed_bus
 from tests.functional.waiter_harness import publish_with_kombu
@@ -107,11 +109,11 @@ class _ComputeWithBus(NovaTestCase):
         return inst
 
     def _publish(self, inst, name=contract.VIF_PLUGGED, status="completed",
-                 message_id=None, tag=PORT):
+                 message_id=None, tag=PORT, headers=None):
         env = contract.envelope(
             contract.InstanceEvent(name, inst.uuid, tag, status, HOST),
             "neutron@test", message_id=message_id)
-        publish_with_kombu(self.bus, env)
+        publish_with_kombu(self.bus, env, headers=headers)
         return env
 
     def _wait_briefly(self, inst):
@@ -231,6 +233,87 @@ class EvrouterNovaComputeTest(_ComputeWithBus):
         wait_until(lambda: queue_depth(
             self.bus.url, self.bus.topology.host_queue_name(HOST)) == 0, 10,
             "the host queue drained")
+
+
+class EvrouterNovaJournalTest(_ComputeWithBus):
+    """[evrouter] journal = true: Nova's waits and their outcomes are in the
+    journal, a Nova timeout is one `evrouter stuck` from its cause, and
+    Nova's lines about an event carry its trace id (issue 23, item 4)."""
+
+    GIVEN = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    def broker_flags(self):
+        self.bus.own(queues=[journal.stream_name(self.bus.prefix)],
+                     exchanges=[journal.stream_name(self.bus.prefix)])
+        return {"transport_url": self.bus.url, "journal": True,
+                "stuck_after": 1.0}
+
+    def _records(self, wanted):
+        consumer = self.hostbus.consumer
+        self.assertTrue(consumer.journal.flushed(10))
+        found, _ = trace_cmd.read(self.bus.url, self.bus.prefix, wanted, 600,
+                                  timeout=20)
+        return found
+
+    def test_novas_wait_and_its_outcome_are_in_the_journal(self):
+        inst = self._instance()
+        passed = []
+        real = self.compute.external_instance_event
+
+        def handed(context, instances, events):
+            # Nova's current context while it handles the event: the one
+            # oslo.log puts on Nova's own lines
+            passed.append((context.request_id,
+                           oslo_context.get_current().request_id))
+            return real(context, instances, events)
+        self.useFixture(fixtures.MonkeyPatch(
+            "nova.compute.manager.ComputeManager.external_instance_event",
+            lambda _self, *a: handed(*a)))
+        with self.compute.virtapi.wait_for_instance_event(
+                inst, [(contract.VIF_PLUGGED, PORT)], timeout=20):
+            env = self._publish(inst, headers={"traceparent": self.GIVEN})
+        trace = self.GIVEN[3:35]
+        request = f"req-{uuid.UUID(hex=trace)}"
+        self.assertEqual([(request, request)], passed)
+        self.assertIn(f"trace {trace}, Nova request {request}",
+                      self.stdlog.logger.output)
+        wait_until(lambda: self.hostbus.consumer.journal.stats["written"] >= 4,
+                   10, "the host's records written")
+        hops = [(r["hop"], r["svc"]) for r in self._records(PORT)]
+        svc = f"host:{HOST}"
+        # in the order they happened: taken from the queue before the
+        # waiter woke, the match said after
+        self.assertEqual([(journal.WAIT_STARTED, svc), (journal.DELIVERED, svc),
+                          (journal.WAIT_ENDED, svc), (journal.MATCHED, svc)],
+                         hops)
+        ended = [r for r in self._records(PORT)
+                 if r["hop"] == journal.WAIT_ENDED][0]
+        self.assertTrue(ended["detail"].startswith(f"woken by {env.id}"),
+                        ended["detail"])
+
+    def test_a_nova_timeout_is_one_query_from_its_cause(self):
+        inst = self._instance()
+        self.assertRaises(
+            exception.InstanceEventTimeout, self._wait, inst, 1.6)
+        wait_until(lambda: self.hostbus.consumer.waits.stats["stuck"] == 1, 5,
+                   "the wait recorded stuck")
+        self.assertTrue(self.hostbus.consumer.journal.flushed(10))
+        waits, _ = stuck_cmd.find(self.bus.url, self.bus.prefix, 600,
+                                  include_ended=True, timeout=20)
+        self.assertEqual(1, len(waits))
+        w = waits[0]
+        self.assertEqual((HOST, inst.uuid, PORT), (w.host, w.instance, w.port))
+        self.assertTrue(w.ended.startswith("was stuck; Nova's wait timed out"),
+                        w.ended)
+        self.assertEqual(stuck_cmd.NEVER_PUBLISHED, w.kind)
+        # and it is no longer current
+        self.assertEqual([], stuck_cmd.find(self.bus.url, self.bus.prefix, 600,
+                                            timeout=20)[0])
+
+    def _wait(self, inst, timeout):
+        with self.compute.virtapi.wait_for_instance_event(
+                inst, [(contract.VIF_PLUGGED, PORT)], timeout=timeout):
+            pass
 
 
 class EvrouterNovaComputeOverTLSTest(EvrouterNovaComputeTest):

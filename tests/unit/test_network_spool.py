@@ -246,3 +246,71 @@ def test_append_now_is_what_the_next_publisher_finds(tmp_path):
     assert [(r.routing_key, r.body) for r in s.peek(10)] == [
         ("instance.a", b"1"), ("instance.b", b"2")]
     s.close()
+
+
+# --- the event's trace kept with it --------------------------------------------
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+traces = st.one_of(st.none(), st.just(TP), st.builds(
+    lambda t, s: f"00-{t:032x}-{s:016x}-01", st.integers(1, 2**128 - 1),
+    st.integers(1, 2**64 - 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "done", "reopen"]),
+                          st.lists(traces, min_size=1, max_size=3)),
+                max_size=25))
+def test_a_spooled_events_trace_survives_reopening_and_compaction(
+        tmp_path_factory, script):
+    path = tmp_path_factory.mktemp("spool") / "s"
+    model, n = [], 0
+    s = Spool(path, max_bytes=600)      # small: compaction happens
+    for op, tps in script:
+        if op == "append":
+            items = [("instance.x", b"%d" % (n + i), tp)
+                     for i, tp in enumerate(tps)]
+            n += len(items)
+            try:
+                s.append(items)
+            except SpoolFull:
+                pass
+            else:
+                model += [(b, tp) for _, b, tp in items]
+        elif op == "done":
+            s.done(s.peek(len(tps)))
+            del model[:len(tps)]
+        else:
+            s.close()
+            s = Spool(path, max_bytes=600)
+        assert [(r.body, r.traceparent) for r in s.peek(1000)] == model
+        assert all(r.routing_key == "instance.x" for r in s.peek(1000))
+    s.close()
+
+
+@pytest.mark.parametrize("bad", ["not-a-trace", "00-" + "0" * 32 + "-" + "1" * 16
+                                 + "-01", TP.upper(), TP + " x"])
+def test_a_traceparent_that_is_not_the_w3c_form_is_not_kept(tmp_path, bad):
+    s = Spool(tmp_path / "s")
+    s.append([("instance.x", b"1", bad)])
+    assert s.peek(1)[0].traceparent is None
+    s.close()
+    assert Spool(tmp_path / "s").peek(1)[0].traceparent is None
+
+
+def test_an_old_spool_file_reads_as_before(tmp_path):
+    (tmp_path / "s").write_bytes(b'P instance.x {"n":1}\nP instance.y;' +
+                                 TP.encode() + b' {"n":2}\n')
+    s = Spool(tmp_path / "s")
+    assert [(r.routing_key, r.body, r.traceparent) for r in s.peek(9)] == [
+        ("instance.x", b'{"n":1}', None), ("instance.y", b'{"n":2}', TP)]
+
+
+def test_an_adopted_orphans_traces_come_along(tmp_path):
+    from network.spool import adopt_orphans
+    prefix = str(tmp_path / "spool.")
+    s = Spool(prefix + "101")
+    s.append([("instance.a", b"1", TP), ("instance.a", b"2")])
+    s.close()
+    os.utime(prefix + "101", (1, 1))
+    adopt_orphans(prefix + "200", prefix)
+    assert [(r.body, r.traceparent) for r in Spool(prefix + "200").peek(9)] == [
+        (b"1", TP), (b"2", None)]

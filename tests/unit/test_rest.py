@@ -109,7 +109,7 @@ def call(app, method="POST", path=rest.PATH, body=b"", headers=None):
 def test_wsgi_app_applies_the_microversion_header():
     seen = []
 
-    def handle(body, microversion):
+    def handle(body, microversion, trace=None):
         seen.append(microversion)
         return 200, {"events": []}
 
@@ -161,7 +161,7 @@ def test_serve_from_conf_noauth_on_loopback_serves_with_microversions():
     import http.client
     server = rest.serve_from_conf(
         rest_conf(rest_listen="127.0.0.1:0", rest_auth_strategy="noauth"),
-        lambda body, microversion: (200, {"seen": list(microversion)}))
+        lambda body, microversion, trace=None: (200, {"seen": list(microversion)}))
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
                                           timeout=10)
@@ -224,7 +224,19 @@ def test_upper_case_server_uuids_are_found():
 
 
 def test_wsgi_app_sends_the_handlers_headers():
-    app = rest.RestApp(lambda body, microversion: (
+    app = rest.RestApp(lambda body, microversion, trace=None: (
         503, {"error": "not yet"}, [("Retry-After", "5")]))
     status, _, headers = call(app, body=b"{}")
     assert status == 503 and headers["Retry-After"] == "5"
+
+
+def test_wsgi_app_hands_on_the_callers_trace_and_request_id():
+    seen = []
+    app = rest.RestApp(lambda body, microversion, trace=None: (
+        seen.append(trace) or (200, {})))
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    req = "req-0af76519-16cd-43dd-8448-eb211c80319c"
+    call(app, body=b"{}", headers={"traceparent": tp,
+                                   "X-OpenStack-Request-ID": req})
+    call(app, body=b"{}")
+    assert seen == [(tp, req), (None, None)]

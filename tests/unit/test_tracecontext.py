@@ -46,3 +46,32 @@ def test_a_publishing_context_keeps_its_trace_with_a_new_span():
     # an invalid context is not copied: a new trace instead
     other = tracecontext.for_publish("00-garbage")
     assert tracecontext.parse(other) is not None
+
+
+@pytest.mark.parametrize("request_id, trace", [
+    ("req-0af76519-16cd-43dd-8448-eb211c80319c", "0af7651916cd43dd8448eb211c80319c"),
+    ("req-0AF76519-16CD-43DD-8448-EB211C80319C", "0af7651916cd43dd8448eb211c80319c"),
+    (b"req-0af76519-16cd-43dd-8448-eb211c80319c", "0af7651916cd43dd8448eb211c80319c"),
+    ("req-00000000-0000-0000-0000-000000000000", None),
+    ("req-0af76519-16cd-43dd-8448-eb211c80319c\n", None),
+    ("0af76519-16cd-43dd-8448-eb211c80319c", None),
+    ("req-0af7651916cd43dd8448eb211c80319c", None),
+    (None, None), (42, None), ({"a": 1}, None), (b"\xff" * 40, None),
+])
+def test_an_openstack_request_id_names_a_trace(request_id, trace):
+    assert tracecontext.trace_of_request(request_id) == trace
+
+
+def test_the_current_openstack_request_is_the_publishing_context():
+    from oslo_context import context
+    # made the thread's current context, as Neutron's API and RPC do
+    context.RequestContext(request_id="req-11111111-2222-3333-4444-555555555555")
+    try:
+        assert tracecontext.trace_id_of(tracecontext.for_publish()) == \
+            "11111111222233334444555555555555"
+        # an explicit traceparent still comes first
+        assert tracecontext.trace_id_of(tracecontext.for_publish(GOOD)) == \
+            tracecontext.trace_id_of(GOOD)
+    finally:
+        vars(context._request_store).pop("context", None)
+    assert context.get_current() is None

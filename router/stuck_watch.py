@@ -1,0 +1,175 @@
+"""The stuck waits of every host, followed live from the journal, for metrics.
+
+Compute hosts have no metrics endpoint of their own for their waits (the
+waiter lives inside nova-compute), but they record each stuck wait in the
+journal (compute/wait_watch.py). The router, which serves /metrics and may
+read the journal stream, follows it: a thread with a connection of its own
+consumes the stream from ``window`` seconds ago onwards, decodes only the
+batches that mention a stuck wait (a substring test skips the rest), and
+keeps the set of stuck waits not ended yet: ``evrouter_stuck_waits``
+(gauge) and ``evrouter_stuck_waits_recorded_total``.
+
+Bounded: a stuck wait whose end never comes (its host went away) is
+forgotten after ``max_age``; at most ``max_waits`` are kept. Off the routing
+path: a failure costs one WARNING and a backoff, never an event.
+"""
+
+import collections
+import datetime
+import logging
+import socket
+import threading
+import time
+
+from router import journal as journal_
+from router.bus import connection as bus_connection
+
+LOG = logging.getLogger(__name__)
+
+_NEEDLES = (f'"{journal_.WAIT_STUCK}"'.encode(), b"was stuck;")
+_ACK_EVERY = 50
+
+
+class StuckWaits:
+    """Stuck waits by wait id (pure: fed records, asked counts)."""
+
+    def __init__(self, max_age=3600.0, max_waits=10_000, clock=time.time):
+        self.max_age = max_age
+        self.max_waits = max_waits
+        self.clock = clock
+        self.seen = 0               # stuck waits ever seen
+        self._waits = collections.OrderedDict()   # wid -> (t, host)
+        self._ended = collections.OrderedDict()   # wid ended before seen stuck
+
+    def feed(self, rec):
+        hop, wid = rec.get("hop"), rec.get("mid")
+        if type(wid) is not str:
+            return
+        if hop == journal_.WAIT_STUCK:
+            if wid in self._waits or self._ended.pop(wid, None):
+                return
+            t = rec.get("t")
+            self._waits[wid] = (t if type(t) in (int, float) else self.clock(),
+                                rec.get("svc"))
+            self.seen += 1
+            while len(self._waits) > self.max_waits:
+                self._waits.popitem(last=False)
+        elif hop == journal_.WAIT_ENDED:
+            if self._waits.pop(wid, None) is None:
+                # batches of one host come in order; this is for safety
+                self._ended[wid] = True
+                while len(self._ended) > self.max_waits:
+                    self._ended.popitem(last=False)
+
+    def current(self):
+        limit = self.clock() - self.max_age
+        while self._waits:
+            wid, (t, _) = next(iter(self._waits.items()))
+            if t >= limit:
+                break
+            del self._waits[wid]
+        return len(self._waits)
+
+
+class StuckWatch:
+    """Follows the journal stream on a thread of its own."""
+
+    def __init__(self, settings, window=900.0, max_age=3600.0):
+        self.settings = settings
+        self.window = window
+        self.waits = StuckWaits(max_age=max_age)
+        self.stats = collections.Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def current(self):
+        with self._lock:
+            return self.waits.current()
+
+    @property
+    def seen(self):
+        return self.waits.seen
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="journal-stuck-watch")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self):
+        since = time.time() - self.window
+        backoff = 0.0
+        failing = False
+        while not self._stop.is_set():
+            started = time.time()
+            try:
+                self._follow(since)
+                return
+            except Exception as exc:    # never into the router
+                self.stats["failures"] += 1
+                if not failing:
+                    failing = True
+                    LOG.warning("stuck waits: cannot follow %s (%s: %s); the "
+                                "gauge is stale until it can, trying again "
+                                "with backoff", journal_.stream_name(
+                                    self.settings.prefix), type(exc).__name__,
+                                str(exc)[:200])
+                # again from a little before the connection was made:
+                # records seen twice change nothing
+                since = started - 10.0
+                backoff = min(30.0, max(1.0, backoff * 2))
+                self._stop.wait(backoff)
+
+    def _follow(self, since):
+        s = self.settings
+        conn = bus_connection.connection(s.transport_url, heartbeat=30,
+                                         ssl_opts=s.ssl)
+        try:
+            conn.connect()
+            # the router's journal writer declares the stream too; whichever
+            # comes first (a user that may not: what is there is read)
+            _, queue = journal_.entities(s)
+            channel = conn.channel()
+            try:
+                queue(channel).declare()
+            except conn.channel_errors:
+                channel = conn.channel()
+            channel.basic_qos(0, 2 * _ACK_EVERY, False)
+            pending = [0]
+
+            def on_message(message):
+                pending[0] += 1
+                if pending[0] >= _ACK_EVERY:
+                    channel.basic_ack(message.delivery_tag, multiple=True)
+                    pending[0] = 0
+                body = message.body
+                if not any(n in body for n in _NEEDLES):
+                    return
+                records = journal_.decode_batch(body)
+                with self._lock:
+                    for rec in records:
+                        self.waits.feed(rec)
+                self.stats["batches"] += 1
+
+            channel.basic_consume(
+                journal_.stream_name(s.prefix), callback=on_message,
+                no_ack=False, arguments={"x-stream-offset": datetime.datetime.
+                                         fromtimestamp(since, datetime.timezone.utc)})
+            LOG.info("stuck waits: following %s", journal_.stream_name(s.prefix))
+            while not self._stop.is_set():
+                try:
+                    conn.drain_events(timeout=1.0)
+                except socket.timeout:
+                    pass
+                conn.heartbeat_check()
+        finally:
+            try:
+                conn.release()
+            except Exception:   # a dead connection's close
+                pass
