@@ -99,7 +99,8 @@ class ClusterSchedule(tc.Schedule):
     def begin_fault(self):
         kinds = [(self.exchange_gone, 3), (self.refuse_host, 3),
                  (self.refuse_central, 4), (self.maxlen_host, 2),
-                 (self.revoke, 2)]
+                 (self.revoke, 2), (self.internal_host, 2),
+                 (self.deny_write, 2)]
         if self.whole():
             kinds.append((self.queue_gone, 2))
         make = self.rng.choices([k for k, _ in kinds], [n for _, n in kinds])[0]
