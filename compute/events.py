@@ -247,7 +247,9 @@ class InstanceEvents:
                 self._fail(key, self._pending.pop(key), now, waiting.CLEARED)
                 self._end(key, now)
             for key in [k for k in self._held if k[0] == prefix]:
-                self._held_bytes -= self._held.pop(key).size
+                held = self._held.pop(key)
+                self._held_bytes -= held.size
+                self.observer.unused(key, held, "cleared with its instance")
             self.stats["cleared"] += len(keys)
         if keys:
             LOG.info("instance %s: %d pending event(s) cleared", instance_uuid,

@@ -204,8 +204,10 @@ class HostSession:
         else:
             due += [next_heartbeat, self.watch.next_due]
         if self.owner.waits is not None:
-            # on the registry's clock: time.monotonic unless a test's
-            due.append(self.owner.waits.next_due)
+            # counted on the registry's clock (a test may inject one)
+            due_in = self.owner.waits.due_in()
+            if due_in is not None:
+                due.append(now + due_in)
         return min(max(0.0, min(d for d in due if d is not None) - now), 30.0)
 
     def _pump(self):

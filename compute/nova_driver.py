@@ -194,6 +194,15 @@ class NovaEventBridge:
     # --- the bus side ----------------------------------------------------------
     def deliver(self, event, message_id):
         """The host consumer's callback; returns an evrouter outcome."""
+        previous = _current_context()
+        try:
+            return self._deliver(event, message_id)
+        finally:
+            # the next event's lines (one without a trace among them) must
+            # not carry this one's request id
+            _restore_context(previous)
+
+    def _deliver(self, event, message_id):
         context = self._context_of(message_id, event)
         if event.name in NOVA_HANDLED:
             if not self.registry.first_sight(message_id):
@@ -312,6 +321,22 @@ class NovaEventBridge:
         return objects.InstanceExternalEvent(
             instance_uuid=instance_uuid, name=event.name, tag=event.tag,
             status=event.status)
+
+
+def _current_context():
+    from oslo_context import context
+    return context.get_current()
+
+
+def _restore_context(previous):
+    """Make `previous` the thread's current context again (None: none).
+    oslo.context has no public way to clear it: its store is a
+    threading.local with one attribute."""
+    from oslo_context import context
+    if previous is not None:
+        previous.update_store()
+    else:
+        vars(context._request_store).pop("context", None)
 
 
 @functools.cache

@@ -68,6 +68,13 @@ class WaitWatch:
         """How many waits are stuck now."""
         return len(self._stuck)
 
+    def due_in(self):
+        """Seconds until the oldest open wait becomes stuck (None: none
+        open), counted on the registry's clock, which may not be the
+        caller's (a test's injected clock)."""
+        due = self.next_due
+        return None if due is None else max(0.0, due - self.clock())
+
     @property
     def next_due(self):
         """When (registry clock) the oldest open wait becomes stuck."""

@@ -116,25 +116,60 @@ def encode_batch(service, node, records):
                       default=str).encode()
 
 
+# A batch evrouter writes is at most batch_records (500) records of a few
+# hundred bytes; anything far larger is not ours, and decoding it would
+# hold a reader (the router's stuck watch among them) for seconds.
+MAX_BATCH_BYTES = 4 << 20
+# Wall-clock times a record may carry: 1970 to 2286; NaN, inf or 1e20
+# is not a time (and would break every reader that prints it).
+_LATEST = 1e10
+_NAMES = ("hop", "mid", "tid", "instance", "port", "event", "status")
+
+
 def decode_batch(body):
-    """A message body to [(service, node, record dict)]; [] for anything
-    that is not a journal batch (a marker, a foreign message). Total."""
+    """A message body to [record dict] (each with its batch's "svc" and
+    "node"); [] for anything that is not a journal batch (a marker, a
+    foreign message). Total, and every record it returns is sane: any user
+    that may write the journal exchange wrote it (sane_record)."""
+    if len(body) > MAX_BATCH_BYTES:
+        return []
     try:
         doc = json.loads(body)
-    except (ValueError, TypeError):
+    except Exception:       # deep nesting is a RecursionError
         return []
     if type(doc) is not dict or doc.get("v") != FORMAT_VERSION:
         return []
     svc, node, rows = doc.get("svc"), doc.get("node"), doc.get("r")
-    if type(rows) is not list:
+    if type(rows) is not list or type(svc) not in (str, type(None)) \
+            or type(node) not in (str, type(None)):
         return []
     out = []
     for row in rows:
         if type(row) is list and len(row) == len(FIELDS):
-            rec = dict(zip(FIELDS, row, strict=True))
-            rec["svc"], rec["node"] = svc, node
-            out.append(rec)
+            rec = sane_record(dict(zip(FIELDS, row, strict=True)))
+            if rec is not None:
+                rec["svc"], rec["node"] = svc, node
+                out.append(rec)
     return out
+
+
+def sane_record(rec):
+    """The record with a time that is a time (else None), or None when a
+    name field is not a string: a message id that is a list is not one of
+    ours, and readers hash and print these fields."""
+    for name in _NAMES:
+        if type(rec[name]) not in (str, type(None)):
+            return None
+    t = rec["t"]
+    if type(t) not in (int, float) or not 0 <= t <= _LATEST:
+        rec["t"] = None
+    detail = rec["detail"]
+    if type(detail) is list:
+        if not all(type(d) is str for d in detail):
+            rec["detail"] = [str(d) for d in detail]
+    elif type(detail) not in (str, type(None)):
+        rec["detail"] = str(detail)
+    return rec
 
 
 class NullJournal:

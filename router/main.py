@@ -10,7 +10,7 @@ from router.metrics import RouterCollector
 from router.observer import DEFAULT_HOST_CHECK_RATE
 from router.service_entry import fail, parse, stop_on_signals
 
-router_opts = [
+router_opts = options.identity_opts + [
     cfg.IntOpt("prefetch", default=512, min=1,
                help="Ingress messages in flight per router process (the "
                     "bounded window of pipelined confirms)."),
@@ -23,17 +23,6 @@ router_opts = [
                      "are dead-lettered with reason forbidden. Empty: any "
                      "broker user. A message without a user_id is always "
                      "dead-lettered forbidden."),
-    cfg.StrOpt("compute_user_prefix", default="evrouter-compute-",
-               help="Compute host H's broker user is <prefix>H (empty: H); "
-                    "lifecycle events and snapshots for host H are believed "
-                    "only from that user (or a lifecycle_trusted_users one) "
-                    "and ignored, counted in evrouter_forbidden_total, from "
-                    "anyone else or without a user_id."),
-    cfg.ListOpt("lifecycle_trusted_users", default=[],
-                help="Broker users that may speak for every compute host on "
-                     "the lifecycle exchange: only for a development broker "
-                     "where all services log in as one user (guest). Empty "
-                     "in a real deployment."),
     cfg.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to wait for in-flight messages "
                       "to be confirmed before closing."),

@@ -156,6 +156,15 @@ class RouterCollector:
                 "evrouter_stuck_waits_recorded", "Waits recorded stuck, ever (since "
                 "this router started following the journal).",
                 value=stuck.seen)
+            yield CounterMetricFamily(
+                "evrouter_stuck_watch_failures", "Times following the journal "
+                "for stuck waits failed (the gauge is stale until it follows "
+                "again; said at WARNING once per outage).",
+                value=stuck.stats.get("failures", 0))
+            yield CounterMetricFamily(
+                "evrouter_stuck_watch_refused", "Wait records not believed: "
+                "a host's records from a broker user other than its own.",
+                value=stuck.waits.refused)
         yield GaugeMetricFamily("evrouter_router_connected",
                                 "1 while consuming from the broker.",
                                 value=1 if svc.ready.is_set() else 0)

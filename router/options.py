@@ -161,6 +161,23 @@ def checked_tls(transport_url, tls):
     return effective
 
 
+# Who may speak for a compute host ([router]): the router believes
+# lifecycle claims by them, and `evrouter stuck` the journal's host records.
+identity_opts = [
+    cfg.StrOpt("compute_user_prefix", default="evrouter-compute-",
+               help="Compute host H's broker user is <prefix>H (empty: H); "
+                    "lifecycle events and snapshots for host H are believed "
+                    "only from that user (or a lifecycle_trusted_users one) "
+                    "and ignored, counted in evrouter_forbidden_total, from "
+                    "anyone else or without a user_id."),
+    cfg.ListOpt("lifecycle_trusted_users", default=[],
+                help="Broker users that may speak for every compute host on "
+                     "the lifecycle exchange: only for a development broker "
+                     "where all services log in as one user (guest). Empty "
+                     "in a real deployment."),
+]
+
+
 def list_opts():
     """For oslo-config-generator: the options every service shares."""
     return [("DEFAULT", [transport_opt]), ("bus", bus_opts),

@@ -127,7 +127,8 @@ class RouterService:
         self.journal.start()
         if self.settings.journal is not None and \
                 self.settings.journal.stream and self.settings.watch_stuck:
-            self.stuck = stuck_watch.StuckWatch(self.settings.journal).start()
+            self.stuck = stuck_watch.StuckWatch(self.settings.journal,
+                                                self.settings.policy).start()
         try:
             supervision.run_supervised(self._serve, self._stop,
                                        f"router {self.settings.name}",

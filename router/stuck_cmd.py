@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from oslo_config import cfg
 
-from router import journal, options, trace_cmd
+from router import journal, options, routing, trace_cmd
 from router.service_entry import fail, parse
 
 cli_opts = [
@@ -44,6 +44,10 @@ cli_opts = [
     cfg.FloatOpt("timeout", default=60.0, min=0.1,
                  help="Longest each read of the journal may take, in "
                       "seconds."),
+    cfg.IntOpt("max", default=50, min=1,
+               help="Diagnose at most this many stuck waits, the latest "
+                    "(each costs a read of its port's and instance's "
+                    "hops); the others are counted."),
 ]
 
 # Diagnosis classes
@@ -67,6 +71,7 @@ class StuckWait:
     port: object
     event: str
     since: float            # when it was recorded stuck (recorder's clock)
+    user: object = None     # the broker user that wrote its records
     started: object = None  # when the wait started, if in the window
     ended: object = None    # the wait-ended record's detail, if it ended
     kind: str = ""
@@ -74,7 +79,8 @@ class StuckWait:
     evidence: list = field(default_factory=list)
 
     def as_json(self):
-        return {"wait": self.wid, "host": self.host, "instance": self.instance,
+        return {"wait": self.wid, "host": self.host, "user": self.user,
+                "instance": self.instance,
                 "port": self.port, "event": self.event, "stuck_at": self.since,
                 "started": self.started, "ended": self.ended,
                 "diagnosis": self.kind, "why": self.why,
@@ -112,8 +118,24 @@ def _sane(records):
     return out
 
 
+def believed(records, policy):
+    """The records whose writer may say them: a record of ``host:H`` only
+    from H's own compute user (or a trusted one: routing.lifecycle_refusal,
+    the rule the router applies to lifecycle claims). Any user may write
+    the journal exchange; without this, a compromised host could report
+    another host's waits stuck or ended, or their events duplicates."""
+    out = []
+    for rec in _sane(records):
+        host = _host_of(rec)
+        if host is None or routing.lifecycle_sender_ok(rec.get("user"), host,
+                                                       policy):
+            out.append(rec)
+    return out
+
+
 def stuck_waits(records, include_ended=False):
-    """The stuck waits among wait records (dicts from the journal)."""
+    """The stuck waits among wait records (dicts from the journal, believed
+    ones: see believed)."""
     waits, started, ended = {}, {}, {}
     for rec in _sane(records):
         hop, wid = rec.get("hop"), rec.get("mid")
@@ -123,7 +145,8 @@ def stuck_waits(records, include_ended=False):
             waits[wid] = StuckWait(
                 wid=wid, host=_host_of(rec) or rec.get("node"),
                 instance=rec.get("instance"), port=rec.get("port"),
-                event=rec.get("event"), since=rec.get("t"))
+                event=rec.get("event"), since=rec.get("t"),
+                user=rec.get("user"))
         elif hop == journal.WAIT_STARTED:
             started[wid] = rec.get("t")
         elif hop == journal.WAIT_ENDED:
@@ -144,20 +167,42 @@ def diagnose(wait, records):
     wait.why and wait.evidence (the records it rests on)."""
     key = (wait.instance, wait.event, wait.port)
     records = _sane(records)
+    waits = (journal.WAIT_STARTED, journal.WAIT_STUCK, journal.WAIT_ENDED)
+    # Only what can concern this wait: after the last wait for the same key
+    # on this host ended (a first boot's event, a redelivered copy or a
+    # dead letter then belonged to that wait), and no message that woke a
+    # wait (it was that wait's, on whichever host).
+    began = wait.started        # None when its start left the window
+    bound = began if began is not None else wait.since
+    after = max((r["t"] for r in records
+                 if r.get("hop") == journal.WAIT_ENDED and r.get("mid") != wait.wid
+                 and _host_of(r) == wait.host and r.get("t") is not None
+                 and (r.get("instance"), r.get("event"), r.get("port")) == key
+                 and (bound is None or r["t"] <= bound)),
+                default=None)
+    woke = {r.get("mid"): r.get("t") for r in records
+            if r.get("hop") == journal.MATCHED and r.get("detail") == "woken"}
+
+    def its_own(r):
+        # a message's hops up to the wait it woke were that wait's; a copy
+        # of it after (a resend under the same id) may concern this one
+        if r.get("mid") not in woke:
+            return False
+        t, woken = r.get("t"), woke[r.get("mid")]
+        return t is None or woken is None or t <= woken
+    records = [r for r in records if r.get("hop") not in waits
+               and not its_own(r)
+               and (after is None or r.get("t") is None or r["t"] > after)]
     related = [r for r in records
-               if r.get("hop") not in (journal.WAIT_STARTED, journal.WAIT_STUCK,
-                                       journal.WAIT_ENDED)
-               and (r.get("instance") == wait.instance
-                    or (wait.port is not None and r.get("port") == wait.port))]
+               if r.get("instance") == wait.instance
+               or (wait.port is not None and r.get("port") == wait.port)]
     related.sort(key=trace_cmd._timeline_order)
     # The messages of the awaited event: any record naming its key says so,
     # and a record under the same message id (an invalid event's dead
     # letter names only its id) belongs to it too.
     ids = {r.get("mid") for r in related
            if (r.get("instance"), r.get("event"), r.get("port")) == key}
-    mine = [r for r in records if r.get("mid") in ids
-            and r.get("hop") not in (journal.WAIT_STARTED, journal.WAIT_STUCK,
-                                     journal.WAIT_ENDED)]
+    mine = [r for r in records if r.get("mid") in ids]
     mine.sort(key=trace_cmd._timeline_order)
 
     def last(hop, where=None, pool=mine):
@@ -174,9 +219,13 @@ def diagnose(wait, records):
         return wait
 
     what = f"{wait.event} for port {wait.port}" if wait.port else wait.event
+    def since_began(r):
+        return began is None or r.get("t") is None or r["t"] >= began
+
     for outcome, kind in (("duplicate", DUPLICATE), ("stale", STALE)):
+        # dropped while this wait waited: before it, it was no loss to it
         m = last(journal.MATCHED, lambda r, o=outcome: here(r)
-                 and r.get("detail") == o)
+                 and r.get("detail") == o and since_began(r))
         if m is not None:
             why = ("it came (message {mid}) but its message id had been seen "
                    "before on this host: dropped as a duplicate (a resent id "
@@ -215,12 +264,17 @@ def diagnose(wait, records):
                                  f"({other.get('status')}, message "
                                  f"{other.get('mid')}); it waits for {what} of "
                                  f"instance {wait.instance}", other)
+    delivered = last(journal.DELIVERED, here)
+    if delivered is not None:
+        return said(NOT_MATCHED, f"delivered here at {_when(delivered.get('t'))}"
+                                 f" (message {delivered.get('mid')}); the "
+                                 f"waiter's outcome is not in the journal",
+                    routed, delivered)
     if routed is not None:
-        if last(journal.DELIVERED, here) is None:
-            return said(NOT_DELIVERED, f"routed to {wait.host} at "
-                                       f"{_when(routed.get('t'))}, never taken "
-                                       f"from its queue: is its consumer "
-                                       f"running?", routed)
+        return said(NOT_DELIVERED, f"routed to {wait.host} at "
+                                   f"{_when(routed.get('t'))}, never taken "
+                                   f"from its queue: is its consumer "
+                                   f"running?", routed)
     retried = last(journal.RETRIED) or last(journal.PARKED)
     if retried is not None:
         return said(NO_HOST, f"parked by the router: {retried.get('detail')}",
@@ -240,14 +294,17 @@ def diagnose(wait, records):
 _WAIT_NEEDLES = {f'"{journal.WAIT_STUCK}"'.encode(), b"was stuck;"}
 
 
-def find(transport_url, prefix, since, *, include_ended=False, ssl=False,
-         timeout=60.0):
-    """(stuck waits, each diagnosed; stats of both reads)."""
+def find(transport_url, prefix, since, *, policy=routing.Policy(),
+         include_ended=False, ssl=False, timeout=60.0, limit=50):
+    """(stuck waits, the latest `limit` of them diagnosed; stats of the
+    reads, the first with "undiagnosed": how many more there were)."""
     waits_only = (journal.WAIT_STUCK, journal.WAIT_STARTED, journal.WAIT_ENDED)
     records, stats = trace_cmd.scan(
         transport_url, prefix, since, _WAIT_NEEDLES,
         lambda rec: rec.get("hop") in waits_only, ssl=ssl, timeout=timeout)
-    waits = stuck_waits(records, include_ended)
+    waits = stuck_waits(believed(records, policy), include_ended)
+    stats["undiagnosed"] = max(0, len(waits) - limit)
+    waits = waits[-limit:]
     if not waits:
         return [], [stats]
     ids = set()
@@ -267,6 +324,7 @@ def find(transport_url, prefix, since, *, include_ended=False, ssl=False,
         lambda rec: rec.get("instance") in ids or rec.get("port") in ids
         or rec.get("hop") in (journal.DEAD, journal.DROPPED),
         ssl=ssl, timeout=timeout)
+    related = believed(related, policy)
     started = {r["mid"]: r.get("t") for r in related
                if r.get("hop") == journal.WAIT_STARTED}
     for w in waits:
@@ -279,8 +337,9 @@ def format_wait(w):
     pending = ""
     if isinstance(w.started, (int, float)) and isinstance(w.since, (int, float)):
         pending = f", waiting since {_when(w.started)}"
-    lines = [f"wait {w.wid} on host {w.host}: {w.event} (port {w.port}) of "
-             f"instance {w.instance}, stuck at {_when(w.since)}{pending}"
+    lines = [f"wait {w.wid} on host {w.host} (as {w.user}): {w.event} (port "
+             f"{w.port}) of instance {w.instance}, stuck at "
+             f"{_when(w.since)}{pending}"
              + (f"; ended: {w.ended}" if w.ended else "")]
     lines.append(f"  {w.kind}: {w.why}")
     lines += ["    " + trace_cmd.format_record(r) for r in w.evidence]
@@ -291,15 +350,17 @@ def main(argv):
     conf = parse(argv, "evrouter stuck",
                  "The waits recorded stuck (a compute service waiting longer "
                  "than its stuck_after for an event) and why, from the "
-                 "journal.", cli_opts=cli_opts)
+                 "journal.", cli_opts=cli_opts,
+                 opts_by_group=[("router", options.identity_opts)])
     try:
         since = trace_cmd.parse_age(conf.since)
     except ValueError as exc:
         return fail(str(exc))
     try:
         waits, stats = find(options.transport_url(conf), conf.bus.prefix,
-                            since, include_ended=conf.all,
-                            ssl=options.ssl_from(conf), timeout=conf.timeout)
+                            since, policy=_policy(conf), include_ended=conf.all,
+                            ssl=options.ssl_from(conf), timeout=conf.timeout,
+                            limit=conf.max)
     except trace_cmd.TraceError as exc:
         return fail(str(exc), 1)
     if conf.json:
@@ -310,7 +371,16 @@ def main(argv):
     for w in waits:
         print(format_wait(w))
     seconds = sum(s["seconds"] for s in stats)
+    more = stats[0]["undiagnosed"]
     print(f"# {len(waits)} stuck wait(s){' (ended ones too)' if conf.all else ''}"
-          f" in {journal.stream_name(conf.bus.prefix)} since {conf.since} ago; "
-          f"read in {seconds:.2f}s")
+          f" in {journal.stream_name(conf.bus.prefix)} since {conf.since} ago"
+          + (f", and {more} older ones not diagnosed (--max)" if more else "")
+          + f"; read in {seconds:.2f}s; a host's records believed only from "
+          f"its compute user ([router] compute_user_prefix)")
     return 0
+
+
+def _policy(conf):
+    return routing.Policy(
+        compute_user_prefix=conf.router.compute_user_prefix,
+        lifecycle_trusted_users=frozenset(conf.router.lifecycle_trusted_users))

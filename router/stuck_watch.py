@@ -22,6 +22,7 @@ import threading
 import time
 
 from router import journal as journal_
+from router import routing
 from router.bus import connection as bus_connection
 
 LOG = logging.getLogger(__name__)
@@ -31,53 +32,85 @@ _ACK_EVERY = 50
 
 
 class StuckWaits:
-    """Stuck waits by wait id (pure: fed records, asked counts)."""
+    """Stuck waits by host and wait id (pure: fed records, asked counts).
 
-    def __init__(self, max_age=3600.0, max_waits=10_000, clock=time.time):
+    Believes a host's records only from that host's compute user
+    (routing.lifecycle_sender_ok with the router's policy), so a host can
+    raise or clear only its own count; ages waits by when they were read
+    here (monotonic), not by the recorder's clock; bounds each host's
+    share and the ids' length, so no writer grows it past its budget."""
+
+    MAX_ID = 64             # a wait id we write is about 20 characters
+
+    def __init__(self, policy=None, max_age=3600.0, max_per_host=1_000,
+                 max_hosts=10_000, clock=time.monotonic):
+        self.policy = policy if policy is not None else routing.Policy()
         self.max_age = max_age
-        self.max_waits = max_waits
+        self.max_per_host = max_per_host
+        self.max_hosts = max_hosts
         self.clock = clock
         self.seen = 0               # stuck waits ever seen
-        self._waits = collections.OrderedDict()   # wid -> (t, host)
-        self._ended = collections.OrderedDict()   # wid ended before seen stuck
+        self.refused = 0            # records not believed (their writer)
+        # host -> OrderedDict(wid -> when read), oldest first
+        self._hosts = collections.OrderedDict()
+        self._ended = collections.OrderedDict()     # (host, wid) ended first
 
-    def feed(self, rec):
-        hop, wid = rec.get("hop"), rec.get("mid")
-        if type(wid) is not str:
+    def feed(self, rec, user):
+        hop, wid, svc = rec.get("hop"), rec.get("mid"), rec.get("svc")
+        if hop not in (journal_.WAIT_STUCK, journal_.WAIT_ENDED) or \
+                type(wid) is not str or len(wid) > self.MAX_ID or \
+                type(svc) is not str or not svc.startswith("host:"):
             return
+        host = svc[5:]
+        if len(host) > 255 or not routing.lifecycle_sender_ok(user, host,
+                                                              self.policy):
+            self.refused += 1
+            return
+        waits = self._hosts.get(host)
         if hop == journal_.WAIT_STUCK:
-            if wid in self._waits or self._ended.pop(wid, None):
+            if (host, wid) in self._ended:
+                del self._ended[host, wid]
                 return
-            t = rec.get("t")
-            self._waits[wid] = (t if type(t) in (int, float) else self.clock(),
-                                rec.get("svc"))
+            if waits is None:
+                waits = self._hosts[host] = collections.OrderedDict()
+                while len(self._hosts) > self.max_hosts:
+                    self._hosts.popitem(last=False)
+            if wid in waits:
+                return
+            waits[wid] = self.clock()
             self.seen += 1
-            while len(self._waits) > self.max_waits:
-                self._waits.popitem(last=False)
-        elif hop == journal_.WAIT_ENDED:
-            if self._waits.pop(wid, None) is None:
-                # batches of one host come in order; this is for safety
-                self._ended[wid] = True
-                while len(self._ended) > self.max_waits:
-                    self._ended.popitem(last=False)
+            while len(waits) > self.max_per_host:
+                waits.popitem(last=False)
+        elif waits is None or waits.pop(wid, None) is None:
+            # read before its stuck record (two writers' order): remembered
+            self._ended[host, wid] = True
+            while len(self._ended) > self.max_per_host:
+                self._ended.popitem(last=False)
 
     def current(self):
         limit = self.clock() - self.max_age
-        while self._waits:
-            wid, (t, _) = next(iter(self._waits.items()))
-            if t >= limit:
-                break
-            del self._waits[wid]
-        return len(self._waits)
+        total = 0
+        for host in list(self._hosts):
+            waits = self._hosts[host]
+            while waits:
+                wid, read_at = next(iter(waits.items()))
+                if read_at >= limit:
+                    break
+                del waits[wid]
+            if waits:
+                total += len(waits)
+            else:
+                del self._hosts[host]
+        return total
 
 
 class StuckWatch:
     """Follows the journal stream on a thread of its own."""
 
-    def __init__(self, settings, window=900.0, max_age=3600.0):
+    def __init__(self, settings, policy=None, window=900.0, max_age=3600.0):
         self.settings = settings
         self.window = window
-        self.waits = StuckWaits(max_age=max_age)
+        self.waits = StuckWaits(policy, max_age=max_age)
         self.stats = collections.Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -105,7 +138,7 @@ class StuckWatch:
     def _run(self):
         since = time.time() - self.window
         backoff = 0.0
-        failing = False
+        self.failing = False
         while not self._stop.is_set():
             started = time.time()
             try:
@@ -113,8 +146,8 @@ class StuckWatch:
                 return
             except Exception as exc:    # never into the router
                 self.stats["failures"] += 1
-                if not failing:
-                    failing = True
+                if not self.failing:
+                    self.failing = True
                     LOG.warning("stuck waits: cannot follow %s (%s: %s); the "
                                 "gauge is stale until it can, trying again "
                                 "with backoff", journal_.stream_name(
@@ -151,17 +184,21 @@ class StuckWatch:
                 body = message.body
                 if not any(n in body for n in _NEEDLES):
                     return
+                # decode_batch is total, and skips a body past its size
                 records = journal_.decode_batch(body)
+                user = (message.properties or {}).get("user_id")
                 with self._lock:
                     for rec in records:
-                        self.waits.feed(rec)
+                        self.waits.feed(rec, user)
                 self.stats["batches"] += 1
 
             channel.basic_consume(
                 journal_.stream_name(s.prefix), callback=on_message,
                 no_ack=False, arguments={"x-stream-offset": datetime.datetime.
                                          fromtimestamp(since, datetime.timezone.utc)})
-            LOG.info("stuck waits: following %s", journal_.stream_name(s.prefix))
+            LOG.info("stuck waits: following %s%s", journal_.stream_name(s.prefix),
+                     " again" if self.failing else "")
+            self.failing = False    # a later failure is said again
             while not self._stop.is_set():
                 try:
                     conn.drain_events(timeout=1.0)

@@ -45,6 +45,7 @@ cli_opts = [
 _AGE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _PREFETCH = 1000
+_LONGEST_AGE = 3650 * 86400.0
 
 
 class TraceError(Exception):
@@ -56,7 +57,11 @@ def parse_age(text):
     m = _AGE.match((text or "").strip())
     if m is None:
         raise ValueError(f"--since: {text!r} is not a number with s, m, h or d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    age = float(m.group(1)) * _UNITS[m.group(2)]
+    if age > _LONGEST_AGE:
+        raise ValueError(f"--since: {text!r} is longer than 10 years, older "
+                         f"than any journal")
+    return age
 
 
 def matches(record, wanted):
@@ -249,7 +254,7 @@ def format_record(rec):
     who = f"{rec.get('svc')} ({rec.get('node')}"
     who += f", {rec['user']})" if rec.get("user") else ")"
     what = f"{rec.get('event') or '-'} {rec.get('status') or '-'}"
-    return (f"{when}  {rec.get('hop', '?'):<13} {who:<30} msg {rec.get('mid')}"
+    return (f"{when}  {rec.get('hop') or '?':<13} {who:<30} msg {rec.get('mid')}"
             f"  {what}  {detail if detail is not None else ''}").rstrip()
 
 

@@ -35,7 +35,9 @@ def exposed():
                                       "forbidden:host-snapshot": 1}),
         "latency": LatencyHistogram(), "placement": {}, "ready": threading.Event(),
         "journal": type("Journal", (), {"stats": collections.Counter()})(),
-        "stuck": type("Stuck", (), {"seen": 1, "current": lambda self: 1})()})
+        "stuck": type("Stuck", (), {
+            "seen": 1, "current": lambda self: 1, "stats": {"failures": 1},
+            "waits": type("Waits", (), {"refused": 1})()})()})
     agent = type("Agent", (), {"stats": collections.Counter(), "published": 0,
                                "held": 0, "outbox": [], "healthy": True})
     registry = CollectorRegistry()

@@ -84,8 +84,9 @@ class World:
             assert j.flushed(10), f"journal {j.service} not written"
 
     def find(self, **kw):
+        # every part is guest here: trusted to speak for every host
         waits, _ = stuck_cmd.find(BROKER_URL, self.bus.prefix, 600,
-                                  timeout=20, **kw)
+                                  policy=single_user_policy(), timeout=20, **kw)
         return waits
 
 
@@ -262,10 +263,18 @@ def test_the_command_prints_each_stuck_wait_and_its_cause(world):
     world.stuck(H1)
     out = subprocess.run(
         [sys.executable, "-m", "router.cli", "stuck", "--transport-url",
-         BROKER_URL, "--bus-prefix", world.bus.prefix, "--since", "10m"],
+         BROKER_URL, "--bus-prefix", world.bus.prefix, "--since", "10m",
+         "--router-lifecycle_trusted_users", "guest"],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("wait w-") and f"host {H1}" in lines[0]
     assert lines[1].startswith(f"  {stuck_cmd.NEVER_PUBLISHED}: ")
     assert lines[-1].startswith("# 1 stuck wait(s)")
+    # without guest trusted, a wait guest recorded for sh1 is not believed
+    out = subprocess.run(
+        [sys.executable, "-m", "router.cli", "stuck", "--transport-url",
+         BROKER_URL, "--bus-prefix", world.bus.prefix, "--since", "10m"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("# 0 stuck wait(s)"), out.stdout

@@ -20,7 +20,7 @@ from oslo_context import context as oslo_context
 from oslo_utils import timeutils
 
 from compute import nova_driver
-from router import journal, stuck_cmd, trace_cmd
+from router import journal, routing, stuck_cmd, trace_cmd
 from router.bus import connection, contract
 from tests.conftest import queue_depth, routed_bus
 from tests.functional.waiter_harness import publish_with_kombu
@@ -263,8 +263,8 @@ class EvrouterNovaJournalTest(_ComputeWithBus):
         def handed(context, instances, events):
             # Nova's current context while it handles the event: the one
             # oslo.log puts on Nova's own lines
-            passed.append((context.request_id,
-                           oslo_context.get_current().request_id))
+            passed.append((context.request_id, getattr(
+                oslo_context.get_current(), "request_id", None)))
             return real(context, instances, events)
         self.useFixture(fixtures.MonkeyPatch(
             "nova.compute.manager.ComputeManager.external_instance_event",
@@ -275,9 +275,23 @@ class EvrouterNovaJournalTest(_ComputeWithBus):
         trace = self.GIVEN[3:35]
         request = f"req-{uuid.UUID(hex=trace)}"
         self.assertEqual([(request, request)], passed)
+        # and the thread's context is what it was before that event: the
+        # next event's lines do not carry this one's request id
+        self.assertIsNone(self.hostbus.consumer.current_trace)
+        before = []
+        self.hostbus.bridge.trace_of = lambda: before.append(
+            oslo_context.get_current()) or None
+        with self.compute.virtapi.wait_for_instance_event(
+                inst, [(contract.VIF_PLUGGED, "port-2")], timeout=20):
+            self._publish(inst, tag="port-2")
+        self.assertEqual(1, len(before))
+        self.assertNotEqual(request, getattr(before[0], "request_id", None))
+        # handed to Nova under the bridge's own context, not the last trace's
+        self.assertEqual(2, len(passed))
+        self.assertNotIn(request, passed[1])
         self.assertIn(f"trace {trace}, Nova request {request}",
                       self.stdlog.logger.output)
-        wait_until(lambda: self.hostbus.consumer.journal.stats["written"] >= 4,
+        wait_until(lambda: self.hostbus.consumer.journal.stats["written"] >= 8,
                    10, "the host's records written")
         hops = [(r["hop"], r["svc"]) for r in self._records(PORT)]
         svc = f"host:{HOST}"
@@ -298,8 +312,10 @@ class EvrouterNovaJournalTest(_ComputeWithBus):
         wait_until(lambda: self.hostbus.consumer.waits.stats["stuck"] == 1, 5,
                    "the wait recorded stuck")
         self.assertTrue(self.hostbus.consumer.journal.flushed(10))
+        trusted = routing.Policy(lifecycle_trusted_users=frozenset({"guest"}))
         waits, _ = stuck_cmd.find(self.bus.url, self.bus.prefix, 600,
-                                  include_ended=True, timeout=20)
+                                  policy=trusted, include_ended=True,
+                                  timeout=20)
         self.assertEqual(1, len(waits))
         w = waits[0]
         self.assertEqual((HOST, inst.uuid, PORT), (w.host, w.instance, w.port))
@@ -308,7 +324,7 @@ class EvrouterNovaJournalTest(_ComputeWithBus):
         self.assertEqual(stuck_cmd.NEVER_PUBLISHED, w.kind)
         # and it is no longer current
         self.assertEqual([], stuck_cmd.find(self.bus.url, self.bus.prefix, 600,
-                                            timeout=20)[0])
+                                            policy=trusted, timeout=20)[0])
 
     def _wait(self, inst, timeout):
         with self.compute.virtapi.wait_for_instance_event(

@@ -2,6 +2,7 @@
 one (router/stuck_cmd.py): pure, with a registry on a hand-set clock and a
 journal that is a list."""
 
+import json
 import string
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from compute import waiting
 from compute.events import DELIVERED, InstanceEvents
 from compute.wait_watch import WaitWatch
-from router import journal, stuck_cmd
+from router import journal, routing, stuck_cmd, trace_cmd
 from router.bus import contract
 from router.stuck_watch import StuckWaits
 from tests.unit.clock import Clock
@@ -204,18 +205,158 @@ def test_any_journal_gives_a_diagnosis_and_a_printable_report(records):
 
 
 # --- the router's follower's state ----------------------------------------------
-def test_the_followed_stuck_waits_are_bounded_and_end():
+TRUST = routing.Policy()        # host H speaks as evrouter-compute-H only
+
+
+def _w(hop, wid, host=HOST, detail=None):
+    return _rec(hop, mid=wid, svc=f"host:{host}", detail=detail)
+
+
+def test_the_gauge_believes_a_host_only_as_its_own_user():
+    waits = StuckWaits(TRUST, clock=Clock())
+    mine, other = "evrouter-compute-cmp-1", "evrouter-compute-cmp-2"
+    waits.feed(_w(journal.WAIT_STUCK, "w-1"), mine)
+    waits.feed(_w(journal.WAIT_STUCK, "w-2"), other)        # speaks for cmp-1
+    waits.feed(_w(journal.WAIT_STUCK, "w-3"), None)         # no user_id
+    assert waits.current() == 1 and waits.refused == 2
+    # another host cannot end cmp-1's wait, even knowing its id
+    waits.feed(_w(journal.WAIT_ENDED, "w-1", host="cmp-2"), other)
+    assert waits.current() == 1
+    waits.feed(_w(journal.WAIT_ENDED, "w-1", detail="was stuck; woken"), mine)
+    assert waits.current() == 0
+
+
+def test_one_hosts_flood_costs_only_its_own_share():
+    clock = Clock()
+    waits = StuckWaits(TRUST, max_per_host=5, clock=clock)
+    waits.feed(_w(journal.WAIT_STUCK, "w-real", host="cmp-2"),
+               "evrouter-compute-cmp-2")
+    for i in range(1000):
+        waits.feed(_w(journal.WAIT_STUCK, f"w-{i}"), "evrouter-compute-cmp-1")
+        waits.feed(_w(journal.WAIT_ENDED, f"w-x{i}"), "evrouter-compute-cmp-1")
+    assert waits.current() == 6         # its 5, and cmp-2's still there
+    waits.feed(_w(journal.WAIT_STUCK, "w-" + "x" * 100), "evrouter-compute-cmp-1")
+    assert waits.current() == 6         # an id no writer of ours makes
+
+
+def test_the_gauge_ages_waits_by_when_it_read_them():
     clock = Clock(1000.0)
-    waits = StuckWaits(max_age=60, max_waits=3, clock=clock)
-    for i in range(5):
-        waits.feed(_rec(journal.WAIT_STUCK, mid=f"w-{i}", t=clock.now))
-    assert waits.current() == 3 and waits.seen == 5      # the newest 3
-    waits.feed(_rec(journal.WAIT_ENDED, mid="w-4", detail="was stuck; woken"))
+    waits = StuckWaits(TRUST, max_age=60, clock=clock)
+    user = "evrouter-compute-cmp-1"
+    # recorders' clocks hours off either way change nothing
+    waits.feed(dict(_w(journal.WAIT_STUCK, "w-1"), t=1e9 + 6 * 3600), user)
+    waits.feed(dict(_w(journal.WAIT_STUCK, "w-2"), t=1.0), user)
     assert waits.current() == 2
-    # an end read before its stuck record (two routers' order): not counted
-    waits.feed(_rec(journal.WAIT_ENDED, mid="w-9", detail="was stuck; woken"))
-    waits.feed(_rec(journal.WAIT_STUCK, mid="w-9", t=clock.now))
-    assert waits.current() == 2
-    waits.feed(_rec(journal.WAIT_STUCK, mid=["not", "a", "str"]))
     clock.now += 61             # a host that went away never ends its waits
     assert waits.current() == 0
+    # an end read before its stuck record: that wait is not counted
+    waits.feed(_w(journal.WAIT_ENDED, "w-9", detail="was stuck; woken"), user)
+    waits.feed(_w(journal.WAIT_STUCK, "w-9"), user)
+    assert waits.current() == 0
+
+
+# --- what came before this wait is not its cause --------------------------------
+def _hop(hop, t, mid="m-1", svc=f"host:{HOST}", **kw):
+    return _rec(hop, mid=mid, svc=svc, t=t, **kw)
+
+
+def _earlier_boot(host=HOST, mid="m-1"):
+    """A first boot's wait on `host`, woken at 50 by `mid`."""
+    return [_hop(journal.PUBLISHED, 48.0, mid, "publisher:n"),
+            _hop(journal.ROUTED, 49.0, mid, "router:r", detail=[host]),
+            _hop(journal.DELIVERED, 50.0, mid, f"host:{host}"),
+            _hop(journal.MATCHED, 50.0, mid, f"host:{host}", detail="woken"),
+            _hop(journal.WAIT_ENDED, 50.0, "w-0", f"host:{host}",
+                 detail="woken by m-1")]
+
+
+def _later_wait():
+    w = _wait()
+    w.started, w.since = 120.0, 150.0
+    return w
+
+
+@pytest.mark.parametrize("before", [
+    _earlier_boot(),                                        # reboot, same host
+    _earlier_boot(host="cmp-2"),                            # migrated here
+    _earlier_boot() + [_hop(journal.MATCHED, 55.0, detail="duplicate")],
+    [_hop(journal.PUBLISHED, 20.0, "m-0", "publisher:n"),   # an older attempt
+     _hop(journal.DEAD, 30.0, "m-0", "router:r", detail="unknown-host: x")]
+    + _earlier_boot(),
+])
+def test_an_earlier_waits_events_are_not_this_ones_cause(before):
+    w = stuck_cmd.diagnose(_later_wait(), before)
+    assert w.kind == stuck_cmd.NEVER_PUBLISHED, w.why
+
+
+def test_a_resend_under_a_used_id_while_this_wait_waits_is_a_duplicate():
+    later = _earlier_boot() + [_hop(journal.DELIVERED, 130.0),
+                               _hop(journal.MATCHED, 130.0, detail="duplicate")]
+    assert stuck_cmd.diagnose(_later_wait(), later).kind == stuck_cmd.DUPLICATE
+
+
+def test_routed_and_delivered_here_without_an_outcome_is_not_not_routed():
+    recs = [PUB, ROUTED_HERE, _rec(journal.DELIVERED)]
+    w = stuck_cmd.diagnose(_wait(), recs)
+    assert w.kind == stuck_cmd.NOT_MATCHED and "outcome" in w.why
+
+
+def test_a_hosts_records_are_believed_only_from_its_user():
+    recs = [dict(_rec(journal.MATCHED, detail="duplicate"), user="evrouter-compute-cmp-2"),
+            dict(_rec(journal.MATCHED, detail="duplicate"), user="evrouter-compute-cmp-1"),
+            dict(PUB, user="evrouter-network")]
+    kept = stuck_cmd.believed(recs, TRUST)
+    assert [r["user"] for r in kept] == ["evrouter-compute-cmp-1", "evrouter-network"]
+
+
+# --- the journal's records are any writer's ----------------------------------------
+def _batch(rows, **doc):
+    return json.dumps({"v": journal.FORMAT_VERSION, "svc": "host:x", "node": "n",
+                       "r": rows, **doc}).encode()
+
+
+def test_decoding_is_total_and_every_record_sane():
+    good = [100.0, "matched", "m", None, SERVER, PORT, "e", "s", "woken"]
+    assert len(journal.decode_batch(_batch([good]))) == 1
+    deep = b'{"v":1,"svc":"host:x","r":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    assert journal.decode_batch(deep) == []
+    assert journal.decode_batch(b"x" * (journal.MAX_BATCH_BYTES + 1)) == []
+    assert journal.decode_batch(_batch([good], svc=["not", "a", "name"])) == []
+    # a name that is not a string: not a record; a time that is not one: None
+    assert journal.decode_batch(_batch([[*good[:2], ["m"], *good[3:]]])) == []
+    for t in (1e20, -1, "now", True, None):
+        [rec] = journal.decode_batch(_batch([[t, *good[1:]]]))
+        assert rec["t"] is None
+    nan = _batch([good]).replace(b"100.0", b"NaN")
+    assert journal.decode_batch(nan)[0]["t"] is None
+    [rec] = journal.decode_batch(_batch([[*good[:8], {"deep": [1, 2]}]]))
+    assert rec["detail"] == "{'deep': [1, 2]}"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=5),
+                          st.lists(st.integers(), max_size=2)),
+                min_size=len(journal.FIELDS), max_size=len(journal.FIELDS)))
+def test_whatever_a_writer_put_the_readers_print_it(row):
+    for rec in journal.decode_batch(_batch([row])):
+        rec["user"] = None
+        line = trace_cmd.format_record(rec)
+        assert line.isprintable()
+        trace_cmd._timeline_order(rec)
+        json.dumps(rec, allow_nan=False)
+
+
+def test_since_is_bounded():
+    assert trace_cmd.parse_age("3650d") == 3650 * 86400
+    for bad in ("1000000d", "99999999999999999999d", "-5m", "x"):
+        with pytest.raises(ValueError):
+            trace_cmd.parse_age(bad)
+
+
+def test_the_watch_counts_down_on_the_registrys_own_clock():
+    clock, j, registry, watch, _ = _world(stuck_after=30.0)
+    clock.now = 5.0             # far behind time.monotonic()
+    registry.prepare(SERVER, contract.VIF_PLUGGED, PORT)
+    assert watch.due_in() == 30.0
+    clock.now += 10
+    assert watch.due_in() == 20.0
