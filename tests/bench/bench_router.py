@@ -160,9 +160,12 @@ class Slice:
         for q in [q.name for q in qs] + [self.topo.host_queue_name(h) for h in self.hosts] \
                 + list(extra_queues):
             ch.queue_delete(q)
-        # the journal's stream and exchange, whether or not it was on
-        ch.queue_delete(journal.stream_name(self.topo.prefix))
-        ch.exchange_delete(journal.stream_name(self.topo.prefix))
+        # the journal's streams and exchanges, whether or not it was on
+        queues, exchanges = journal.names(self.topo.prefix)
+        for name in queues:
+            ch.queue_delete(name)
+        for name in exchanges:
+            ch.exchange_delete(name)
         for e in [e.name for e in ex] + [self.topo.host_exchange_name(h) for h in self.hosts] \
                 + list(extra_exchanges):
             ch.exchange_delete(e)
