@@ -2,7 +2,9 @@
 negatives), and the writer never puts a batch before its index entry."""
 
 import json
+import uuid
 
+import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,7 +141,7 @@ def test_the_writer_puts_every_batch_after_its_index_entry(
             indexed.update(b[0] for b in head["b"])
         else:
             assert exchange == journal.batches_exchange("p")
-            doc = json.loads(body)
+            doc = msgpack.unpackb(body)
             assert doc["q"] in indexed, "a batch before its index entry"
             written.extend(r[2] for r in doc["r"])
     # every record written (a batch whose confirm was lost may come twice)
@@ -152,3 +154,26 @@ def test_reads_are_grouped_by_time():
                ("c", 2): 99.5}
     assert list(trace_cmd._groups(targets, gap=6)) == [
         [("c", 2), ("a", 1), ("b", 4)], [("a", 9)]]
+
+
+def test_batches_are_packed_and_both_encodings_read_back():
+    rec = (1.5, journal.ROUTED, "m", "t" * 32, "u", "p", "e", "completed",
+           ("h1", "h2"))
+    packed = journal.encode_batch("router:x", "n1", [rec], "w1", 3)
+    plain = journal.encode_batch("router:x", "n1", [rec], "w1", 3,
+                                 packed=False)
+    assert plain[:1] == b"{" and packed[:1] != b"{"
+    assert journal.decode_batch(packed) == journal.decode_batch(plain)
+    (out,) = journal.decode_batch(packed)
+    assert out["detail"] == ["h1", "h2"] and out["t"] == 1.5
+    # trace's test before decoding: the ids are in the body as they are
+    assert b"m" in packed and b"t" * 32 in packed
+    # what neither encoding takes goes as its str, as JSON's default=str did
+    odd = journal.encode_batch("s", "n", [(1.0, journal.ROUTED, uuid.UUID(
+        int=1), None, None, None, None, None, 1 << 70)])
+    (out,) = journal.decode_batch(odd)
+    assert out["mid"] == str(uuid.UUID(int=1))
+    assert str(out["detail"]) == str(1 << 70)
+    for foreign in (b"\x91\x01", b"\xc1", b"\x81\xa1v\x01",
+                    msgpack.packb({"v": 1, "r": [[1, 2]]})):
+        assert journal.decode_batch(foreign) == []

@@ -1,0 +1,86 @@
+"""What the journal costs the process that records: the writer thread's
+CPU per record (encoding, index, publishing with confirms), at a steady
+rate, beside record()'s own cost. Not a test.
+
+    python -m tests.bench.bench_journal_cost [--rate 3000] [--seconds 10]
+        [--json]
+
+--json: batches encoded as JSON (the encoding before MessagePack) for a
+comparison in the same run.
+"""
+
+import argparse
+import os
+import sys
+import time
+import uuid
+
+import kombu
+
+from router import journal
+
+URL = os.environ.get("EVROUTER_TEST_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def run(prefix, rate, seconds, packed):
+    js = journal.JournalSettings(transport_url=URL, prefix=prefix)
+    j = journal.Journal(js, "bench-cost")
+    if not packed:
+        encode = journal.encode_batch
+
+        def as_json(*args, **kwargs):
+            return encode(*args, packed=False, **kwargs)
+        journal.encode_batch = as_json
+    j.start()
+    try:
+        ids = [(uuid.uuid4().hex, uuid.uuid4().hex, str(uuid.uuid4()),
+                str(uuid.uuid4())) for _ in range(1000)]
+        n, spent = 0, 0.0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            due = start + n / rate
+            if time.monotonic() < due:
+                time.sleep(due - time.monotonic())
+            mid, tid, server, port = ids[n % 1000]
+            t0 = time.thread_time()
+            j.record(journal.ROUTED, mid, tid, server, port,
+                     "network-vif-plugged", "completed", ["compute-1"])
+            spent += time.thread_time() - t0
+            n += 1
+        assert j.flushed(30)
+    finally:
+        j.stop()
+        if not packed:
+            journal.encode_batch = encode
+    return n, spent, j.stats
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench_journal_cost")
+    p.add_argument("--rate", type=int, default=3000)
+    p.add_argument("--seconds", type=float, default=10)
+    args = p.parse_args(argv)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        for packed in (True, False, True, False):
+            n, spent, stats = run(prefix, args.rate, args.seconds, packed)
+            print(f"{'msgpack' if packed else 'json   '}: {n:,} records at "
+                  f"{args.rate}/s: writer thread {stats['cpu_us'] / n:.2f} us "
+                  f"CPU a record ({stats['batches']} batches, "
+                  f"{stats['index_messages']} index messages, "
+                  f"{stats['bytes'] / n:.0f} + {stats['index_bytes'] / n:.0f} "
+                  f"bytes a record); record() {spent / n * 1e6:.2f} us",
+                  flush=True)
+    finally:
+        queues, exchanges = journal.names(prefix)
+        with kombu.Connection(URL) as conn:
+            ch = conn.channel()
+            for q in queues:
+                ch.queue_delete(q)
+            for e in exchanges:
+                ch.exchange_delete(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
