@@ -97,6 +97,8 @@ def matching(body, wanted_fps):
         head = json.loads(body[len(MAGIC):nl])
         writer, batches = head["w"], head["b"]
         counts = [int(b[3]) for b in batches]
+        if type(writer) is not str or min(counts, default=0) < 0:
+            return None, []
     except (ValueError, TypeError, KeyError, IndexError):
         return None, []
     blob = body[nl + 1:]
@@ -115,7 +117,14 @@ def matching(body, wanted_fps):
                 if i < len(batches):
                     hits.add(i)
             at = blob.find(needle, at + 1)
-    return writer, [tuple(batches[i][:3]) for i in sorted(hits)]
+    out = []
+    for i in sorted(hits):
+        # any user that may write the journal may write an index message:
+        # an entry that is not (int, number, number) is no entry
+        seq, t0, t1 = batches[i][:3]
+        if type(seq) is int and all(type(t) in (int, float) for t in (t0, t1)):
+            out.append((seq, t0, t1))
+    return writer, out
 
 
 def first_entry(body):

@@ -437,6 +437,13 @@ def format_record(rec):
             f"  {what}  {detail if detail is not None else ''}").rstrip()
 
 
+def _how(stats):
+    if stats.get("path", "full") == "full":
+        return "read whole"
+    return (f"through the index: {stats.get('batches_matched', 0)} batch(es) "
+            f"named it, {stats['reads']} read(s)")
+
+
 def main(argv):
     conf = parse(argv, "evrouter trace",
                  "Every hop of an event (message id, trace id, instance uuid "
@@ -463,6 +470,6 @@ def main(argv):
         print(f"# {len(found)} hop(s) for {conf.id}; {stats['records']} "
               f"record(s) decoded from {stats['messages']} message(s) of "
               f"{journal.stream_name(conf.bus.prefix)} since {conf.since} "
-              f"ago, in {stats['seconds']:.2f}s; times are each recorder's "
-              f"clock (UTC)")
+              f"ago ({_how(stats)}), in {stats['seconds']:.2f}s; times are "
+              f"each recorder's clock (UTC)")
     return 0

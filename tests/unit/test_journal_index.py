@@ -177,3 +177,16 @@ def test_batches_are_packed_and_both_encodings_read_back():
     for foreign in (b"\x91\x01", b"\xc1", b"\x81\xa1v\x01",
                     msgpack.packb({"v": 1, "r": [[1, 2]]})):
         assert journal.decode_batch(foreign) == []
+
+
+def test_an_index_entry_that_is_not_one_is_ignored():
+    fps = journal_index.batch_fingerprints([(0, 0, "m", None, None, None)])
+    wanted = journal_index.wanted_fingerprints("m")
+    for seq, t0, t1 in (("1", 1.0, 2.0), (1, "x", 2.0), (1, 1.0, None),
+                        (True, 1.0, 2.0)):
+        body = journal_index.encode_index("w", "s", "n", [(seq, t0, t1, fps)])
+        assert journal_index.matching(body, wanted) == ("w", [])
+    body = journal_index.encode_index(7, "s", "n", [(1, 1.0, 2.0, fps)])
+    assert journal_index.matching(body, wanted) == (None, [])
+    body = journal_index.encode_index("w", "s", "n", [(1, 1.0, 2.0, fps)])
+    assert journal_index.matching(body, wanted) == ("w", [(1, 1.0, 2.0)])
