@@ -3,10 +3,10 @@ CPU per record (encoding, index, publishing with confirms), at a steady
 rate, beside record()'s own cost. Not a test.
 
     python -m tests.bench.bench_journal_cost [--rate 3000] [--seconds 10]
-        [--json]
+        [--batch-records 500] [--batch-ms 200] [--json]
 
---json: batches encoded as JSON (the encoding before MessagePack) for a
-comparison in the same run.
+--json: alternate with batches encoded as JSON (the encoding before
+MessagePack) for a comparison in the same run.
 """
 
 import argparse
@@ -22,8 +22,10 @@ from router import journal
 URL = os.environ.get("EVROUTER_TEST_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def run(prefix, rate, seconds, packed):
-    js = journal.JournalSettings(transport_url=URL, prefix=prefix)
+def run(prefix, rate, seconds, packed, batch_records=500, batch_ms=200):
+    js = journal.JournalSettings(transport_url=URL, prefix=prefix,
+                                 batch_records=batch_records,
+                                 batch_seconds=batch_ms / 1000)
     j = journal.Journal(js, "bench-cost")
     if not packed:
         encode = journal.encode_batch
@@ -38,9 +40,9 @@ def run(prefix, rate, seconds, packed):
         n, spent = 0, 0.0
         start = time.monotonic()
         while time.monotonic() - start < seconds:
-            due = start + n / rate
-            if time.monotonic() < due:
-                time.sleep(due - time.monotonic())
+            ahead = start + n / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
             mid, tid, server, port = ids[n % 1000]
             t0 = time.thread_time()
             j.record(journal.ROUTED, mid, tid, server, port,
@@ -59,11 +61,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="bench_journal_cost")
     p.add_argument("--rate", type=int, default=3000)
     p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--batch-records", type=int, default=500)
+    p.add_argument("--batch-ms", type=int, default=200)
+    p.add_argument("--json", action="store_true",
+                   help="alternate with JSON-encoded batches")
     args = p.parse_args(argv)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     try:
-        for packed in (True, False, True, False):
-            n, spent, stats = run(prefix, args.rate, args.seconds, packed)
+        for packed in ((True, False, True, False) if args.json else
+                       (True, True)):
+            n, spent, stats = run(prefix, args.rate, args.seconds, packed,
+                                  args.batch_records, args.batch_ms)
             print(f"{'msgpack' if packed else 'json   '}: {n:,} records at "
                   f"{args.rate}/s: writer thread {stats['cpu_us'] / n:.2f} us "
                   f"CPU a record ({stats['batches']} batches, "
