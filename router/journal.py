@@ -251,6 +251,7 @@ class Journal:
         # indexed?], oldest first
         self._batches = collections.deque()
         self._indexed = True        # this session publishes an index
+        self._index_refused = False     # this user may not write it
         self._failing = False       # said at WARNING; quiet until it works
         self.written = threading.Condition()
 
@@ -341,6 +342,19 @@ class Journal:
                              self.service, stream_name(s.prefix))
                 backoff = 0.0
             except Exception as exc:        # never stop the writer
+                if session is not None and self._indexed and \
+                        _access_refused(exc):
+                    # Permissions from before the index: write the old way
+                    # (what reaches <prefix>.journal is in the index stream
+                    # too, and trace finds it there).
+                    self._index_refused = True
+                    LOG.info("journal %s: may not write the index (%s); "
+                             "batches go to %s unindexed", self.service, exc,
+                             stream_name(s.prefix))
+                    if conn is not None:
+                        _release(conn)
+                    conn = session = None
+                    continue
                 self._failed(exc)
                 backoff = delay = min(30.0, max(0.5, backoff * 2))
                 if conn is not None:
@@ -363,7 +377,8 @@ class Journal:
         try:
             conn.connect()
             declared = self._declare(conn)
-            self._indexed = self._index_declared(conn, declared)
+            self._indexed = (not self._index_refused and
+                             self._index_declared(conn, declared))
             publisher = publishing.BlockingPublisher(
                 conn, user_id=bus_connection.user_of(conn))
         except BaseException:
@@ -497,6 +512,12 @@ class Journal:
         if self._batches and len(self._pending) >= self._max:
             # the oldest batch goes: new records are worth as much
             self.stats["dropped"] += len(self._batches.popleft()[1])
+
+
+def _access_refused(exc):
+    """A 403 (this user may not write there), as py-amqp raises it."""
+    return getattr(exc, "code", None) == 403 or \
+        getattr(exc, "reply_code", None) == 403
 
 
 def _release(conn):

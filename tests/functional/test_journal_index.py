@@ -154,3 +154,36 @@ def test_a_batch_further_back_than_its_writers_clock_says_is_read_back(
     found, stats = _trace(bus, ids[4][0])
     assert [r["mid"] for r in found] == [ids[4][0]] * 4
     assert stats.get("reads_back", 0) >= 1, stats
+
+
+def test_a_writer_with_permissions_from_before_the_index_writes_the_old_way():
+    # A host user as `evrouter permissions` made it before the index: it may
+    # write <prefix>.journal only. The index exists (a newer router made it).
+    from tests.functional.rabbitmq_users import BrokerUsers
+    vhost, prefix = f"evt-jidx-{uuid.uuid4().hex[:8]}", "jp"
+    users = BrokerUsers(vhost, {"old-host": ("pw", "^$", r"^jp\.journal$",
+                                             "^$")})
+    try:
+        guest = BROKER_URL.rstrip("/") + "/" + vhost
+        router_side = journal.Journal(journal.JournalSettings(
+            transport_url=guest, prefix=prefix, batch_seconds=0.02),
+            "router").start()
+        router_side.record(journal.ROUTED, "m-new", None, None, None, None,
+                           None, ["h"])
+        assert router_side.flushed(10)
+        router_side.stop()
+        host = journal.Journal(journal.JournalSettings(
+            transport_url=users.url("old-host"), prefix=prefix,
+            batch_seconds=0.02), "host").start()
+        try:
+            host.record(journal.DELIVERED, "m-new", None, None, None, None,
+                        None, "host h")
+            assert host.flushed(10), host.stats
+        finally:
+            host.stop()
+        assert host.stats["failures"] == 0, host.stats
+        found, stats = trace_cmd.read(guest, prefix, "m-new", 600, timeout=20)
+        assert stats["path"].startswith("index"), stats
+        assert [r["hop"] for r in found] == [journal.ROUTED, journal.DELIVERED]
+    finally:
+        users.remove()
