@@ -116,6 +116,8 @@ def read(transport_url, prefix, wanted, since, *, ssl=False, timeout=30.0,
 # (broker clock). A writer's clock off by more only costs reads further
 # back (or further forward): the batch is found by its sequence number.
 MARGIN = 3.0
+# No read around a batch starts later than this before now: past the
+# journal's end a stream consumer waits for new messages, not the marker.
 FUTURE_SLACK = 30.0
 # Index entries are published just before their batches: the index is read
 # from a little before the journal's window.
@@ -300,9 +302,8 @@ def _read_batches(reader, name, end, since_at, now, targets):
         return all(newest.get(w, -1) >= q for w, q in group)
 
     floor = since_at - MARGIN
-    # A read that starts past the journal's end waits for new messages, not
-    # for the marker: no start later than a while ago (this machine's clock
-    # against the broker's; a writer's clock ahead only costs a read back).
+    # (this machine's clock against the broker's; a writer's clock ahead
+    # only costs a read back)
     ceiling = now - FUTURE_SLACK
     for group in _groups(targets):
         group = [ws for ws in group if ws not in got]
