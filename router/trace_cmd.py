@@ -289,13 +289,25 @@ def _read_batches(reader, name, end, since_at, now, targets):
     """Read the stretches of the journal that hold the `targets` batches
     ({(writer, seq): first record time})."""
     got = set()                 # (writer, seq) read
-    newest = {}                 # writer -> highest seq read
+    gone = set()                # (writer, seq) proven not in the journal
+    newest = {}                 # writer -> highest seq read (this read)
+    last = {}                   # writer -> seq read last (this read)
 
     def until(mid):
         ws = journal.parse_batch_id(mid)
         if ws is not None:
             got.add(ws)
             w, q = ws
+            # A writer publishes its batches in order, each after the one
+            # before was confirmed: its batches q-1 then q+1 read one after
+            # the other prove q is not there (dropped after its index entry,
+            # or a writer that died between the two). No reading back.
+            before = last.get(w)
+            if before is not None:
+                for tw, tq in group:
+                    if tw == w and before < tq < q and (tw, tq) not in got:
+                        gone.add((tw, tq))
+            last[w] = q
             if q > newest.get(w, -1):
                 newest[w] = q
         # every batch of the group read, or passed (then it is further back)
@@ -310,6 +322,7 @@ def _read_batches(reader, name, end, since_at, now, targets):
         if not group:
             continue
         newest.clear()
+        last.clear()
         start = max(floor, min(ceiling,
                                min(targets[ws] for ws in group) - MARGIN))
         stop = None
@@ -317,7 +330,7 @@ def _read_batches(reader, name, end, since_at, now, targets):
         while True:
             first = reader.stream(name, start, end=end, stop_offset=stop,
                                   until=until, prefetch=_WINDOW_PREFETCH)
-            missing = [ws for ws in group if ws not in got]
+            missing = [ws for ws in group if ws not in got and ws not in gone]
             if not missing or start <= floor:
                 break
             # Not read: it is further back (its writer's clock runs ahead of
@@ -325,6 +338,7 @@ def _read_batches(reader, name, end, since_at, now, targets):
             reader.stats["reads_back"] = reader.stats.get("reads_back", 0) + 1
             group = missing
             newest.clear()
+            last.clear()
             if first is not None:
                 stop = first if stop is None else min(stop, first)
             back *= 4

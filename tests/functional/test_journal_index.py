@@ -187,3 +187,30 @@ def test_a_writer_with_permissions_from_before_the_index_writes_the_old_way():
         assert [r["hop"] for r in found] == [journal.ROUTED, journal.DELIVERED]
     finally:
         users.remove()
+
+
+def test_a_batch_dropped_after_its_index_entry_is_not_searched_for(bus):
+    # Writer wx's index names batches 4, 5 and 6; 5 (the one naming the id)
+    # never reached the journal, 4 and 6 did: trace answers without reading
+    # the journal back to the window's start.
+    js = _settings(bus, batch_records=5)
+    _run(js, "declares", 5)
+    rec = (time.time(), journal.ROUTED, "lost-hop", None, None, None, None,
+           None, None)
+    other = (time.time(), journal.ROUTED, "other", None, None, None, None,
+             None, None)
+    entry = journal_index.encode_index("wx", "s", "n", [
+        (seq, rec[0], rec[0], journal_index.batch_fingerprints(
+            [rec if seq == 5 else other])) for seq in (4, 5, 6)])
+    with kombu.Connection(BROKER_URL) as conn:
+        producer = kombu.Producer(conn.channel())
+        producer.publish(entry, exchange=journal.index_name(bus.prefix),
+                         routing_key="")
+        for seq in (4, 6):
+            producer.publish(
+                journal.encode_batch("s", "n", [other], "wx", seq),
+                exchange=journal.batches_exchange(bus.prefix), routing_key="",
+                message_id=journal.batch_id("wx", seq))
+    found, stats = _trace(bus, "lost-hop")
+    assert found == [] and stats["batches_matched"] == 1, stats
+    assert stats.get("reads_back", 0) == 0, stats
