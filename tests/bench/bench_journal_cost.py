@@ -3,7 +3,7 @@ CPU per record (encoding, index, publishing with confirms), at a steady
 rate, beside record()'s own cost. Not a test.
 
     python -m tests.bench.bench_journal_cost [--rate 3000] [--seconds 10]
-        [--batch-records 500] [--batch-ms 200] [--json]
+        [--batch-records 500] [--batch-ms 200] [--json] [--hot PAIRS]
 
 --json: alternate with batches encoded as JSON (the encoding before
 MessagePack) for a comparison in the same run.
@@ -57,6 +57,36 @@ def run(prefix, rate, seconds, packed, batch_records=500, batch_ms=200):
     return n, spent, j.stats
 
 
+def _work(n):
+    """Pure-Python work standing in for the router's ~70 us an event."""
+    x = 0
+    for i in range(n):
+        x += i * i
+    return x
+
+
+def hot(prefix, seconds, on, spin):
+    """Events/s of a thread doing `spin` work and one record() an event,
+    with the journal on or off: its cost to a busy process, GIL and all."""
+    js = journal.JournalSettings(transport_url=URL, prefix=prefix)
+    j = journal.Journal(js, "bench-hot").start() if on else journal.NullJournal()
+    ids = [(uuid.uuid4().hex, uuid.uuid4().hex, str(uuid.uuid4()),
+            str(uuid.uuid4())) for _ in range(1000)]
+    try:
+        n = 0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            for _ in range(100):
+                _work(spin)
+                mid, tid, server, port = ids[n % 1000]
+                j.record(journal.ROUTED, mid, tid, server, port,
+                         "network-vif-plugged", "completed", ["compute-1"])
+                n += 1
+        return n / (time.monotonic() - start)
+    finally:
+        j.stop()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench_journal_cost")
     p.add_argument("--rate", type=int, default=3000)
@@ -65,9 +95,25 @@ def main(argv=None):
     p.add_argument("--batch-ms", type=int, default=200)
     p.add_argument("--json", action="store_true",
                    help="alternate with JSON-encoded batches")
+    p.add_argument("--hot", type=int, default=0, metavar="PAIRS",
+                   help="instead: PAIRS of off/on runs of a busy thread "
+                        "(~70 us of work an event), events/s")
     args = p.parse_args(argv)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     try:
+        if args.hot:
+            spin = 1000
+            t0 = time.perf_counter()
+            _work(spin)
+            print(f"work {(time.perf_counter() - t0) * 1e6:.0f} us an event; "
+                  f"load {os.getloadavg()[0]:.1f}")
+            for i in range(args.hot):
+                for on in ((False, True) if i % 2 == 0 else (True, False)):
+                    rate = hot(prefix, args.seconds, on, spin)
+                    print(f"journal {'on ' if on else 'off'}: {rate:,.0f} "
+                          f"events/s (load {os.getloadavg()[0]:.1f})",
+                          flush=True)
+            return 0
         for packed in ((True, False, True, False) if args.json else
                        (True, True)):
             n, spent, stats = run(prefix, args.rate, args.seconds, packed,
