@@ -25,6 +25,8 @@ setup(
         "eventlet>=0.33",
         "prometheus-client>=0.17",
         "oslo.utils>=6.0",
+        # the journal's batches (router/journal.py)
+        "msgpack>=1.0",
     ],
     extras_require={
         # ORM hooks for a network service with its own SQLAlchemy port table

@@ -19,9 +19,10 @@ Least privilege per role, as regular expressions on resource names
   control fanout; write only the lifecycle fanout and the dead-letter
   exchange. It may configure no central entity: its agent and consumer
   only check those passively.
-- every user may write the journal exchange `<prefix>.journal` (each part
-  appends its hops; router/journal.py); the router declares it and its
-  stream and may read the stream (`evrouter trace`). A record says which
+- every user may write the journal exchange `<prefix>.journal` and those of
+  its index, `<prefix>.journal.index` and `<prefix>.journal.batches` (each
+  part appends its hops; router/journal.py); the router declares them and
+  their streams and may read the streams (`evrouter trace`). A record says which
   broker user wrote it (the validated user_id of its batch), so a hop one
   user claims for another part is visible as such.
 Why the host's entities are the compute user's to declare, not the
@@ -87,26 +88,31 @@ def _names(prefix, *alternatives):
     return "^" + re.escape(prefix) + r"\.(" + "|".join(alternatives) + ")$"
 
 
+# the journal's exchange and stream, its index's, and the exchange of
+# indexed batches (router/journal.py)
+JOURNAL = r"journal(\.index|\.batches)?"
+
+
 def grants(d):
     """(user, configure, write, read, topic grants [(exchange, write, read)])."""
     p = d.prefix
     # journal: the exchange of the journal of hops (router/journal.py),
     # which every part writes; the router declares it and its stream (of
     # the same name) and may read it (`evrouter trace`).
-    yield (d.network_user, "^$", _names(p, "ingress", "journal"), "^$",
+    yield (d.network_user, "^$", _names(p, "ingress", JOURNAL), "^$",
            [(f"{p}.ingress", r"^instance\.", "^$")])
     yield (d.router_user,
            _names(p, "ingress", "lifecycle", "dead-letter", "control",
                   "router", r"router\.probation", r"retry\..*",
-                  r"placement\..*", "journal"),
+                  r"placement\..*", JOURNAL),
            # ingress: retry queues dead-letter into it, and declaring a queue
            # with a dead-letter exchange needs write on that exchange.
            "^(amq\\.default|" + _names(p, "ingress", r"host\..*", "dead-letter",
                                        "control", "router",
                                        r"router\.probation", r"retry\..*",
-                                       r"placement\..*", "journal")[1:-1] + ")$",
+                                       r"placement\..*", JOURNAL)[1:-1] + ")$",
            _names(p, "ingress", "router", r"router\.probation", "lifecycle",
-                  "dead-letter", r"retry\..*", r"placement\..*", "journal"),
+                  "dead-letter", r"retry\..*", r"placement\..*", JOURNAL),
            [])
     for host in d.hosts:
         own = re.escape(f"host.{host}")
@@ -118,7 +124,7 @@ def grants(d):
                _names(p, own, own + r"\.events", control),
                # binding a queue needs write on it and read on the exchange
                _names(p, own + r"\.events", control, "lifecycle",
-                      "dead-letter", "journal"),
+                      "dead-letter", JOURNAL),
                _names(p, own, own + r"\.events", control, "control"),
                [])
 

@@ -291,7 +291,8 @@ def diagnose(wait, records):
                                  f"its agent)")
 
 
-_WAIT_NEEDLES = {f'"{journal.WAIT_STUCK}"'.encode(), b"was stuck;"}
+# unquoted: a batch is JSON or MessagePack (whose strings have no quotes)
+_WAIT_NEEDLES = {journal.WAIT_STUCK.encode(), b"was stuck;"}
 
 
 def find(transport_url, prefix, since, *, policy=routing.Policy(),
@@ -318,7 +319,7 @@ def find(transport_url, prefix, since, *, policy=routing.Policy(),
     # stuck record). Message ids of what they name come in the same pass.
     needles = {i.encode() for i in ids if isinstance(i, str)}
     # an invalid event's dead letter names only its message id
-    needles |= {f'"{journal.DEAD}"'.encode(), f'"{journal.DROPPED}"'.encode()}
+    needles |= {journal.DEAD.encode(), journal.DROPPED.encode()}
     related, more = trace_cmd.scan(
         transport_url, prefix, since, needles,
         lambda rec: rec.get("instance") in ids or rec.get("port") in ids

@@ -27,7 +27,8 @@ from router.bus import connection as bus_connection
 
 LOG = logging.getLogger(__name__)
 
-_NEEDLES = (f'"{journal_.WAIT_STUCK}"'.encode(), b"was stuck;")
+# unquoted: a batch is JSON or MessagePack (whose strings have no quotes)
+_NEEDLES = (journal_.WAIT_STUCK.encode(), b"was stuck;")
 _ACK_EVERY = 50
 
 

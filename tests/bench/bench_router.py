@@ -91,7 +91,7 @@ def free_port():
 
 
 # --journal on|off: the router writes the journal of hops (router/journal.py)
-JOURNAL = {"on": True}
+JOURNAL = {"on": True, "args": []}
 ROUTER_CPU_US = []      # per throughput run: the router's CPU per event
 
 
@@ -102,7 +102,8 @@ class Router:
             [sys.executable, "-m", "router.cli", "router", "--bus-prefix", prefix,
              "--router-ops_listen", f"127.0.0.1:{self.port}",
              "--bus-host_message_ttl", "3600",
-             "--journal-enabled" if JOURNAL["on"] else "--journal-noenabled"],
+             "--journal-enabled" if JOURNAL["on"] else "--journal-noenabled",
+             *JOURNAL["args"]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _until(lambda: self.metric("evrouter_router_connected") == 1, 30)
 
@@ -160,9 +161,12 @@ class Slice:
         for q in [q.name for q in qs] + [self.topo.host_queue_name(h) for h in self.hosts] \
                 + list(extra_queues):
             ch.queue_delete(q)
-        # the journal's stream and exchange, whether or not it was on
-        ch.queue_delete(journal.stream_name(self.topo.prefix))
-        ch.exchange_delete(journal.stream_name(self.topo.prefix))
+        # the journal's streams and exchanges, whether or not it was on
+        queues, exchanges = journal.names(self.topo.prefix)
+        for name in queues:
+            ch.queue_delete(name)
+        for name in exchanges:
+            ch.exchange_delete(name)
         for e in [e.name for e in ex] + [self.topo.host_exchange_name(h) for h in self.hosts] \
                 + list(extra_exchanges):
             ch.exchange_delete(e)
@@ -393,10 +397,18 @@ def main(argv=None):
                    choices=["throughput", "latency", "hosts", "soak"])
     p.add_argument("--journal", choices=["on", "off"], default="on",
                    help="the router writes the journal of hops (default on)")
+    p.add_argument("--journal-batch-records", type=int,
+                   help="[journal] batch_records of the router")
+    p.add_argument("--journal-batch-ms", type=int,
+                   help="[journal] batch_ms of the router")
     args = p.parse_args(argv)
     JOURNAL["on"] = args.journal == "on"
+    JOURNAL["args"] = [f"--journal-batch_{k}={v}" for k, v in
+                       (("records", args.journal_batch_records),
+                        ("ms", args.journal_batch_ms)) if v]
     print(f"evrouter router benchmarks: {os.cpu_count()} cores, "
-          f"Python {sys.version.split()[0]}, journal {args.journal}")
+          f"Python {sys.version.split()[0]}, journal {args.journal} "
+          f"{' '.join(JOURNAL['args'])}")
     if "throughput" not in args.skip:
         ours, ref = throughput(args.events)
         print(f"1. throughput end to end ({args.events} events, best of 2): {ours:,.0f} "

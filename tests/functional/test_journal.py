@@ -23,8 +23,8 @@ GIVEN = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def _settings(bus, **kw):
-    bus.own(queues=[journal.stream_name(bus.prefix)],
-            exchanges=[journal.stream_name(bus.prefix)])
+    queues, exchanges = journal.names(bus.prefix)
+    bus.own(queues=queues, exchanges=exchanges)
     return journal.JournalSettings(transport_url=kw.pop("url", BROKER_URL),
                                    prefix=bus.prefix, batch_seconds=0.05, **kw)
 
