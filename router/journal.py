@@ -139,7 +139,10 @@ def parse_batch_id(message_id):
     if type(message_id) is not str or not message_id.startswith("jb."):
         return None
     writer, _, seq = message_id[3:].rpartition(".")
-    return (writer, int(seq)) if writer and seq.isdigit() else None
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses
+    if not writer or not seq.isascii() or not seq.isdigit() or len(seq) > 20:
+        return None
+    return writer, int(seq)
 
 
 def entities(settings):
@@ -202,7 +205,7 @@ def encode_batch(service, node, records, writer=None, seq=None, *,
 # A batch evrouter writes is at most batch_records (500) records of a few
 # hundred bytes; anything far larger is not ours, and decoding it would
 # hold a reader (the router's stuck watch among them) for seconds.
-MAX_BATCH_BYTES = 4 << 20
+MAX_BATCH_BYTES = 1 << 20
 # Wall-clock times a record may carry: 1970 to 2286; NaN, inf or 1e20
 # is not a time (and would break every reader that prints it).
 _LATEST = 1e10

@@ -83,24 +83,40 @@ def encode_index(writer, service, node, entries):
                      b"\n"] + [fps for _, _, _, fps in entries])
 
 
+# An index message names up to a group of batches' fingerprints (a few
+# KB); anything far larger is not one of ours, and each trace would read it.
+MAX_INDEX_BYTES = 1 << 20
+# Batches one index message may name: a writer's group is 20.
+MAX_ENTRIES = 1_000
+
+
 def is_index(body):
-    return body[:len(MAGIC)] == MAGIC
+    return body[:len(MAGIC)] == MAGIC and len(body) <= MAX_INDEX_BYTES
 
 
 def matching(body, wanted_fps):
     """(writer, [(seq, t_first, t_last)] of the batches whose fingerprints
     include one of `wanted_fps`); (None, []) for a body that is not an index
-    message. Total."""
+    message. Total: any writer wrote it."""
+    try:
+        return _matching(body, wanted_fps)
+    except Exception:
+        return None, []
+
+
+def _matching(body, wanted_fps):
     if not is_index(body):
         return None, []
     nl = body.find(b"\n", len(MAGIC))
     try:
         head = json.loads(body[len(MAGIC):nl])
         writer, batches = head["w"], head["b"]
+        if type(batches) is not list or len(batches) > MAX_ENTRIES:
+            return None, []
         counts = [int(b[3]) for b in batches]
         if type(writer) is not str or min(counts, default=0) < 0:
             return None, []
-    except (ValueError, TypeError, KeyError, IndexError):
+    except Exception:       # any writer wrote it: deep nesting, inf, ...
         return None, []
     blob = body[nl + 1:]
     ends = []           # the end (in words) of each batch's fingerprints
@@ -121,9 +137,10 @@ def matching(body, wanted_fps):
     out = []
     for i in sorted(hits):
         # any user that may write the journal may write an index message:
-        # an entry that is not (int, number, number) is no entry
+        # an entry that is not (int, finite time, finite time) is no entry
         seq, t0, t1 = batches[i][:3]
-        if type(seq) is int and all(type(t) in (int, float) for t in (t0, t1)):
+        if type(seq) is int and all(type(t) in (int, float) and
+                                    0 <= t <= 1e10 for t in (t0, t1)):
             out.append((seq, t0, t1))
     return writer, out
 
@@ -135,6 +152,7 @@ def first_entry(body):
         return None
     try:
         head = json.loads(body[len(MAGIC):body.find(b"\n", len(MAGIC))])
-        return int(head["b"][0][0])
-    except (ValueError, TypeError, KeyError, IndexError):
+        seq = head["b"][0][0]
+        return seq if type(seq) is int else None
+    except Exception:       # any writer wrote it
         return None

@@ -127,10 +127,19 @@ def believed(records, policy):
     out = []
     for rec in _sane(records):
         host = _host_of(rec)
-        if host is None or routing.lifecycle_sender_ok(rec.get("user"), host,
-                                                       policy):
+        if host is None:
+            # a host's kinds of record under another name: not believed
+            if rec.get("hop") not in _HOST_HOPS:
+                out.append(rec)
+        elif routing.lifecycle_sender_ok(rec.get("user"), host, policy):
             out.append(rec)
     return out
+
+
+# What only a host records: believed under its own name, from its own user.
+_HOST_HOPS = frozenset({journal.DELIVERED, journal.MATCHED, journal.UNUSED,
+                        journal.WAIT_STARTED, journal.WAIT_STUCK,
+                        journal.WAIT_ENDED})
 
 
 def stuck_waits(records, include_ended=False):
@@ -142,8 +151,10 @@ def stuck_waits(records, include_ended=False):
         if type(wid) is not str:
             continue
         if hop == journal.WAIT_STUCK:
+            if _host_of(rec) is None:
+                continue        # only a host records its waits
             waits[wid] = StuckWait(
-                wid=wid, host=_host_of(rec) or rec.get("node"),
+                wid=wid, host=_host_of(rec),
                 instance=rec.get("instance"), port=rec.get("port"),
                 event=rec.get("event"), since=rec.get("t"),
                 user=rec.get("user"))
@@ -166,7 +177,7 @@ def diagnose(wait, records):
     (those of its instance or port, any order). Pure; sets wait.kind,
     wait.why and wait.evidence (the records it rests on)."""
     key = (wait.instance, wait.event, wait.port)
-    records = _sane(records)
+    records = everything = _sane(records)
     waits = (journal.WAIT_STARTED, journal.WAIT_STUCK, journal.WAIT_ENDED)
     # Only what can concern this wait: after the last wait for the same key
     # on this host ended (a first boot's event, a redelivered copy or a
@@ -264,7 +275,12 @@ def diagnose(wait, records):
                                  f"({other.get('status')}, message "
                                  f"{other.get('mid')}); it waits for {what} of "
                                  f"instance {wait.instance}", other)
-    delivered = last(journal.DELIVERED, here)
+    # delivered here while this wait waited, and no outcome said for it
+    # (one said before the wait, a duplicate of a first boot, is no cause)
+    decided = {r.get("mid") for r in everything
+               if r.get("hop") == journal.MATCHED and here(r)}
+    delivered = last(journal.DELIVERED, lambda r: here(r) and since_began(r)
+                     and r.get("mid") not in decided)
     if delivered is not None:
         return said(NOT_MATCHED, f"delivered here at {_when(delivered.get('t'))}"
                                  f" (message {delivered.get('mid')}); the "

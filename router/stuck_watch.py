@@ -54,7 +54,8 @@ class StuckWaits:
         self.refused = 0            # records not believed (their writer)
         # host -> OrderedDict(wid -> when read), oldest first
         self._hosts = collections.OrderedDict()
-        self._ended = collections.OrderedDict()     # (host, wid) ended first
+        # host -> OrderedDict(wid) of ends read before their stuck record
+        self._ended = collections.OrderedDict()
 
     def feed(self, rec, user):
         hop, wid, svc = rec.get("hop"), rec.get("mid"), rec.get("svc")
@@ -68,9 +69,9 @@ class StuckWaits:
             self.refused += 1
             return
         waits = self._hosts.get(host)
+        ended = self._ended.get(host)
         if hop == journal_.WAIT_STUCK:
-            if (host, wid) in self._ended:
-                del self._ended[host, wid]
+            if ended is not None and ended.pop(wid, None):
                 return
             if waits is None:
                 waits = self._hosts[host] = collections.OrderedDict()
@@ -83,10 +84,15 @@ class StuckWaits:
             while len(waits) > self.max_per_host:
                 waits.popitem(last=False)
         elif waits is None or waits.pop(wid, None) is None:
-            # read before its stuck record (two writers' order): remembered
-            self._ended[host, wid] = True
-            while len(self._ended) > self.max_per_host:
-                self._ended.popitem(last=False)
+            # read before its stuck record (two writers' order): remembered,
+            # within this host's own share
+            if ended is None:
+                ended = self._ended[host] = collections.OrderedDict()
+                while len(self._ended) > self.max_hosts:
+                    self._ended.popitem(last=False)
+            ended[wid] = True
+            while len(ended) > self.max_per_host:
+                ended.popitem(last=False)
 
     def current(self):
         limit = self.clock() - self.max_age
@@ -114,12 +120,38 @@ class StuckWatch:
         self.waits = StuckWaits(policy, max_age=max_age)
         self.stats = collections.Counter()
         self._lock = threading.Lock()
+        self._budget = {}           # user -> (bytes left, when)
         self._stop = threading.Event()
         self._thread = None
 
     def current(self):
         with self._lock:
             return self.waits.current()
+
+    # Bytes a second of batches naming stuck waits one user may have
+    # decoded (a burst of 4 s kept): a host writes a few KB of those.
+    USER_BYTES_PER_S = 256 * 1024
+    USER_BURST_S = 4.0
+
+    def _may_decode(self, user, size):
+        policy = self.waits.policy
+        if not user or not (user.startswith(policy.compute_user_prefix)
+                            or user in policy.lifecycle_trusted_users):
+            self.waits.refused += 1
+            return False
+        now = time.monotonic()
+        tokens, then = self._budget.get(user, (self.USER_BYTES_PER_S *
+                                               self.USER_BURST_S, now))
+        tokens = min(self.USER_BYTES_PER_S * self.USER_BURST_S,
+                     tokens + (now - then) * self.USER_BYTES_PER_S)
+        if size > tokens:
+            self.stats["over_budget"] += 1
+            self._budget[user] = (tokens, now)
+            return False
+        self._budget[user] = (tokens - size, now)
+        if len(self._budget) > 10_000:
+            self._budget.clear()
+        return True
 
     @property
     def seen(self):
@@ -185,9 +217,15 @@ class StuckWatch:
                 body = message.body
                 if not any(n in body for n in _NEEDLES):
                     return
+                user = (message.properties or {}).get("user_id")
+                # only a host's own user is believed: the others' batches
+                # are not decoded at all, and a host's cost this thread at
+                # most its byte budget (a compromised host sending 1 MiB
+                # batches would otherwise hold the router's GIL)
+                if not self._may_decode(user, len(body)):
+                    return
                 # decode_batch is total, and skips a body past its size
                 records = journal_.decode_batch(body)
-                user = (message.properties or {}).get("user_id")
                 with self._lock:
                     for rec in records:
                         self.waits.feed(rec, user)

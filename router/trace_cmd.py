@@ -150,6 +150,9 @@ FUTURE_SLACK = 30.0
 # Index entries are published just before their batches: the index is read
 # from a little before the journal's window.
 INDEX_SLACK = 5.0
+# Batches the index may name before a trace reads the whole window instead:
+# one event's hops are in a handful.
+MAX_TARGETS = 64
 # A read around a batch stops early: what the broker sent past that point is
 # read for nothing (a batch is up to ~100 KB).
 _WINDOW_PREFETCH = 20
@@ -212,8 +215,15 @@ class _Reader:
                 if unacked[0] >= prefetch // 2:
                     channel.basic_ack(unacked[1], multiple=True)
                     unacked[0] = 0
-                if on_message(headers.get("x-stream-offset"), props,
-                              message.body):
+                try:
+                    finished = on_message(headers.get("x-stream-offset"),
+                                          props, message.body)
+                except Exception:
+                    # any user may write the journal: what a reader cannot
+                    # make sense of is counted and passed, never its end
+                    self.stats["unreadable"] = self.stats.get("unreadable", 0) + 1
+                    finished = False
+                if finished:
                     done.append(True)
 
             tag = channel.basic_consume(stream, callback=deliver, no_ack=False,
@@ -285,6 +295,9 @@ def _read_indexed(reader, wanted, prefix, end, since_at, now):
             state["first"] = offset
         if props.get("message_id") == end:
             return True
+        if not props.get("user_id"):
+            stats["no_user"] += 1       # names nothing we believe
+            return False
         if journal_index.is_index(body):
             writer, hits = journal_index.matching(body, wanted_fps)
             if state["first_batch"] is None and writer is not None:
@@ -315,6 +328,11 @@ def _read_indexed(reader, wanted, prefix, end, since_at, now):
                       until=lambda mid: journal.parse_batch_id(mid) == first,
                       prefetch=_WINDOW_PREFETCH)
     stats["batches_matched"] = len(targets)
+    if len(targets) > MAX_TARGETS:
+        # An id in that many batches (or a writer's forged entries): one
+        # read of the whole window costs less than a read per batch.
+        stats["path"] = "full (the index named too many batches)"
+        return False
     _read_batches(reader, name, end, since_at, now, targets)
     return True
 

@@ -133,7 +133,8 @@ def test_an_index_entry_without_its_batch_costs_nothing_but_a_read(bus):
                                            None)]))])
     with kombu.Connection(BROKER_URL) as conn:
         kombu.Producer(conn.channel()).publish(
-            entry, exchange=journal.index_name(bus.prefix), routing_key="")
+            entry, exchange=journal.index_name(bus.prefix), routing_key="",
+            user_id=conn.userid)
     _run(js, "w2", 20)
     found, stats = _trace(bus, ids[3][0])
     assert [r["mid"] for r in found] == [ids[3][0]] * 4
@@ -207,12 +208,12 @@ def test_a_batch_dropped_after_its_index_entry_is_not_searched_for(bus):
     with kombu.Connection(BROKER_URL) as conn:
         producer = kombu.Producer(conn.channel())
         producer.publish(entry, exchange=journal.index_name(bus.prefix),
-                         routing_key="")
+                         routing_key="", user_id=conn.userid)
         for seq in (4, 6):
             producer.publish(
                 journal.encode_batch("s", "n", [other], "wx", seq),
                 exchange=journal.batches_exchange(bus.prefix), routing_key="",
-                message_id=journal.batch_id("wx", seq))
+                message_id=journal.batch_id("wx", seq), user_id=conn.userid)
     found, stats = _trace(bus, "lost-hop")
     assert found == [] and stats["batches_matched"] == 1, stats
     assert stats.get("reads_back", 0) == 0, stats
@@ -231,3 +232,25 @@ def test_a_batch_without_a_user_id_is_not_believed(bus):
     for index in (True, False):
         found, stats = _trace(bus, "forged-1", index=index)
         assert found == [] and stats["no_user"] == 1, stats
+
+
+def test_an_index_naming_an_id_in_too_many_batches_costs_one_whole_read(bus):
+    # a writer's forged index entries all naming a known id, over an hour
+    js = _settings(bus, batch_records=5)
+    _, ids = _run(js, "w", 20)
+    wanted = ids[7][0]
+    fps = journal_index.batch_fingerprints([(0, 0, wanted, None, None, None)])
+    now = time.time()
+    entry = journal_index.encode_index("forger", "x", "n", [
+        (10_000 + i, now - 3600 + 7 * i, now - 3600 + 7 * i, fps)
+        for i in range(trace_cmd.MAX_TARGETS + 50)])
+    with kombu.Connection(BROKER_URL) as conn:
+        kombu.Producer(conn.channel()).publish(
+            entry, exchange=journal.index_name(bus.prefix), routing_key="",
+            user_id=conn.userid)
+    started = time.monotonic()
+    found, stats = _trace(bus, wanted)
+    assert [r["mid"] for r in found] == [wanted] * 4
+    assert stats["path"].startswith("full"), stats
+    assert stats["reads"] <= 3, stats
+    assert time.monotonic() - started < 10

@@ -360,3 +360,55 @@ def test_the_watch_counts_down_on_the_registrys_own_clock():
     assert watch.due_in() == 30.0
     clock.now += 10
     assert watch.due_in() == 20.0
+
+
+# --- a second review: the index is any writer's too --------------------------------
+def test_the_index_and_batch_ids_are_read_totally():
+    from router import journal_index
+    assert journal.parse_batch_id("jb.x.²") is None         # isdigit, not int
+    assert journal.parse_batch_id("jb.x." + "9" * 30) is None
+    assert journal.parse_batch_id("jb.w.12") == ("w", 12)
+    deep = journal_index.MAGIC + b'{"w":"x","b":' + b"[" * 100_000 + b"]" * 100_000 \
+        + b"}\n"
+    assert journal_index.matching(deep, {1}) == (None, [])
+    assert journal_index.first_entry(deep) is None
+    inf = journal_index.MAGIC + b'{"w":"x","b":[[Infinity,1,1,1]]}\n' + b"\0" * 4
+    assert journal_index.first_entry(inf) is None
+    assert journal_index.matching(inf, {0}) == ("x", [])
+    odd = journal_index.MAGIC + b'{"w":"x","b":[{"3":1}]}\n' + b"\0" * 4
+    assert journal_index.matching(odd, {0}) == (None, [])
+    big = journal_index.MAGIC + b"{}\n" + b"\0" * journal_index.MAX_INDEX_BYTES
+    assert not journal_index.is_index(big)
+
+
+def test_a_hosts_kinds_of_record_under_another_name_are_not_believed():
+    forged = [dict(_rec(journal.WAIT_STUCK, mid="w-fake"), svc="neutron",
+                   node=HOST, user="evrouter-compute-cmp-2"),
+              dict(_rec(journal.MATCHED, detail="woken"), svc="router:r",
+                   user="evrouter-compute-cmp-2"),
+              dict(PUB, user="evrouter-network")]
+    kept = stuck_cmd.believed(forged, TRUST)
+    assert [r["hop"] for r in kept] == [journal.PUBLISHED]
+    # and no stuck wait is made of a record without a host's name
+    assert stuck_cmd.stuck_waits([dict(forged[0], user=None)]) == []
+
+
+def test_an_old_duplicates_delivery_is_no_cause_either():
+    old_copy = [_hop(journal.DELIVERED, 55.0), _hop(journal.MATCHED, 55.0,
+                                                    detail="duplicate")]
+    w = stuck_cmd.diagnose(_later_wait(), _earlier_boot() + old_copy)
+    assert w.kind == stuck_cmd.NEVER_PUBLISHED, w.why
+
+
+def test_the_watch_decodes_only_host_users_batches_within_a_budget():
+    from router.stuck_watch import StuckWatch
+    watch = StuckWatch(None, TRUST)
+    assert not watch._may_decode("evrouter-network", 100)
+    assert not watch._may_decode(None, 100)
+    host = "evrouter-compute-cmp-1"
+    budget = int(watch.USER_BYTES_PER_S * watch.USER_BURST_S)
+    assert watch._may_decode(host, budget // 2)
+    assert watch._may_decode(host, budget // 2 - 1000)
+    assert not watch._may_decode(host, 64 * 1024)       # spent: skipped
+    assert watch.stats["over_budget"] == 1
+    assert watch._may_decode("evrouter-compute-cmp-2", 64 * 1024)   # its own
