@@ -450,10 +450,8 @@ class Journal:
                       queue.name, exc)
             return False
         finally:
-            try:
-                channel.close()
-            except conn.connection_errors + conn.channel_errors:
-                pass
+            bus_connection.close_quietly(
+                channel, conn.connection_errors + conn.channel_errors)
 
     def _index_declared(self, conn, may_declare):
         """Declare the index (stream, exchanges, bindings) if this user
@@ -487,10 +485,8 @@ class Journal:
                      stream_name(self.settings.prefix))
             return False
         finally:
-            try:
-                channel.close()
-            except conn.connection_errors + conn.channel_errors:
-                pass
+            bus_connection.close_quietly(
+                channel, conn.connection_errors + conn.channel_errors)
 
     def _take(self):
         """Pending records into batches: all that are pending, up to

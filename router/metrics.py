@@ -58,6 +58,14 @@ def forbidden_family(stats):
     return family
 
 
+def _by_outcome(name, text, stats, outcomes):
+    """A counter family labelled outcome, one sample per outcome."""
+    family = CounterMetricFamily(name, text, labels=["outcome"])
+    for outcome in outcomes:
+        family.add_metric([outcome], stats.get(outcome, 0))
+    return family
+
+
 class RouterCollector:
     def __init__(self, service):
         self._service = service
@@ -123,28 +131,23 @@ class RouterCollector:
                                 "Instances in the placement table.",
                                 value=len(svc.placement))
         journal = svc.journal.stats
-        records = CounterMetricFamily(
+        yield _by_outcome(
             "evrouter_journal_records",
             "Hops this router recorded for the journal stream, by what "
             "became of them (dropped: the journal full or stopped while the "
-            "broker refused it).", labels=["outcome"])
-        for outcome in ("written", "dropped"):
-            records.add_metric([outcome], journal.get(outcome, 0))
-        yield records
+            "broker refused it).", journal, ("written", "dropped"))
         yield CounterMetricFamily(
             "evrouter_journal_write_failures",
             "Journal writes the broker refused or that failed (each logged "
             "at WARNING once per outage).", value=journal.get("failures", 0))
         # [journal] otlp_endpoint (router/journal_otlp.py); 0 while it is off
         spans = getattr(svc.journal, "span_stats", {})
-        exported = CounterMetricFamily(
+        yield _by_outcome(
             "evrouter_journal_spans",
             "Hops this router exported as OpenTelemetry spans over OTLP, by "
             "what became of them (dropped: too many waiting, the collector "
-            "down or refusing, or the router stopping).", labels=["outcome"])
-        for outcome in ("exported", "dropped"):
-            exported.add_metric([outcome], spans.get(outcome, 0))
-        yield exported
+            "down or refusing, or the router stopping).", spans,
+            ("exported", "dropped"))
         stuck = svc.stuck
         if stuck is not None:
             yield GaugeMetricFamily(

@@ -200,7 +200,7 @@ class Session:
         self.delivery.forget_lane(lane)
         if lane is self.main:
             self._probation_blockers.clear()
-        _close_quietly(lane.channel, self._broker_errors)
+        bus_connection.close_quietly(lane.channel, self._broker_errors)
         # a deleted queue is declared again, as at the session's start
         topology.declare(self.conn.channel(), *self.topo.central())
         lane.open(self.conn, self.delivery.watch)
@@ -246,7 +246,7 @@ class Session:
             LOG.error("router %s: the central topology could not be declared "
                       "again: %s", self.s.name, exc)
         finally:
-            _close_quietly(channel, self._broker_errors)
+            bus_connection.close_quietly(channel, self._broker_errors)
 
     def _settled(self, entry):
         # A dropped entry (its dead letter refused for the whole patience)
@@ -503,13 +503,3 @@ class Session:
                              f"{decision.detail}")
         LOG.info("event %s retry %d in %dms: %s", env.id, decision.attempt,
                  delay, decision.detail)
-
-
-def _close_quietly(channel, errors):
-    """Close a channel the broker may have closed already (a cancelled
-    consumer leaves it open, holding nothing)."""
-    if getattr(channel, "is_open", False):
-        try:
-            channel.close()
-        except errors:
-            pass

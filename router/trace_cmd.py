@@ -243,10 +243,8 @@ class _Reader:
             # a channel closed with deliveries under way warns of each
             channel.basic_cancel(tag)
         finally:
-            try:
-                channel.close()
-            except conn.connection_errors + conn.channel_errors:
-                pass
+            bus_connection.close_quietly(
+                channel, conn.connection_errors + conn.channel_errors)
 
     def stream(self, name, since_at, *, end=None, last_offset=None,
                stop_offset=None, until=None, prefetch=_PREFETCH):

@@ -328,3 +328,14 @@ def user_of(conn):
     if conn.login_method == "EXTERNAL" and tls:
         return tls.certificate_user()
     return conn.userid
+
+
+def close_quietly(channel, errors):
+    """Close a channel the broker may have closed already (a cancelled
+    consumer leaves it open, holding nothing); `errors` (the connection's
+    connection and channel errors) are what closing it may raise."""
+    if getattr(channel, "is_open", False):
+        try:
+            channel.close()
+        except errors:
+            pass
