@@ -52,7 +52,7 @@ import uuid
 from dataclasses import dataclass
 
 import msgpack
-from kombu import Exchange, Queue
+from kombu import Exchange, Queue, binding
 
 # journal_otlp imports OpenTelemetry only when used
 from router import journal_index, journal_otlp
@@ -177,6 +177,29 @@ def index_entities(settings):
                       "x-stream-max-segment-size-bytes": settings.segment_bytes})
     return idx, batches, queue, [(queue, stream_name(p)),
                                  (main, batches_exchange(p))]
+
+
+def declared_entities(settings):
+    """(exchanges, queues) of the whole journal, the index included, each
+    queue carrying every binding it has: what a writer that may declare
+    builds, for `evrouter topology --declare` to build before any part
+    starts. A writer that may not declare checks only that the exchanges
+    exist; the bindings must then be there already, or its first batches
+    come back unroutable (a half-built index: the exchanges declared, the
+    streams not yet bound)."""
+    exchange, stream = entities(settings)
+    idx, batches, index_queue, bindings = index_entities(settings)
+    exchanges = {e.name: e for e in (exchange, idx, batches)}
+    bound = {q.name: [q.exchange] for q in (stream, index_queue)}
+    for queue, exchange_name in bindings:
+        bound[queue.name].append(exchanges[exchange_name])
+    # (kombu: a queue with `bindings` has no `exchange`; all go there)
+    queues = [Queue(q.name, durable=True, auto_delete=False,
+                    queue_arguments=q.queue_arguments,
+                    bindings=[binding(e, routing_key="")
+                              for e in bound[q.name]])
+              for q in (stream, index_queue)]
+    return list(exchanges.values()), queues
 
 
 def encode_batch(service, node, records, writer=None, seq=None, *,

@@ -10,9 +10,10 @@ exist; a missing one it may not create is an error that says who can:
     evrouter topology --declare --host cmp-1     # as cmp-1's compute user
 
 With [journal] enabled, the central part includes the journal of hops: the
-fanout exchange and the stream <prefix>.journal (router/journal.py), with
-the [journal] retention, so that every part can write it from its first
-record on (only the router user may declare it; the others only write).
+fanout exchange and the stream <prefix>.journal (router/journal.py) and its
+index (<prefix>.journal.index and .batches, bound), with the [journal]
+retention, so that every part can write it from its first record on (only
+the router user may declare it; the others only write what is there).
 """
 
 import amqp.exceptions
@@ -72,12 +73,15 @@ def main(argv):
     central = topo.central()
     rows = topo.describe(conf.host)
     if journal_settings is not None and journal_settings.stream:
-        exchange, stream = journal.entities(journal_settings)
-        central = (central[0] + [exchange], central[1] + [stream])
-        args = ", ".join(f"{k}={v}" for k, v in sorted(stream.queue_arguments.items()))
-        rows += [("exchange", exchange.name, exchange.type, "durable"),
-                 ("queue", stream.name, "stream",
-                  f"bound to {exchange.name} key ''; {args}")]
+        exchanges, queues = journal.declared_entities(journal_settings)
+        central = (central[0] + exchanges, central[1] + queues)
+        rows += [("exchange", e.name, e.type, "durable") for e in exchanges]
+        for q in queues:
+            bound = [b.exchange.name for b in q.bindings]
+            args = ", ".join(f"{k}={v}"
+                             for k, v in sorted(q.queue_arguments.items()))
+            rows.append(("queue", q.name, "stream",
+                         f"bound to {' and '.join(bound)} key ''; {args}"))
     for row in rows:
         print("  ".join(row))
     if not conf.declare:

@@ -38,15 +38,17 @@ def test_every_part_writes_the_journal_as_its_own_user(secure, caplog):  # noqa:
                      "--host", "a", "--password", d.password)
     assert out.returncode == 0, out.stderr
     name = journal.stream_name(d.prefix)
+    whole = sorted({*journal.names(d.prefix)[0], *journal.names(d.prefix)[1]})
     for user, args, says in (
-            (d.router_user, (), f"{name}: declared"),
+            (d.router_user, (), "declared"),
             (d.compute_prefix + "a", ("--host", "a"),
-             f"{name}: exists (not this user's to declare)")):
+             "exists (not this user's to declare)")):
         out = d.evrouter("topology", "--declare", "--journal-enabled",
                          "--bus-prefix", d.prefix, "--transport-url",
                          d.url(user).replace("amqp://", "rabbit://"), *args)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert says in out.stdout.splitlines(), out.stdout
+        for entity in whole:     # the index too, not only the stream
+            assert f"{entity}: {says}" in out.stdout.splitlines(), out.stdout
 
     def settings(user):
         return journal.JournalSettings(transport_url=d.url(user),
@@ -58,9 +60,9 @@ def test_every_part_writes_the_journal_as_its_own_user(secure, caplog):  # noqa:
         url = d.url(d.router_user)
         topology = d.topology
         prefix = d.prefix
-    router = RunningRouter(Bus, journal=settings(d.router_user), policy=Policy(
-        allowed_publishers=frozenset({d.network}),
-        compute_user_prefix=d.compute_prefix))
+    # The parts that may not declare write first, before any router ran:
+    # what `topology --declare` made is the whole journal, its index bound
+    # (not exchanges a router's writer binds later: a publish returned).
     events = InstanceEvents()
     consumer = HostConsumer(HostConsumerSettings(
         host="a", transport_url=d.url(d.compute_prefix + "a"),
@@ -71,13 +73,28 @@ def test_every_part_writes_the_journal_as_its_own_user(secure, caplog):  # noqa:
     publisher = InstanceEventPublisher(PublisherSettings(
         transport_url=d.url(d.network), topology=d.topology,
         producer="network-test", journal=settings(d.network))).start()
+    router = None
     try:
         assert consumer.ready.wait(15), "host consumer did not start"
+        assert consumer.journal.flushed(10), consumer.journal.stats
         server, port = str(uuid.uuid4()), f"port-{uuid.uuid4().hex[:8]}"
         with events.wait_for_instance_event(
                 server, [(contract.VIF_PLUGGED, port)], deadline=15):
             receipt = publisher.publish(contract.InstanceEvent(
                 contract.VIF_PLUGGED, server, port, host="a"), timeout=15)
+            assert publisher.journal.flushed(10), publisher.journal.stats
+            # through the index, at the first try
+            assert publisher.journal.stats["index_messages"] >= 1, \
+                publisher.journal.stats
+            assert publisher.journal.stats["failures"] == 0, \
+                publisher.journal.stats
+            assert not [r.getMessage() for r in caplog.records
+                        if r.levelno >= logging.WARNING], \
+                "a journal writer found the journal half-built"
+            router = RunningRouter(
+                Bus, journal=settings(d.router_user), policy=Policy(
+                    allowed_publishers=frozenset({d.network}),
+                    compute_user_prefix=d.compute_prefix))
         journals = (publisher.journal, router.service.journal,
                     consumer.journal)
         for j in journals:
@@ -86,7 +103,8 @@ def test_every_part_writes_the_journal_as_its_own_user(secure, caplog):  # noqa:
         publisher.close()
         consumer.stop()
         thread.join(15)
-        router.stop()
+        if router is not None:
+            router.stop()
     # only the router may declare it; the others write what is there
     assert router.service.journal.stats["declare_refused"] == 0
     assert publisher.journal.stats["declare_refused"] >= 1
