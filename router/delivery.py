@@ -278,6 +278,10 @@ class Delivery:
     def _current(self, entry):
         return self.entries.get(entry.key) is entry
 
+    def holds(self, entry):
+        """Whether `entry` is still in hand (its lane's channel not gone)."""
+        return self.entries.get(entry.key) is entry
+
     # --- the loop's turn --------------------------------------------------------
     def pump(self):
         """Settle what the broker said since the last turn, publish what is

@@ -45,6 +45,15 @@ router_opts = options.identity_opts + [
                       "parked in a retry queue for its host: the longest one "
                       "host's trouble holds a prefetch slot every host "
                       "shares. At most refused_patience."),
+    cfg.FloatOpt("unplaced_hold", default=2.0, min=0.0, max=60.0,
+                 help="Seconds an event with no host hint, for an instance "
+                      "no compute host has reported yet, waits in the "
+                      "router's hand for that placement: a lifecycle event "
+                      "or snapshot for the instance routes it at once, "
+                      "instead of at the end of its retry tier (0.5 to 16 "
+                      "s). Past it, or over prefetch / 4 such events held, "
+                      "the event is parked in the retry queues as before. "
+                      "0 parks at once."),
     cfg.IntOpt("max_instances_per_host", default=2000, min=1,
                help="Instances one compute host may claim on the lifecycle "
                     "exchange; claims of further instances are ignored "
@@ -110,6 +119,7 @@ def settings_from(conf):
         resync_window=conf.router.resync_window,
         refused_patience=conf.router.refused_patience,
         refused_hold=conf.router.refused_hold,
+        unplaced_hold=conf.router.unplaced_hold,
         host_check_rate=conf.router.host_check_rate,
         max_instances_per_host=conf.router.max_instances_per_host,
         heartbeat=conf.bus.heartbeat,

@@ -79,6 +79,10 @@ class RouterCollector:
                  "Copies confirmed on host exchanges."),
                 ("evrouter_router_retries", "retried",
                  "Events parked for a retry (no known host yet)."),
+                ("evrouter_router_unplaced_held", "unplaced_held",
+                 "Events without a host held in hand for their placement."),
+                ("evrouter_router_unplaced_placed", "unplaced_placed",
+                 "Held events routed as soon as their placement arrived."),
                 ("evrouter_router_lifecycle_events", "lifecycle_seen",
                  "Lifecycle events applied to the placement table.")):
             yield CounterMetricFamily(name, text, value=stats.get(key, 0))

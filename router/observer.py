@@ -66,7 +66,7 @@ HOST_CHECK_BURST_SECONDS = 5.0
 
 class PlacementObserver:
     def __init__(self, conn, delivery, settings, placement, stats, *, memory,
-                 heard=None):
+                 heard=None, placed=None):
         self.conn = conn
         self.delivery = delivery
         self.s = settings
@@ -76,6 +76,9 @@ class PlacementObserver:
         self.memory = memory
         # heard(host): a host's own agent spoke for it (KnownHosts.seen)
         self._heard = heard or (lambda host: None)
+        # placed(instance uuids): the placement of these may have changed
+        # (the session routes the events it holds for them)
+        self._placed = placed or (lambda uuids: None)
         self._messages = []
         self.channel = self.consumer = self.queue_watch = None
 
@@ -167,11 +170,13 @@ class PlacementObserver:
         if env.kind == contract.LIFECYCLE_EVENT:
             self.placement.observe(p)
             self.stats["lifecycle_seen"] += 1
+            self._placed((p.instance_uuid,))
         elif env.kind == contract.HOST_SNAPSHOT:
             self.placement.replace_host(p.host, p.instances)
             self.stats["snapshots_seen"] += 1
             LOG.info("host %s snapshot %s: %d instance(s)", p.host, env.id,
                      len(p.instances))
+            self._placed([uuid for uuid, _ in p.instances])
         elif env.kind != contract.HOST_ANNOUNCE:
             return
         # A host that speaks for itself is not yet a host whose exchange

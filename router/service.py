@@ -60,6 +60,11 @@ class RouterSettings:
     # parked in a retry queue for its host (router/delivery.py): how long
     # one host's trouble may hold a prefetch slot every host shares.
     refused_hold: float = 2.0
+    # Seconds an event with no host hint and no placement yet waits in hand
+    # for its instance's placement (a lifecycle event or snapshot routes it
+    # at once) before it is parked in the retry tiers; 0: parked at once.
+    # At most prefetch // 4 such events are held (router/session.py).
+    unplaced_hold: float = 2.0
     # Instances one compute host may claim in the placement table.
     max_instances_per_host: int = DEFAULT_MAX_PER_HOST
     reconnect: Schedule = Schedule()

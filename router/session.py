@@ -46,6 +46,11 @@ BYPASS_LEDGER = 10_000
 __all__ = ["Session", "HOST_COPY", "RETRY", "DEAD"]
 
 
+def _server_key(server_uuid):
+    # as placement.hosts_for looks it up: the uuid, or its lower case
+    return server_uuid.lower() if type(server_uuid) is str else server_uuid
+
+
 class Session:
     def __init__(self, service, conn):
         self.service = service
@@ -56,6 +61,10 @@ class Session:
         self._broker_errors = conn.connection_errors + conn.channel_errors
         self._parked = []           # memory transport only: (due, n, ...)
         self._n = itertools.count()
+        # Events with no host yet, held for their placement: entry ->
+        # (due, server key, decoded...), oldest first; and by instance.
+        self._unplaced = {}
+        self._unplaced_for = {}
         # ingress tags whose counted copy went to probation: that copy is
         # routed only once their acknowledgements have left (_route_probation)
         self._probation_blockers = set()
@@ -85,7 +94,8 @@ class Session:
                 max_held=max(1, self.s.prefetch // 4))
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
-                self.stats, memory=self.memory, heard=self.hosts.seen)
+                self.stats, memory=self.memory, heard=self.hosts.seen,
+                placed=self._placed)
             self.observer.start()
             self.main = Lane("main", self.topo.router_queue(), self.s.prefetch,
                              memory=self.memory, consume_check=self.s.consume_check)
@@ -116,6 +126,9 @@ class Session:
                     lane.cancel()
                 LOG.info("router %s stopping: %d in flight", self.s.name,
                          len(self.delivery.entries) + len(self.main.deliveries))
+                # parked now, rather than given back to the queue (and
+                # counted as redeliveries) when the session ends
+                self._release_unplaced(float("inf"))
             if stopping_since is not None:
                 # Held for a denied write, nothing drains: the broker gives
                 # what is in hand back to the queue when the session ends.
@@ -126,6 +139,8 @@ class Session:
             bus_connection.drain(self.conn, 0.25)
             self._pump()
             now = time.monotonic()
+            if self._unplaced:
+                self._release_unplaced(now)
             while self._parked and self._parked[0][0] <= now:
                 _, _, body, env, headers = heapq.heappop(self._parked)
                 self.delivery.send_untracked(
@@ -391,25 +406,102 @@ class Session:
                                       f"{type(exc).__name__}: {exc}")
 
     def _route_decoded(self, entry, env, verdict, publisher, for_host, attempt,
-                       first_seen, now):
+                       first_seen, now, hold=True):
         if verdict is not None:
             return self.delivery.dead_letter(entry, *verdict)
         if for_host:
             return self._deliver(entry, env, (for_host,), publisher,
                                  entry.trace)
-        decision = routing.decide(
+        decision = self._decide(env, publisher, attempt, first_seen, now)
+        if type(decision) is routing.Deliver:
+            self._deliver(entry, env, decision.hosts, publisher, entry.trace)
+        elif type(decision) is routing.Retry:
+            if hold and self._may_hold(entry, env):
+                self._hold_unplaced(entry, env, publisher, attempt, first_seen)
+            else:
+                self._retry(entry, env, decision, publisher, first_seen)
+        else:
+            self.delivery.dead_letter(entry, decision.reason, decision.detail)
+
+    def _decide(self, env, publisher, attempt, first_seen, now):
+        return routing.decide(
             env, publisher=publisher,
             hosts_for=self.service.placement.hosts_for,
             is_known_host=self.hosts, attempt=attempt,
             first_seen=first_seen, now=now, policy=self.s.policy,
             placement_ready=self.service.placement.ready,
             authenticated=not self.memory)
-        if type(decision) is routing.Deliver:
-            self._deliver(entry, env, decision.hosts, publisher, entry.trace)
-        elif type(decision) is routing.Retry:
-            self._retry(entry, env, decision, publisher, first_seen)
-        else:
-            self.delivery.dead_letter(entry, decision.reason, decision.detail)
+
+    # --- events without a host, held for their placement ----------------------
+    # An event with no host hint for an instance no host has reported yet is
+    # most often early: the instance's first lifecycle event is on its way.
+    # Parked in a retry queue it would come back at the end of its tier
+    # (0.5 s, then 1, 2, ... 16 s) whenever the placement arrived; held here
+    # for unplaced_hold, it is routed as soon as the placement fanout names
+    # a host. Held in hand, it keeps its ingress delivery (and a prefetch
+    # slot: at most prefetch // 4 are held; acknowledgements of the others
+    # pass it, router/acks.py); past its time, on stop, or over the cap it is
+    # parked as before. Only the main lane's (probation takes one at a time)
+    # and only hint-less events: a hint is the sender's to make up.
+
+    def _may_hold(self, entry, env):
+        return (self.s.unplaced_hold > 0 and entry.lane is self.main
+                and env.payload.host is None
+                and len(self._unplaced) < max(1, self.s.prefetch // 4))
+
+    def _hold_unplaced(self, entry, env, publisher, attempt, first_seen):
+        key = _server_key(env.payload.server_uuid)
+        self._unplaced[entry] = (time.monotonic() + self.s.unplaced_hold, key,
+                                 env, publisher, attempt, first_seen)
+        self._unplaced_for.setdefault(key, []).append(entry)
+        self.stats["unplaced_held"] += 1
+        if LOG.isEnabledFor(logging.DEBUG):
+            LOG.debug("event %s for %s: no host yet; held up to %.1fs for its "
+                      "placement", env.id, env.payload.server_uuid,
+                      self.s.unplaced_hold)
+
+    def _unhold(self, entry):
+        _, key, *decoded = self._unplaced.pop(entry)
+        waiting = self._unplaced_for.get(key)
+        if waiting is not None:
+            waiting.remove(entry)
+            if not waiting:
+                del self._unplaced_for[key]
+        return decoded
+
+    def _placed(self, uuids):
+        """The placement fanout named hosts for these instances: the events
+        held for them are routed now, if they have a host now."""
+        if not self._unplaced_for:
+            return
+        for uuid in uuids:
+            waiting = self._unplaced_for.get(_server_key(uuid))
+            if not waiting:
+                continue
+            for entry in list(waiting):
+                env, publisher, attempt, first_seen = self._unplaced[entry][2:]
+                if not self.delivery.holds(entry):
+                    self._unhold(entry)         # its lane's channel is gone
+                    continue
+                decision = self._decide(env, publisher, attempt, first_seen,
+                                        time.time())
+                if type(decision) is routing.Deliver:
+                    self._unhold(entry)
+                    self.stats["unplaced_placed"] += 1
+                    self._deliver(entry, env, decision.hosts, publisher,
+                                  entry.trace)
+
+    def _release_unplaced(self, now):
+        """Held events whose time is up (all of them: now=inf) are routed
+        as the routing table says now: parked, mostly."""
+        for entry, (due, *_) in list(self._unplaced.items()):
+            if due > now:
+                break               # oldest first: the rest are younger
+            env, publisher, attempt, first_seen = self._unhold(entry)
+            if not self.delivery.holds(entry):
+                continue
+            self._route_decoded(entry, env, None, publisher, None, attempt,
+                                first_seen, time.time(), hold=False)
 
     def _drop_poison(self, lane, tag, msg_id, seen):
         """Its poison dead letter failed too, every time: let it go."""

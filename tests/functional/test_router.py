@@ -105,7 +105,8 @@ def test_event_for_an_unplaced_instance_waits_for_placement(bus):
     try:
         bus_fast.declare_central()
         bus_fast.declare_host("cmp-late")
-        r = RunningRouter(bus_fast)
+        # the retry tiers (holding it for its placement: test_unplaced_hold)
+        r = RunningRouter(bus_fast, unplaced_hold=0.0)
         try:
             server = str(uuid.uuid4())
             env = instance_env(server=server)           # no host hint
