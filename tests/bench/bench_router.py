@@ -393,6 +393,9 @@ def main(argv=None):
     p.add_argument("--events", type=int, default=20_000)
     p.add_argument("--soak", type=int, default=200_000)
     p.add_argument("--latency-events", type=int, default=2000)
+    p.add_argument("--hosts", type=int, default=1000,
+                   help="host exchanges of the host-scale run, against 10 "
+                        "(issue 22 asks for 2,000)")
     p.add_argument("--skip", action="append", default=[],
                    choices=["throughput", "latency", "hosts", "soak"])
     p.add_argument("--journal", choices=["on", "off"], default="on",
@@ -422,11 +425,13 @@ def main(argv=None):
     if "hosts" not in args.skip:
         n = args.events
         r10, rss10, _ = router_rate([f"h{i}" for i in range(10)], n)
-        r1000, rss1000, warm = router_rate([f"h{i}" for i in range(1000)], n)
+        many = args.hosts
+        r1000, rss1000, warm = router_rate([f"h{i}" for i in range(many)], n)
         print(f"3. host scale ({n} events, every host seen once first): 10 hosts "
-              f"{r10:,.0f}/s (router RSS {rss10:.0f} MiB), 1,000 hosts {r1000:,.0f}/s "
-              f"(router RSS {rss1000:.0f} MiB); ratio {r1000 / r10:.2f} (target >= 0.9); "
-              f"first event to each of the 1,000 hosts: {warm:.1f} s in all", flush=True)
+              f"{r10:,.0f}/s (router RSS {rss10:.0f} MiB), {many:,} hosts "
+              f"{r1000:,.0f}/s (router RSS {rss1000:.0f} MiB); ratio "
+              f"{r1000 / r10:.2f} (target >= 0.9); first event to each of the "
+              f"{many:,} hosts: {warm:.1f} s in all", flush=True)
     if "soak" not in args.skip:
         start, mid, end = soak(args.soak)
         print(f"5. soak ({args.soak:,} events through the router): RSS at start "
