@@ -170,19 +170,25 @@ class PlacementObserver:
         if env.kind == contract.LIFECYCLE_EVENT:
             self.placement.observe(p)
             self.stats["lifecycle_seen"] += 1
-            self._placed((p.instance_uuid,))
+            placed = (p.instance_uuid,)
         elif env.kind == contract.HOST_SNAPSHOT:
             self.placement.replace_host(p.host, p.instances)
             self.stats["snapshots_seen"] += 1
             LOG.info("host %s snapshot %s: %d instance(s)", p.host, env.id,
                      len(p.instances))
-            self._placed([uuid for uuid, _ in p.instances])
-        elif env.kind != contract.HOST_ANNOUNCE:
+            placed = [uuid for uuid, _ in p.instances]
+        elif env.kind == contract.HOST_ANNOUNCE:
+            placed = ()
+        else:
             return
         # A host that speaks for itself is not yet a host whose exchange
         # exists (its consumer may start later): routing checks that, at
-        # once rather than when a cached "missing" runs out.
+        # once rather than when a cached "missing" runs out. Before the
+        # events held for its instances are looked at: with a cached
+        # "missing" they would stay held for nothing.
         self._heard(p.host)
+        if placed:
+            self._placed(placed)
 
 
 class KnownHosts:

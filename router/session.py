@@ -213,6 +213,8 @@ class Session:
                     "%d message(s) in hand go back to the queue; consuming "
                     "again", self.s.name, lane.name, exc, len(lane.window or ()))
         self.delivery.forget_lane(lane)
+        for entry in [e for e in self._unplaced if e.lane is lane]:
+            self._unhold(entry)     # the broker gave it back to the queue
         if lane is self.main:
             self._probation_blockers.clear()
         bus_connection.close_quietly(lane.channel, self._broker_errors)
@@ -380,8 +382,11 @@ class Session:
                 attempt, first_seen, time.time())
             return self._to_probation(entry, verdict, publisher, seen, attempt,
                                       first_seen)
+        # Only here may the event be held for its placement: the caller
+        # settles nothing after this (a fallback's caller settles the entry
+        # as soon as it returns: a held one would be acknowledged unrouted).
         self._route_decoded(entry, env, verdict, publisher, for_host, attempt,
-                            first_seen, now)
+                            first_seen, now, hold=True)
 
     def _bypass(self, entry, key, seen, *decoded):
         """Route a redelivered message the probation queue refuses, here.
@@ -406,7 +411,7 @@ class Session:
                                       f"{type(exc).__name__}: {exc}")
 
     def _route_decoded(self, entry, env, verdict, publisher, for_host, attempt,
-                       first_seen, now, hold=True):
+                       first_seen, now, hold=False):
         if verdict is not None:
             return self.delivery.dead_letter(entry, *verdict)
         if for_host:
@@ -416,7 +421,7 @@ class Session:
         if type(decision) is routing.Deliver:
             self._deliver(entry, env, decision.hosts, publisher, entry.trace)
         elif type(decision) is routing.Retry:
-            if hold and self._may_hold(entry, env):
+            if hold and attempt == 0 and self._may_hold(entry, env):
                 self._hold_unplaced(entry, env, publisher, attempt, first_seen)
             else:
                 self._retry(entry, env, decision, publisher, first_seen)
@@ -445,8 +450,12 @@ class Session:
     # and only hint-less events: a hint is the sender's to make up.
 
     def _may_hold(self, entry, env):
+        # First pass only (attempt 0): an event back from a retry tier was
+        # held once; held again each round, a few never placed would keep
+        # the cap full for their whole no_host_timeout.
         return (self.s.unplaced_hold > 0 and entry.lane is self.main
-                and env.payload.host is None
+                and env.payload.host is None and entry.remaining == 0
+                and entry.fallback is None
                 and len(self._unplaced) < max(1, self.s.prefetch // 4))
 
     def _hold_unplaced(self, entry, env, publisher, attempt, first_seen):

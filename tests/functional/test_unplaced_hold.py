@@ -12,10 +12,19 @@ before, never redelivered (a redelivery counts toward poison).
 import time
 import uuid
 
+import kombu
 import pytest
 
 from router.bus import contract
-from tests.conftest import Bus, RunningRouter, collect, queue_depth, wait_for
+from tests.conftest import (
+    REJECT_ALL,
+    Bus,
+    RunningRouter,
+    collect,
+    collect_ids,
+    queue_depth,
+    wait_for,
+)
 from tests.functional.test_router import instance_env, publish_env, publish_lifecycle
 
 pytestmark = pytest.mark.timeout(90)
@@ -38,14 +47,14 @@ def test_a_held_event_is_routed_when_its_placement_arrives(fast_bus):
     b = fast_bus
     r = RunningRouter(b, unplaced_hold=30.0)
     try:
-        server = str(uuid.uuid4()).upper()      # placement's lookup is by lower case
+        server = str(uuid.uuid4())
         env = instance_env(server=server)       # no host hint
         publish_env(b, env)
         wait_for(lambda: r.service.stats["unplaced_held"] == 1, 10,
                  what="the event held")
         assert queue_depth(b.url, _host_queue(b)) == 0
         placed = time.monotonic()
-        publish_lifecycle(b, "cmp-late", "STARTED", server.lower())
+        publish_lifecycle(b, "cmp-late", "STARTED", server)
         [msg] = collect(b.url, _host_queue(b), 1, timeout=10)
         took = time.monotonic() - placed
         assert contract.decode(msg.body).id == env.id
@@ -130,11 +139,69 @@ def test_a_stopping_router_parks_what_it_holds(fast_bus):
     assert r.service.stats["retried"] == 1, dict(r.service.stats)
     r2 = RunningRouter(b, unplaced_hold=30.0)
     try:
-        wait_for(lambda: r2.service.stats["unplaced_held"] >= 1, 10,
-                 what="the parked event back, held by the next router")
+        # back from its tier: parked again, not held (held once is enough)
+        wait_for(lambda: r2.service.stats["retried"] >= 1, 10,
+                 what="the parked event back at the next router")
+        assert r2.service.stats["unplaced_held"] == 0
         publish_lifecycle(b, "cmp-late", "STARTED", server)
         [msg] = collect(b.url, _host_queue(b), 1, timeout=10)
         assert contract.decode(msg.body).id == env.id
     finally:
         r2.stop()
     assert r2.service.stats["redelivered"] == 0
+
+
+def test_a_redelivered_event_routed_past_a_refusing_probation_queue_is_not_held(
+        fast_bus, policy):
+    """The hostile review of this change: routed past a refusing probation
+    queue (its fallback), an unplaced event was held, and the fallback's
+    caller then acknowledged its delivery: never routed, parked or
+    dead-lettered. Only the first routing of a delivery may hold it."""
+    b = fast_bus
+    policy(b.topology.probation_queue_name, REJECT_ALL)
+    server = str(uuid.uuid4())
+    env = instance_env(server=server)
+    publish_env(b, env)             # no router yet: it waits in the queue
+    with kombu.Connection(b.url) as conn:      # taken, given back unsettled
+        assert conn.channel().basic_get(b.topology.router_queue_name,
+                                        no_ack=False) is not None
+    r = RunningRouter(b, unplaced_hold=30.0, refused_hold=0.5)
+    try:
+        stats = r.service.stats
+        wait_for(lambda: stats["probation_bypassed"] >= 1, 15,
+                 what="routed past the probation queue")
+        wait_for(lambda: stats["retried"] >= 1, 10, what="parked")
+        publish_lifecycle(b, "cmp-late", "STARTED", server)
+        [msg] = collect(b.url, _host_queue(b), 1, timeout=15)
+        assert contract.decode(msg.body).id == env.id
+        assert stats["unplaced_held"] == 0, dict(stats)
+    finally:
+        r.stop()
+
+
+def test_a_host_cached_missing_is_asked_again_before_its_held_events(fast_bus):
+    """A lifecycle event clears its host's cached "missing" (KnownHosts.seen)
+    before the events held for its instances are looked at: the other way
+    round (the review), they stayed held for the whole unplaced_hold."""
+    b = fast_bus
+    r = RunningRouter(b, unplaced_hold=8.0)
+    try:
+        stats = r.service.stats
+        # the router learns that cmp-new has no exchange (cached 2 s+)
+        publish_env(b, instance_env(host="cmp-new"))
+        wait_for(lambda: stats["retried"] >= 1, 10, what="cmp-new unknown")
+        b.declare_host("cmp-new")
+        server = str(uuid.uuid4())
+        env = instance_env(server=server)
+        publish_env(b, env)
+        wait_for(lambda: stats["unplaced_held"] == 1, 10, what="held")
+        placed = time.monotonic()
+        publish_lifecycle(b, "cmp-new", "STARTED", server)
+        got = collect_ids(b.url, b.topology.host_queue_name("cmp-new"),
+                          [env.id], timeout=15)
+        took = time.monotonic() - placed
+        assert env.id in {m.properties.get("message_id") for m in got}
+        assert took < 1.5, f"{took:.2f}s from placement to the host queue"
+        assert stats["unplaced_placed"] == 1, dict(stats)
+    finally:
+        r.stop()
