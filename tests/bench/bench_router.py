@@ -92,6 +92,8 @@ def free_port():
 
 # --journal on|off: the router writes the journal of hops (router/journal.py)
 JOURNAL = {"on": True, "args": []}
+# --queue-type: every queue of the run, the router's and the hosts' alike
+QUEUE_TYPE = {"type": "classic"}
 ROUTER_CPU_US = []      # per throughput run: the router's CPU per event
 
 
@@ -102,6 +104,7 @@ class Router:
             [sys.executable, "-m", "router.cli", "router", "--bus-prefix", prefix,
              "--router-ops_listen", f"127.0.0.1:{self.port}",
              "--bus-host_message_ttl", "3600",
+             "--bus-queue_type", QUEUE_TYPE["type"],
              "--journal-enabled" if JOURNAL["on"] else "--journal-noenabled",
              *JOURNAL["args"]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -147,7 +150,8 @@ class Slice:
     """A topology under its own prefix; deleted afterwards."""
 
     def __init__(self, hosts=()):
-        self.topo = topology.Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}")
+        self.topo = topology.Topology(prefix=f"bench-{uuid.uuid4().hex[:8]}",
+                                      queue_type=QUEUE_TYPE["type"])
         self.hosts = list(hosts)
         self.conn = kombu.Connection(URL)
         ch = self.conn.channel()
@@ -393,6 +397,10 @@ def main(argv=None):
     p.add_argument("--events", type=int, default=20_000)
     p.add_argument("--soak", type=int, default=200_000)
     p.add_argument("--latency-events", type=int, default=2000)
+    p.add_argument("--queue-type", choices=("classic", "quorum"),
+                   default="classic",
+                   help="[bus] queue_type of the run: on one node, quorum "
+                        "host queues share one write-ahead log")
     p.add_argument("--hosts", type=int, default=1000,
                    help="host exchanges of the host-scale run, against 10 "
                         "(issue 22 asks for 2,000)")
@@ -406,6 +414,7 @@ def main(argv=None):
                    help="[journal] batch_ms of the router")
     args = p.parse_args(argv)
     JOURNAL["on"] = args.journal == "on"
+    QUEUE_TYPE["type"] = args.queue_type
     JOURNAL["args"] = [f"--journal-batch_{k}={v}" for k, v in
                        (("records", args.journal_batch_records),
                         ("ms", args.journal_batch_ms)) if v]

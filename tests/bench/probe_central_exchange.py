@@ -35,8 +35,9 @@ URL = dict(host="127.0.0.1:5672", userid="guest", password="guest",
 
 def beam():
     for p in psutil.process_iter(["name", "cmdline"]):
-        if p.info["name"] == "beam.smp" and "rabbit" in " ".join(
-                p.info["cmdline"] or ()) and "-B" not in (p.info["cmdline"] or ()):
+        # the node itself (-s rabbit boot), not a rabbitmqctl
+        if p.info["name"] == "beam.smp" and "-s rabbit boot" in " ".join(
+                p.info["cmdline"] or ()):
             return p
     raise SystemExit("no RabbitMQ beam.smp process found")
 
@@ -46,13 +47,14 @@ def cpu(p):
     return t.user + t.system
 
 
-def declare(ch, prefix, hosts):
+def declare(ch, prefix, hosts, queue_type="classic"):
     central = f"{prefix}.hosts"
     ch.exchange_declare(central, "topic", durable=True, auto_delete=False)
     for h in hosts:
         ex, q = f"{prefix}.host.{h}", f"{prefix}.host.{h}.events"
         ch.exchange_declare(ex, "topic", durable=True, auto_delete=False)
-        ch.queue_declare(q, durable=True, auto_delete=False)
+        ch.queue_declare(q, durable=True, auto_delete=False,
+                         arguments={"x-queue-type": queue_type})
         ch.queue_bind(q, ex, "instance.*")
         ch.queue_bind(q, ex, h)                 # the key the central path carries
         ch.exchange_bind(ex, central, h)        # destination, source, key
@@ -67,33 +69,39 @@ def delete(ch, prefix, hosts):
 
 
 class Confirms:
-    """Publisher confirms on one channel: tags count from 1 per channel."""
+    """Publisher confirms on one channel: tags count from 1 per channel, and
+    a queue's confirms may come before another's earlier ones."""
 
     def __init__(self, ch):
-        self.sent = self.confirmed = 0
+        self.sent = 0
+        self.outstanding = set()
         self.returned = 0
-        ch.events["basic_ack"].append(self._ack)
-        ch.events["basic_return"].append(self._return)
+        ch.events["basic_ack"].add(self._ack)
+        ch.events["basic_return"].add(self._return)
 
     def _ack(self, tag, multiple):
-        self.confirmed = tag if multiple else self.confirmed + 1
+        if multiple:
+            self.outstanding = {t for t in self.outstanding if t > tag}
+        else:
+            self.outstanding.discard(tag)
 
     def _return(self, *args):
         self.returned += 1
 
 
-def publish(conn, ch, confirms, targets, body, window=512):
+def publish(conn, ch, confirms, targets, body, window=512, mode=2):
     """Every (exchange, key) once, persistent, mandatory, confirms
     pipelined `window` deep. Returns (seconds, returned)."""
     returned0 = confirms.returned
     start = time.monotonic()
     for exchange, key in targets:
-        ch.basic_publish(amqp.Message(body, delivery_mode=2), exchange, key,
+        ch.basic_publish(amqp.Message(body, delivery_mode=mode), exchange, key,
                          mandatory=True)
         confirms.sent += 1
-        while confirms.sent - confirms.confirmed >= window:
+        confirms.outstanding.add(confirms.sent)
+        while len(confirms.outstanding) >= window:
             conn.drain_events(timeout=10)
-    while confirms.confirmed < confirms.sent:
+    while confirms.outstanding:
         conn.drain_events(timeout=10)
     return time.monotonic() - start, confirms.returned - returned0
 
@@ -103,6 +111,10 @@ def main(argv=None):
     p.add_argument("--hosts", type=int, default=2000)
     p.add_argument("--events", type=int, default=20000)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--queue-type", choices=("classic", "quorum"),
+                   default="classic")
+    p.add_argument("--transient", action="store_true",
+                   help="delivery_mode 1: what persistence costs, by difference")
     args = p.parse_args(argv)
     prefix = f"probe-{uuid.uuid4().hex[:8]}"
     hosts = [f"h{i}" for i in range(args.hosts)]
@@ -114,7 +126,7 @@ def main(argv=None):
     ch.confirm_select()
     confirms = Confirms(ch)
     try:
-        central = declare(ch, prefix, hosts)
+        central = declare(ch, prefix, hosts, args.queue_type)
         ways = {
             "direct to host exchanges": [
                 (f"{prefix}.host.{hosts[i % len(hosts)]}",
@@ -128,19 +140,21 @@ def main(argv=None):
                 for h in hosts:
                     ch.queue_purge(f"{prefix}.host.{h}.events")
                 c0 = cpu(broker)
-                took, returned = publish(conn, ch, confirms, targets, body)
+                took, returned = publish(conn, ch, confirms, targets, body,
+                                         mode=1 if args.transient else 2)
                 used = cpu(broker) - c0
                 depth = sum(ch.queue_declare(f"{prefix}.host.{h}.events",
                                              passive=True).message_count
                             for h in hosts[:10])
-                assert returned == 0 and depth == 10 * (args.events // len(hosts)), \
+                assert returned == 0 and depth == min(10, len(hosts)) * (args.events // len(hosts)), \
                     (returned, depth)
                 results[name].append((args.events / took,
                                        used / args.events * 1e6))
         for name, runs in results.items():
             rates = ", ".join(f"{r:,.0f}/s" for r, _ in runs)
             cpus = ", ".join(f"{c:.0f}" for _, c in runs)
-            print(f"{args.hosts:,} hosts, {name}: {rates}; broker CPU per "
+            print(f"{args.hosts:,} {args.queue_type} host queues, {name}: "
+                  f"{rates}; broker CPU per "
                   f"message {cpus} us", flush=True)
         # a host with no exchange: returned, the channel stays open
         took, returned = publish(conn, ch, confirms, [(central, "no-such-host")],
