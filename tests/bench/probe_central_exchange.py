@@ -146,8 +146,9 @@ def main(argv=None):
                 depth = sum(ch.queue_declare(f"{prefix}.host.{h}.events",
                                              passive=True).message_count
                             for h in hosts[:10])
-                assert returned == 0 and depth == min(10, len(hosts)) * (args.events // len(hosts)), \
-                    (returned, depth)
+                per_host = args.events // len(hosts)
+                assert returned == 0 and \
+                    depth == min(10, len(hosts)) * per_host, (returned, depth)
                 results[name].append((args.events / took,
                                        used / args.events * 1e6))
         for name, runs in results.items():
