@@ -275,9 +275,6 @@ class Delivery:
             self.publisher.publish(copy.exchange, copy.routing_key, copy.body,
                                    copy, **copy.kwargs)
 
-    def _current(self, entry):
-        return self.entries.get(entry.key) is entry
-
     def holds(self, entry):
         """Whether `entry` is still in hand (its lane's channel not gone)."""
         return self.entries.get(entry.key) is entry
@@ -301,7 +298,7 @@ class Delivery:
             now = self._clock()
             while self._delayed and self._delayed[0][0] <= now:
                 copy = heapq.heappop(self._delayed)[2]
-                if not self._current(copy.entry):
+                if not self.holds(copy.entry):
                     continue
                 if copy.kind == HOST_COPY and self._avoid \
                         and copy.host in self._avoid and self._user is not None:
@@ -315,7 +312,7 @@ class Delivery:
 
     def _outcome(self, copy, outcome):
         entry = copy.entry
-        if self.entries.get(entry.key) is not entry:     # not _current()
+        if self.entries.get(entry.key) is not entry:     # not holds()
             return
         if outcome == publishing.ACK:
             if copy.kind == HOST_COPY:
@@ -491,7 +488,7 @@ class Delivery:
 
     def _culprit(self, copy, exc):
         """This copy, published alone, closed its channel."""
-        if not self._current(copy.entry):
+        if not self.holds(copy.entry):
             return
         copy.suspect = True
         if _denied(exc):
@@ -585,7 +582,7 @@ class Delivery:
             self._probe_first()
         while self._quarantine:
             copy = self._quarantine.popleft()
-            if not self._current(copy.entry):
+            if not self.holds(copy.entry):
                 continue
             if self._avoided(copy.host):
                 self._park(copy, AVOIDED)

@@ -46,11 +46,6 @@ BYPASS_LEDGER = 10_000
 __all__ = ["Session", "HOST_COPY", "RETRY", "DEAD"]
 
 
-def _server_key(server_uuid):
-    # as placement.hosts_for looks it up: the uuid, or its lower case
-    return server_uuid.lower() if type(server_uuid) is str else server_uuid
-
-
 class Session:
     def __init__(self, service, conn):
         self.service = service
@@ -459,7 +454,7 @@ class Session:
                 and len(self._unplaced) < max(1, self.s.prefetch // 4))
 
     def _hold_unplaced(self, entry, env, publisher, attempt, first_seen):
-        key = _server_key(env.payload.server_uuid)
+        key = env.payload.server_uuid      # lower case (contract), as placement's
         self._unplaced[entry] = (time.monotonic() + self.s.unplaced_hold, key,
                                  env, publisher, attempt, first_seen)
         self._unplaced_for.setdefault(key, []).append(entry)
@@ -484,7 +479,7 @@ class Session:
         if not self._unplaced_for:
             return
         for uuid in uuids:
-            waiting = self._unplaced_for.get(_server_key(uuid))
+            waiting = self._unplaced_for.get(uuid)
             if not waiting:
                 continue
             for entry in list(waiting):
