@@ -63,7 +63,9 @@ class _Intake:
         self.deliveries = []
         self.window = AckWindow(multiple=not memory)
         self.keys = {}                  # delivery tag -> ledger key
-        self.consumer = Consumer(conn.channel(), queues,
+        # Declared by the session (topology.declare: a central binding it
+        # may not make yet must not fail the session), not again here.
+        self.consumer = Consumer(conn.channel(), queues, auto_declare=False,
                                  on_message=self.deliveries.append)
         self.consumer.qos(prefetch_count=prefetch)
         if consume:
@@ -97,7 +99,14 @@ class HostSession:
             # Only this host's own entities: its broker user may configure
             # nothing else (see router/permissions.py). The dead-letter
             # exchange belongs to the central topology.
-            topology.declare(conn.channel(), exchanges, queues)
+            for queue, exchange, key, why in topology.declare(
+                    conn.channel(), exchanges, queues):
+                LOG.error("host consumer %s: queue %s cannot be bound to %s "
+                          "with key %r: %s (run `evrouter topology --declare` "
+                          "as the router user, and `evrouter permissions "
+                          "--apply`); it is bound once it can be, and the "
+                          "routers' copies for this host are parked until "
+                          "then", host, queue, exchange, key, why)
             # Said once, for the operator; each copy still tries, since the
             # exchange may be declared at any time (a cached "missing" once
             # dropped messages the exchange was there to take).

@@ -21,7 +21,7 @@ from kombu import Queue
 from oslo_config import cfg
 
 from router import journal, options
-from router.bus import connection
+from router.bus import connection, topology
 from router.service_entry import fail, parse
 
 cli_opts = [
@@ -42,15 +42,42 @@ _OWNER = {"central": "the router user",
           "host": "that host's compute user"}
 
 
+class BindRefused(Exception):
+    """A queue this user declared, refused one of its bindings."""
+
+
 def declare_or_check(conn, entity):
     """Declare `entity` (a kombu Exchange or Queue); if this user may not
     configure it, check passively that it exists. DECLARED, CHECKED or
-    MISSING."""
+    MISSING; a queue declared whose binding was refused raises BindRefused,
+    and one whose binding waits for the central topology says so."""
     try:
-        entity(conn.channel()).declare()
-        return DECLARED
+        if not isinstance(entity, Queue):
+            entity(conn.channel()).declare()
+            return DECLARED
+        # The queue alone first: a refusal here means not this user's to
+        # declare; a refusal of one of its bindings is an error of its own.
+        Queue(entity.name, durable=entity.durable, exclusive=entity.exclusive,
+              auto_delete=entity.auto_delete,
+              queue_arguments=entity.queue_arguments)(conn.channel()).declare()
     except amqp.exceptions.AccessRefused:
         pass
+    else:
+        try:
+            waiting = topology.declare(conn.channel(), [], [entity])
+        except amqp.exceptions.AccessRefused as exc:
+            raise BindRefused(f"declared, but a binding was refused: {exc}") \
+                from None
+        refused = [why for _, _, _, why in waiting if why.startswith("refused")]
+        if refused:
+            raise BindRefused(f"declared, but a binding was {refused[0]}")
+        if waiting:
+            return DECLARED + "; " + "; ".join(
+                f"not bound to {exchange} yet ({why}: declare the central "
+                f"topology as the router user, apply the permissions; the "
+                f"host consumer binds it then)"
+                for _, exchange, _, why in waiting)
+        return DECLARED
     # A refused declare closed its channel: the check gets a fresh one.
     channel = conn.channel()
     try:
@@ -101,6 +128,8 @@ def main(argv):
             for entity in [*exchanges, *queues]:
                 try:
                     outcome = declare_or_check(conn, entity)
+                except BindRefused as exc:
+                    return fail(f"{entity.name}: {exc}", 1)
                 except errors as exc:
                     return fail(f"{entity.name}: the broker at "
                                 f"{connection.display(conn)} refused it: {exc}", 1)

@@ -11,14 +11,15 @@ second apart (a quorum queue in the middle of an election may answer 0
 once), it is told the consumer is lost, as a cancel would have told it.
 A consumer that receives deliveries is not asked about: it is consuming.
 
-An idle consumer's queue is also bound again to the exchange it reads
-(one queue.bind, a no-op when the binding is there): an exchange deleted
-and declared again (an operator, a redeploy, another service's start)
-comes back without its bindings, and the broker tells no consumer. Gone
-altogether (404), it is declared again first and that is logged. So a
-consumer cut off from its exchange hears from it again within
-``interval``, and an exchange deleted under a live consumer is back as
-soon as that consumer is idle that long.
+An idle consumer's queue is also bound again to the exchanges it reads
+(one queue.bind each, a no-op when the binding is there): an exchange
+deleted and declared again (an operator, a redeploy, a router repairing the
+central topology) comes back without its bindings, and the broker tells no
+consumer. Gone altogether (404), an exchange the consumer may declare is
+declared again first and that is logged; one it may not (the central hosts
+exchange, for a host's user) is said at ERROR, once until it is back. So a
+consumer cut off from an exchange hears from it again within ``interval``
+of the exchange being there.
 """
 
 import logging
@@ -26,6 +27,8 @@ import time
 
 from amqp import spec
 from amqp.exceptions import ConsumerCancelled
+
+from router.bus.topology import queue_bindings
 
 LOG = logging.getLogger(__name__)
 
@@ -39,9 +42,9 @@ class QueueWatch:
     def __init__(self, conn, queue, interval):
         self.conn = conn
         self.queue_name = getattr(queue, "name", queue)
-        exchange = getattr(queue, "exchange", None)
-        self._binding = ((exchange, queue.routing_key or "")
-                         if exchange is not None and exchange.name else None)
+        self._bindings = queue_bindings(queue) if hasattr(queue, "bindings") \
+            else []
+        self._missing = set()       # exchanges said to be missing, not yet back
         self.interval = interval
         self._probe = None
         self._active = False
@@ -80,8 +83,8 @@ class QueueWatch:
         if ok.consumer_count:
             self._suspect = False
             self._next = now + self.interval
-            if self._binding is not None:
-                self._bind_again()
+            for exchange, key in self._bindings:
+                self._bind_again(exchange, key)
         elif not self._suspect:
             self._suspect = True
             self._next = now + RECHECK
@@ -90,11 +93,16 @@ class QueueWatch:
                 f"queue {self.queue_name} has no consumer: ours was lost "
                 f"without a cancel", spec.Basic.Cancel)
 
-    def _bind_again(self):
-        exchange, key = self._binding
+    def _bind_again(self, exchange, key):
         try:
+            if self._probe is None:
+                self._probe = self.conn.channel()
             self._probe.queue_bind(queue=self.queue_name,
                                    exchange=exchange.name, routing_key=key)
+            if exchange.name in self._missing:
+                self._missing.discard(exchange.name)
+                LOG.warning("exchange %s is back: queue %s bound to it again",
+                            exchange.name, self.queue_name)
             return
         except self.conn.channel_errors as exc:
             self._probe = None          # the error closed it
@@ -102,6 +110,16 @@ class QueueWatch:
                 LOG.warning("could not bind queue %s to exchange %s again: "
                             "%s", self.queue_name, exchange.name, exc)
                 return
+        if exchange.no_declare:
+            # Not ours to declare (the central topology's): said once.
+            if exchange.name not in self._missing:
+                self._missing.add(exchange.name)
+                LOG.error("exchange %s does not exist, so queue %s cannot be "
+                          "bound to it: nothing routed there reaches this "
+                          "queue until it is declared again (`evrouter "
+                          "topology --declare`, or a router's start)",
+                          exchange.name, self.queue_name)
+            return
         try:
             self._probe = self.conn.channel()
             exchange(self._probe).declare()

@@ -11,9 +11,16 @@ mean the same on RabbitMQ and on kombu's memory transport (which differ on
 import uuid
 from dataclasses import dataclass, field
 
-from kombu import Exchange, Queue
+from amqp.exceptions import AccessRefused, NotFound
+from kombu import Exchange, Queue, binding
 
 QUEUE_TYPES = ("classic", "quorum")
+
+# A binding to an exchange not the declarer's that cannot be made: the
+# exchange not found (py-amqp's 404, which closes its channel; kombu's
+# memory transport's KeyError) or the binding refused (403: the host's
+# permissions from before the hosts exchange).
+_UNBOUND = (NotFound, AccessRefused, KeyError)
 
 # A quorum queue dead-letters at-most-once by default: a message expiring or
 # over its delivery limit while the leader changes can vanish. at-least-once
@@ -90,6 +97,12 @@ class Topology:
         the form router/permissions.py lets host's user declare."""
         return f"{self.prefix}.agent.{host}.control.{session}"
 
+    @property
+    def hosts_exchange_name(self):
+        """The one exchange the routers publish host copies to, the host
+        as routing key; each host's queue is bound to it with its own name."""
+        return f"{self.prefix}.hosts"
+
     def host_exchange_name(self, host):
         return f"{self.prefix}.host.{host}"
 
@@ -131,6 +144,16 @@ class Topology:
     def control_exchange(self):
         return Exchange(self.control_exchange_name, "fanout", durable=True)
 
+    def hosts_exchange(self, declare=True):
+        """A topic exchange, though every key is a whole host name: RabbitMQ
+        checks topic permissions (a host's user may bind its own name only,
+        router/permissions.py) on topic exchanges alone. Host names have no
+        `*` or `#` (contract.HOST_PATTERN), so a binding key matches its
+        host's copies and nothing else. declare=False: a host's user may
+        bind to it but not declare it (the central topology's)."""
+        return Exchange(self.hosts_exchange_name, "topic", durable=True,
+                        no_declare=not declare)
+
     def host_exchange(self, host):
         return Exchange(self.host_exchange_name(host), "topic", durable=True)
 
@@ -157,10 +180,17 @@ class Topology:
                      queue_arguments={"x-queue-type": self.queue_type})
 
     def host_queue(self, host):
-        # Stale events expire into the dead-letter exchange instead of piling
-        # up while a host is away.
-        return Queue(self.host_queue_name(host), self.host_exchange(host),
-                     routing_key=INSTANCE_BINDING, durable=True,
+        """Bound to the central hosts exchange with the host's name (what
+        the routers publish to: a host whose queue is not bound there is a
+        return, never a channel closed), and to the host's own exchange
+        with `instance.*` (whoever publishes there directly: a router of an
+        earlier release, a test harness). Stale events expire into the
+        dead-letter exchange instead of piling up while a host is away."""
+        return Queue(self.host_queue_name(host), durable=True,
+                     bindings=[binding(self.host_exchange(host),
+                                       routing_key=INSTANCE_BINDING),
+                               binding(self.hosts_exchange(declare=False),
+                                       routing_key=host)],
                      queue_arguments=self._queue_arguments(
                          **{"x-message-ttl": self.host_message_ttl_ms}))
 
@@ -216,7 +246,8 @@ class Topology:
     def central(self):
         """Everything the router needs, in declaration order."""
         return ([self.ingress_exchange(), self.lifecycle_exchange(),
-                 self.dead_letter_exchange(), self.control_exchange()],
+                 self.dead_letter_exchange(), self.control_exchange(),
+                 self.hosts_exchange()],
                 [self.dead_letter_queue(), self.router_queue(),
                  self.probation_queue()]
                 + [self.retry_queue(d) for d in sorted(set(self.retry_delays_ms))])
@@ -233,9 +264,9 @@ class Topology:
             queues += q
         rows = [("exchange", e.name, e.type, "durable") for e in exchanges]
         for q in queues:
-            bound = (f"bound to {q.exchange.name} key {q.routing_key!r}"
-                     if q.exchange is not None and q.exchange.name else
-                     "default exchange")
+            bound = "; ".join(f"bound to {e.name} key {key!r}"
+                              for e, key in queue_bindings(q)) \
+                or "default exchange"
             args = ", ".join(f"{k}={v}" for k, v in
                              sorted((q.queue_arguments or {}).items()))
             rows.append(("queue", q.name, q.queue_arguments.get(
@@ -243,12 +274,55 @@ class Topology:
         return rows
 
 
+def queue_bindings(queue):
+    """[(exchange, routing key)] a kombu Queue is bound with: its own
+    exchange's, or each of its `bindings`."""
+    if queue.bindings:
+        return sorted(((b.exchange, b.routing_key or "") for b in queue.bindings),
+                      key=lambda bound: (bound[0].name, bound[1]))
+    if queue.exchange is not None and queue.exchange.name:
+        return [(queue.exchange, queue.routing_key or "")]
+    return []
+
+
 def declare(channel, exchanges, queues):
-    """Declare entities idempotently (same arguments: no-op on the broker)."""
+    """Declare entities idempotently (same arguments: no-op on the broker).
+
+    A queue's binding to an exchange not the declarer's to declare
+    (``no_declare``: the central hosts exchange, for a host's user) is made
+    if it can be. If that exchange does not exist, or the binding is refused
+    (403: permissions applied before the hosts exchange), the binding is
+    returned rather than raised, and the channel the error closed is
+    replaced: a host started before the central topology (or its new
+    permissions) consumes what reaches its own exchange and is bound by its
+    queue watch (router/bus/consuming.py) once it can be. Returns
+    [(queue name, exchange name, key, why)] not bound.
+    """
     for exchange in exchanges:
         exchange(channel).declare()
+    missing = []
     for queue in queues:
-        queue(channel).declare()
+        theirs = [b for b in queue.bindings if b.exchange.no_declare]
+        if not theirs:
+            queue(channel).declare()
+            continue
+        ours = [b for b in queue.bindings if not b.exchange.no_declare]
+        bound = Queue(queue.name, queue.exchange, queue.routing_key,
+                      bindings=ours, durable=queue.durable,
+                      exclusive=queue.exclusive, auto_delete=queue.auto_delete,
+                      queue_arguments=queue.queue_arguments)(channel)
+        bound.declare()
+        for b in theirs:
+            try:
+                channel.queue_bind(queue=queue.name, exchange=b.exchange.name,
+                                   routing_key=b.routing_key or "")
+            except _UNBOUND as exc:
+                why = ("it does not exist" if isinstance(exc, (NotFound, KeyError))
+                       else f"refused: {exc}")
+                missing.append((queue.name, b.exchange.name, b.routing_key, why))
+                if not isinstance(exc, KeyError):   # py-amqp: closed by it
+                    channel = channel.connection.channel()
+    return missing
 
 
 def parking_refusal(conn, topo):
