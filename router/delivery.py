@@ -20,16 +20,21 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   and dead-letter copies (central queues: everyone's trouble) are
   published again in hand for ``patience`` seconds, then their fallback.
   The ingress message is never requeued for the broker's trouble.
-- returned (a host exchange with nothing bound): that host's copy is
-  dead-lettered, naming the host; the other hosts' copies stand.
+- returned (no queue bound to the hosts exchange with that host's name:
+  no such host, or not yet, its consumer starting): that host's copy is
+  parked for it alone, as a refused one, and its ingress message settled;
+  once its rounds add up to ``no_host_timeout`` it is dead-lettered
+  ``unknown-host``, naming the host. The other hosts' copies stand. The
+  router asks the broker nothing per host: a return is how it learns.
 - the publish channel closed by the broker (404 no such exchange, 403...):
   the close does not say which publish caused it, so each copy that was
   pending on it is published again *alone* on a quarantine channel of its
   own, one at a time. The copy that closes the quarantine channel is the
   culprit; the others are confirmed there. New copies go on a fresh
-  channel meanwhile: one bad copy never costs the session. A host copy
-  that closed a channel alone with anything but 404 (an exchange its host
-  declared internal, say) is parked at once, and for ``hold`` seconds that
+  channel meanwhile: one bad copy never costs the session. A 404 is a
+  central exchange gone (the hosts exchange included: an operator deleted
+  it), declared again from the loop. A host copy that closed a channel
+  alone with anything else is parked at once, and for ``hold`` seconds that
   host's new copies are parked without being published, so they cannot
   close the channel the other hosts' copies share.
 - denied (403 "refused for user" on a copy alone): the router user may not
@@ -40,8 +45,8 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   parked as above, any other copy is refused until its patience ends.
 
 Fallbacks: a host, retry or probation copy that cannot be placed becomes a
-dead letter saying why (``refused``; ``unroutable`` for a host exchange that
-is gone); a dead letter that cannot be placed is dropped with an ERROR line
+dead letter saying why (``refused``; ``unknown-host`` for a host with no
+queue bound); a dead letter that cannot be placed is dropped with an ERROR line
 and ``dropped:<reason>``. So no ingress message holds its prefetch slot for
 longer than ``hold`` for a host's trouble, and about twice ``patience`` for
 the central queues'.
@@ -105,7 +110,7 @@ class Entry:
 
 class Copy:
     __slots__ = ("entry", "kind", "host", "exchange", "routing_key", "body",
-                 "kwargs", "refusals", "first_refused", "suspect")
+                 "kwargs", "refusals", "first_refused", "suspect", "dest")
 
     def __init__(self, entry, kind, host, exchange, routing_key, body, kwargs):
         self.entry = entry
@@ -118,18 +123,24 @@ class Copy:
         self.refusals = 0
         self.first_refused = None
         self.suspect = False    # closed a channel once: quarantine only
+        # What a write permission is denied for: the exchange, and for a
+        # host copy its host too (every host's copies share the hosts
+        # exchange; a topic permission may deny one host's key alone).
+        self.dest = exchange if host is None else f"{exchange} key {host}"
 
 
 class Delivery:
     """Publishes copies on channels it owns and settles their entries.
 
     ``conn`` is the session's connection; ``settled(entry)`` is called once
-    an entry's last copy ended; ``host_gone(host)`` when a host exchange
-    turned out not to exist. Call ``pump()`` after every drain.
+    an entry's last copy ended. ``no_host_timeout``: how long a host's
+    copies returned for want of its queue are parked before they are
+    dead-lettered ``unknown-host``. Call ``pump()`` after every drain.
     """
 
-    def __init__(self, conn, topo, stats, *, settled, host_gone, router_name,
-                 patience=20.0, hold=2.0, user=None, memory=False,
+    def __init__(self, conn, topo, stats, *, settled, router_name,
+                 patience=20.0, hold=2.0, no_host_timeout=120.0, user=None,
+                 memory=False,
                  damaged=None, clock=time.monotonic, journal=None,
                  max_held=128):
         self.conn = conn
@@ -141,13 +152,13 @@ class Delivery:
         self.topo = topo
         self.stats = stats
         self._settled_cb = settled
-        self._host_gone = host_gone
         # Called with why when a central destination (a retry queue, the
         # dead-letter exchange or queue) turns out not to exist.
         self._damaged = damaged or (lambda why: None)
         self._router = router_name
         self.patience = patience
         self.hold = min(hold, patience)
+        self.no_host_timeout = no_host_timeout
         # Parking needs TTLs (not in memory) and the router's own user_id on
         # the parked copy, so that its host is trusted when it comes back.
         self._user = None if memory else user
@@ -160,7 +171,7 @@ class Delivery:
         # only the denied destinations' copies are refused (_denied_copy).
         self._denied_until = 0.0
         self._denials = 0           # in a row, none passed since
-        self._denied = {}           # exchange -> monotonic time it may be tried
+        self._denied = {}           # Copy.dest -> monotonic time it may be tried
         self._memory = memory
         self._clock = clock
         self._outcomes = []         # (copy or None, outcome): broker callbacks
@@ -219,7 +230,7 @@ class Delivery:
                 self._q_publisher is not None and self._q_publisher.in_flight):
             return False
         waiting = [c for _, _, c in self._delayed] + list(self._quarantine)
-        return bool(waiting) and all(c.exchange in self._denied
+        return bool(waiting) and all(c.dest in self._denied
                                      for c in waiting)
 
     # --- entries and copies ---------------------------------------------------
@@ -244,7 +255,7 @@ class Delivery:
             # until one is confirmed there; never on the shared channel.
             copy.suspect = True
             return self._quarantine.append(copy)
-        if self._denied and (self._denials or exchange in self._denied):
+        if self._denied and (self._denials or copy.dest in self._denied):
             # Held with the others until one passes; or for a destination
             # the router may not write: alone, never on the shared channel.
             copy.suspect = True
@@ -329,12 +340,7 @@ class Delivery:
             return
         if outcome == publishing.RETURNED:
             if copy.kind == HOST_COPY:
-                # The exchange exists but no queue is bound: dead-letter this
-                # host's copy only, naming the host; the others were delivered.
-                self._host_gone(copy.host)
-                return self._replace_with_dead_letter(
-                    copy, contract.REASON_UNROUTABLE,
-                    f"no queue bound to {copy.exchange}")
+                return self._returned(copy)
             # A retry or probation queue, or the dead-letter queue, is gone:
             # ours to declare again; the copy is then published again.
             self._damaged(f"{copy.kind} copy to {copy.exchange or 'queue'} "
@@ -393,6 +399,21 @@ class Delivery:
                 "%.2fs", entry.env_id, outcome, copy.kind, _for_host(copy),
                 delay)
 
+    def _returned(self, copy):
+        """No queue is bound to the hosts exchange with this copy's host:
+        no such host, or not yet (a host whose consumer is starting). This
+        host's copy alone is parked for it, its ingress message settled;
+        dead-lettered unknown-host once its rounds add up to
+        no_host_timeout. Not avoided as a refusing host is: a return costs
+        neither a channel nor a prefetch slot for longer than its confirm."""
+        self.stats["returned"] += 1
+        why = f"no queue bound to {copy.exchange} with key {copy.host!r}"
+        if self._user is None:      # the memory transport: nowhere to park
+            return self._replace_with_dead_letter(
+                copy, contract.REASON_UNKNOWN_HOST, f"host {copy.host}: {why}")
+        self._park(copy, why, patience=self.no_host_timeout,
+                   reason=contract.REASON_UNKNOWN_HOST)
+
     def _holding_central(self):
         """Whether max_held copies (not a host's: those are parked) wait in
         hand to be published again. Asked on a first refusal only."""
@@ -404,14 +425,22 @@ class Delivery:
                     return True
         return False
 
-    def _park(self, copy, outcome):
+    def _park(self, copy, outcome, patience=None, reason=None):
         """A host copy out of hand: to a retry queue for its host alone, so
         its ingress message (and its prefetch slot) is settled. Given up
-        (dead-lettered refused) once its rounds add up to patience."""
+        once its rounds add up to patience (the refused patience unless
+        given): dead-lettered `reason`, or refused."""
         entry = copy.entry
         rounds = entry.parked + 1
         parked_for = sum(self.topo.retry_delay_ms(r) for r in range(1, rounds)) / 1000
-        if parked_for >= self.patience:
+        if parked_for >= (self.patience if patience is None else patience):
+            if reason is not None:
+                LOG.warning("event %s: host %s: %s after %.0fs parked; "
+                            "dead-lettering its copy", entry.env_id,
+                            copy.host, outcome, parked_for)
+                return self._replace_with_dead_letter(
+                    copy, reason, f"host {copy.host}: {outcome} after "
+                    f"{parked_for:.0f}s parked")
             return self._give_up(copy, outcome)
         delay = self.topo.retry_delay_ms(rounds)
         ours = {HEADER_FOR_HOST: copy.host, HEADER_PARKED: rounds}
@@ -420,13 +449,16 @@ class Delivery:
                   copy.body, message_id=copy.kwargs.get("message_id"),
                   headers=dict(theirs, **ours) if theirs else ours,
                   user_id=self._user)
-        self.stats["parked:refused"] += 1
+        self.stats[f"parked:{reason or REASON_REFUSED}"] += 1
         self.record(entry, journal_.PARKED,
                      f"host {copy.host}: {outcome}; round {rounds}, "
                      f"{delay}ms")
-        LOG.warning("event %s: the copy for host %s was refused (%s); parked "
-                    "for %dms (round %d)", entry.env_id, copy.host, outcome,
-                    delay, rounds)
+        # A return at INFO: one line per event, as a retry's (a sender's
+        # made-up hints must not flood the log at WARNING).
+        LOG.log(logging.INFO if reason else logging.WARNING,
+                "event %s: the copy for host %s was %s (%s); parked for %dms "
+                "(round %d)", entry.env_id, copy.host,
+                "returned" if reason else "refused", outcome, delay, rounds)
         self._ended(entry)
 
     def _give_up(self, copy, outcome, quiet=False):
@@ -493,14 +525,9 @@ class Delivery:
         copy.suspect = True
         if _denied(exc):
             return self._hold_denied(copy, exc)
-        if copy.kind == HOST_COPY and getattr(exc, "reply_code", None) == 404:
-            self._host_gone(copy.host)
-            LOG.warning("event %s: host exchange %s does not exist (%s)",
-                        copy.entry.env_id, copy.exchange, _brief(exc))
-            return self._replace_with_dead_letter(
-                copy, contract.REASON_UNROUTABLE,
-                f"{copy.exchange} does not exist")
-        if copy.kind != HOST_COPY and getattr(exc, "reply_code", None) == 404:
+        if getattr(exc, "reply_code", None) == 404:
+            # Every copy goes to an exchange or queue of the central
+            # topology (host copies to the hosts exchange): one is gone.
             self._damaged(f"{copy.kind} copy: {_brief(exc)}")
         elif copy.kind == HOST_COPY and self._user is not None:
             # The host's own exchange closes channels (403 internal, 406...):
@@ -534,7 +561,7 @@ class Delivery:
         for a destination not denied yet first: one that passes proves the
         grant partial. Their patience counts from when one passes."""
         now = self._clock()
-        dest = copy.exchange
+        dest = copy.dest
         self.stats["publish_denied"] += 1
         if dest in self._denied and not self._denials:
             self._denied[dest] = now + self.hold
@@ -564,7 +591,7 @@ class Delivery:
         if copy.kind == HOST_COPY and self._user is not None:
             now = self._clock()
             self._avoid_host(copy.host, now,
-                             self._denied.get(copy.exchange, now))
+                             self._denied.get(copy.dest, now))
             self.stats["refused"] += 1
             return self._park(copy, why)
         self._refused(copy, why)
@@ -588,7 +615,7 @@ class Delivery:
                 self._park(copy, AVOIDED)
                 continue
             if (self._denied and not self._denials
-                    and self._denied.get(copy.exchange, 0) > self._clock()):
+                    and self._denied.get(copy.dest, 0) > self._clock()):
                 self._denied_copy(copy, DENIED)
                 continue
             self._q_publisher.publish(copy.exchange, copy.routing_key,
@@ -600,7 +627,7 @@ class Delivery:
         not denied yet goes first, if there is one. It passes if the grant
         is partial; it is denied if the whole permission is gone."""
         for i, copy in enumerate(self._quarantine):
-            if copy.exchange not in self._denied:
+            if copy.dest not in self._denied:
                 if i:
                     del self._quarantine[i]
                     self._quarantine.appendleft(copy)
@@ -614,7 +641,7 @@ class Delivery:
             if self._denied:
                 # Placed on a channel opened after the denials: the router
                 # may write here now, whatever it may not write elsewhere.
-                self._denied.pop(copy.exchange, None)
+                self._denied.pop(copy.dest, None)
             if self._denials:
                 LOG.warning("router %s: the broker takes the router user's "
                             "publishes again (after %d refusals)%s",

@@ -7,7 +7,6 @@ from oslo_config import cfg
 from router import journal, options, rest, routing, service
 from router.bus import ops
 from router.metrics import RouterCollector
-from router.observer import DEFAULT_HOST_CHECK_RATE
 from router.service_entry import fail, parse, stop_on_signals
 
 router_opts = options.identity_opts + [
@@ -68,16 +67,6 @@ router_opts = options.identity_opts + [
                       "rather than 404 for an instance it does not know, "
                       "and events for no known host are retried, never "
                       "dead-lettered."),
-    cfg.FloatOpt("host_check_rate", default=DEFAULT_HOST_CHECK_RATE, min=1.0,
-                 help="Passive declares a second the routing loop may make "
-                      "to learn whether a host's exchange exists (unspent, "
-                      "up to 5 seconds' worth are kept for a burst). An "
-                      "event's host hint is its sender's to choose: over "
-                      "this budget a host not known to exist is not known "
-                      "yet, and its event is retried as for an unknown host "
-                      "(evrouter_router_host_checks_deferred_total). A host "
-                      "whose agent speaks for it on the lifecycle exchange "
-                      "is checked outside the budget."),
     cfg.BoolOpt("watch_stuck", default=True,
                 help="With the journal on: follow the journal stream for the "
                      "waits compute hosts record stuck, for the "
@@ -120,7 +109,6 @@ def settings_from(conf):
         refused_patience=conf.router.refused_patience,
         refused_hold=conf.router.refused_hold,
         unplaced_hold=conf.router.unplaced_hold,
-        host_check_rate=conf.router.host_check_rate,
         max_instances_per_host=conf.router.max_instances_per_host,
         heartbeat=conf.bus.heartbeat,
         ssl=options.ssl_from(conf),

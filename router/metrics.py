@@ -113,13 +113,11 @@ class RouterCollector:
             "evrouter_router_refused", "Copies the broker refused (nack or a "
             "channel closed on them), each time.", value=stats.get("refused", 0))
         yield CounterMetricFamily(
-            "evrouter_router_host_checks", "Passive declares made to learn "
-            "whether a host's exchange exists.",
-            value=stats.get("host_checks", 0))
-        yield CounterMetricFamily(
-            "evrouter_router_host_checks_deferred", "Host checks over the "
-            "host_check_rate budget: the host taken as not known yet, its "
-            "event retried.", value=stats.get("host_checks_deferred", 0))
+            "evrouter_router_returned", "Host copies the broker returned: no "
+            "queue bound to the hosts exchange with that host's name (no "
+            "such host, or not yet); each is parked for its host and "
+            "dead-lettered unknown-host after no_host_timeout.",
+            value=stats.get("returned", 0))
         yield forbidden_family(stats)
         hist = svc.latency
         yield HistogramMetricFamily(

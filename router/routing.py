@@ -1,8 +1,8 @@
 """What the router does with one ingress message. Pure.
 
 ``decide`` turns a validated envelope plus what the router knows into one of
-three outcomes; the service loop carries it out. Host existence is asked
-through an injected callable so this module stays free of I/O.
+three outcomes; the service loop carries it out. Free of I/O: placement is
+asked through an injected callable.
 """
 
 from dataclasses import dataclass
@@ -84,9 +84,15 @@ def control_refusal(user_id, allowed, *, authenticated=True):
     return None
 
 
-def decide(env, *, publisher, hosts_for, is_known_host, attempt, first_seen,
-           now, policy, placement_ready=True, authenticated=True):
+def decide(env, *, publisher, hosts_for, attempt, first_seen, now, policy,
+           placement_ready=True, authenticated=True):
     """Deliver to hosts, retry later, or dead-letter with a reason.
+
+    The hosts are the hint's and those placement knows, as they are: the
+    router asks the broker nothing per host (issue 22). A copy for a host
+    whose queue is not bound to the hosts exchange comes back as a return
+    and is parked for that host alone (router/delivery.py), then
+    dead-lettered `unknown-host` after no_host_timeout.
 
     While placement is not ready (router/readiness.py: snapshots not in
     yet), "no host" is not known to be true: retried, never dead-lettered,
@@ -113,26 +119,20 @@ def decide(env, *, publisher, hosts_for, is_known_host, attempt, first_seen,
                           f"publisher {publisher!r} may not send instance "
                           f"events")
     event = env.payload
-    targets = []
     hint = event.host
-    if hint is not None and is_known_host(hint):
-        targets.append(hint)
-    for host in hosts_for(event.server_uuid):
-        if host not in targets and is_known_host(host):
-            targets.append(host)
-    if targets:
-        return Deliver(tuple(targets))
-    waited = now - first_seen
+    placed = hosts_for(event.server_uuid)
     if hint is not None:
-        detail = f"host {hint!r} from the hint has no exchange"
-        reason = contract.REASON_UNKNOWN_HOST
-    else:
-        detail = f"no known host for instance {event.server_uuid}"
-        reason = contract.REASON_NO_HOST
+        if not placed:
+            return Deliver((hint,))
+        return Deliver((hint,) + tuple(h for h in placed if h != hint))
+    if placed:
+        return Deliver(tuple(placed))
+    detail = f"no known host for instance {event.server_uuid}"
     if callable(placement_ready):
         placement_ready = placement_ready()
     if not placement_ready:
         return Retry(attempt + 1, f"{detail} (placement warming up)")
-    if waited < policy.no_host_timeout:
+    if now - first_seen < policy.no_host_timeout:
         return Retry(attempt + 1, detail)
-    return DeadLetter(reason, f"{detail} after {waited:.0f}s")
+    return DeadLetter(contract.REASON_NO_HOST,
+                      f"{detail} after {now - first_seen:.0f}s")

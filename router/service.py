@@ -24,7 +24,6 @@ from router.bus import contract, supervision
 from router.bus.backoff import Backoff, Ready, Schedule
 from router.bus.topology import Topology
 from router.metrics import LatencyHistogram
-from router.observer import DEFAULT_HOST_CHECK_RATE
 from router.placement import DEFAULT_MAX_PER_HOST, PlacementTable
 from router.session import Session
 
@@ -72,10 +71,6 @@ class RouterSettings:
     # with its consumer (router/bus/consuming.py: RabbitMQ 3.10 does not
     # always cancel the consumers of a deleted quorum queue).
     consume_check: float = 5.0
-    # Passive declares a second the routing loop may make to learn whether
-    # a host's exchange exists (router/observer.py, KnownHosts): the hints
-    # are the senders' to choose.
-    host_check_rate: float = DEFAULT_HOST_CHECK_RATE
     # The journal of hops (router/journal.py); None: no journal.
     journal: Optional[journal_.JournalSettings] = None
     # With the journal: follow it for the hosts' stuck waits (metrics).

@@ -35,7 +35,7 @@ from router.delivery import (
     untrusted_headers,
 )
 from router.lanes import HEADER_REDELIVERIES, HEADER_VERDICT, HEADER_VERDICT_DETAIL, Lane
-from router.observer import KnownHosts, PlacementObserver
+from router.observer import PlacementObserver
 
 LOG = logging.getLogger(__name__)
 
@@ -78,19 +78,17 @@ class Session:
             if not self.memory and not self.service.parking_checked:
                 self.service.parking_checked = True
                 self._check_parking()
-            self.hosts = KnownHosts(conn, self.topo, stats=self.stats,
-                                    rate=self.s.host_check_rate)
             self.delivery = Delivery(
                 conn, self.topo, self.stats, settled=self._settled,
-                host_gone=self.hosts.forget, router_name=self.s.name,
+                router_name=self.s.name,
+                no_host_timeout=self.s.policy.no_host_timeout,
                 patience=self.s.refused_patience, hold=self.s.refused_hold,
                 user=self.user, memory=self.memory,
                 damaged=self._damaged, journal=self.service.journal,
                 max_held=max(1, self.s.prefetch // 4))
             self.observer = PlacementObserver(
                 conn, self.delivery, self.s, self.service.placement,
-                self.stats, memory=self.memory, heard=self.hosts.seen,
-                placed=self._placed)
+                self.stats, memory=self.memory, placed=self._placed)
             self.observer.start()
             self.main = Lane("main", self.topo.router_queue(), self.s.prefetch,
                              memory=self.memory, consume_check=self.s.consume_check)
@@ -426,8 +424,7 @@ class Session:
     def _decide(self, env, publisher, attempt, first_seen, now):
         return routing.decide(
             env, publisher=publisher,
-            hosts_for=self.service.placement.hosts_for,
-            is_known_host=self.hosts, attempt=attempt,
+            hosts_for=self.service.placement.hosts_for, attempt=attempt,
             first_seen=first_seen, now=now, policy=self.s.policy,
             placement_ready=self.service.placement.ready,
             authenticated=not self.memory)
@@ -551,8 +548,9 @@ class Session:
         LOG.info("event %s redelivered (%d): to probation", entry.env_id, seen)
 
     def _deliver(self, entry, env, hosts, publisher, traceparent=None):
+        """A copy per host to the hosts exchange, the host its routing key:
+        one exchange the router declared, whatever the host (issue 22)."""
         p = env.payload
-        key = topology.instance_routing_key(p.name)
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
         if traceparent is not None:
             if headers is None:
@@ -565,9 +563,9 @@ class Session:
                                     hosts,
                                     span_id=traceparent and traceparent[36:52])
         body = inbound.raw_body(entry.message.body)
+        exchange = self.topo.hosts_exchange_name
         for host in hosts:
-            self.delivery.send(entry, HOST_COPY, host,
-                               self.topo.host_exchange_name(host), key, body,
+            self.delivery.send(entry, HOST_COPY, host, exchange, host, body,
                                message_id=env.id, headers=headers)
         if LOG.isEnabledFor(logging.DEBUG):     # not the join, per event
             LOG.debug("event %s %s for %s routed to %s", env.id,

@@ -121,12 +121,23 @@ class _ChannelConfirms:
             self._returned.add(seqs if type(seqs) is int else seqs[0])
 
 
+def _memory_routes(channel, exchange, routing_key):
+    """Whether kombu's memory transport has a queue for this message."""
+    try:
+        return bool(channel.typeof(exchange).lookup(
+            channel.get_table(exchange), exchange, routing_key, None))
+    except KeyError:                # no such exchange
+        return False
+
+
 class ConfirmedPublisher:
     """Publishes on one channel at a time and reports each message's outcome.
 
     On py-amqp channels outcomes come from the broker's confirms. kombu's
     memory transport has neither confirms nor returns: there a message is
-    acknowledged as soon as it is handed over, on the next ``pump``.
+    acknowledged as soon as it is handed over, on the next ``pump``, or
+    returned then if, mandatory, no queue is bound for it (kombu would
+    put it in its own undeliverable queue, unsaid).
 
     A channel the broker refused a message on (nack) is not published on
     again: the next message goes on a new channel, and the old one is
@@ -181,11 +192,17 @@ class ConfirmedPublisher:
         ch = self._channel if current is None else current.channel
         message = ch.prepare_message(body, content_type=content_type,
                                      headers=headers, properties=properties)
+        if current is None:
+            if mandatory and exchange and not _memory_routes(
+                    ch, exchange, routing_key):
+                self._immediate.append((token, RETURNED))
+                return
+            ch.basic_publish(message, exchange=exchange,
+                             routing_key=routing_key)
+            self._immediate.append((token, ACK))
+            return
         ch.basic_publish(message, exchange=exchange, routing_key=routing_key,
                          mandatory=mandatory)
-        if current is None:
-            self._immediate.append(token)
-            return
         current.sent(token, (exchange, routing_key, message_id)
                      if mandatory else None)
 
@@ -203,7 +220,7 @@ class ConfirmedPublisher:
         other channels are closed (a no-op on the one the broker closed)."""
         confirms = self._confirms()
         tokens = [c.pending[seq][0] for c in confirms for seq in sorted(c.pending)]
-        tokens += self._immediate
+        tokens += [token for token, _ in self._immediate]
         self._immediate, self._retired = [], []
         # All forgotten before any close: a close waits for its close-ok,
         # and confirms read meanwhile must find nothing to settle.
@@ -219,8 +236,8 @@ class ConfirmedPublisher:
         Called by the connection's owner, never from a broker callback."""
         if self._immediate:
             ready, self._immediate = self._immediate, []
-            for token in ready:
-                self._on_outcome(token, ACK)
+            for token, outcome in ready:
+                self._on_outcome(token, outcome)
         if not self._retired:
             return
         for done in [c for c in self._retired if not c.pending]:

@@ -126,10 +126,8 @@ def build_new(svc, conn):
     s.user = "guest"
     from router.delivery import Delivery
     from router.lanes import Lane
-    from router.observer import KnownHosts
-    s.hosts = KnownHosts(conn, s.topo)
     s.delivery = Delivery(conn, s.topo, s.stats, settled=s._settled,
-                          host_gone=s.hosts.forget, router_name="cpu",
+                          router_name="cpu",
                           patience=20.0, memory=False)
     s.observer = StubObserver()
     s.main = Lane("main", s.topo.router_queue(), 512, memory=False)
