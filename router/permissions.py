@@ -9,16 +9,18 @@ Least privilege per role, as regular expressions on resource names
   keys `instance.*` (topic permission);
 - router: declare the central topology (`evrouter topology --declare`
   runs as this user) and its private placement queue, read ingress and
-  lifecycle, write host exchanges, dead-letter, the control fanout
+  lifecycle, write the hosts exchange, dead-letter, the control fanout
   (resync requests: only routers may ask agents for snapshots) and the
   default exchange (retry parking);
 - compute host H: declare, bind and read only its own exchange and queue
   (its host consumer, or `evrouter topology --declare --host H` run as
   this user, creates them) and its agent's control queues (one per
   session, `<prefix>.agent.H.control.<32 hex digits>`), bound to the
-  control fanout; write only the lifecycle fanout and the dead-letter
-  exchange. It may configure no central entity: its agent and consumer
-  only check those passively.
+  control fanout; bind its queue to the hosts exchange `<prefix>.hosts`
+  with the key H alone (a topic permission: read `^H$`, so no host may
+  bind another's name or a wildcard and take its copies); write only the
+  lifecycle fanout and the dead-letter exchange. It may configure no
+  central entity: its agent and consumer only check those passively.
 - every user may write the journal exchange `<prefix>.journal` and those of
   its index, `<prefix>.journal.index` and `<prefix>.journal.batches` (each
   part appends its hops; router/journal.py); the router declares them and
@@ -48,7 +50,9 @@ the agents also check the broker-validated user_id, see router/routing.py):
   routing keys instance.* (topic permission);
 - resync requests (control fanout, into each agent's control queue): the
   router user only; agents also want its user_id;
-- a host's queue: only the router user writes host exchanges, and nobody
+- a host's queue: only the router user writes the hosts exchange (and
+  host exchanges, for routers of an earlier release and the tests' direct
+  publishers: a host's queue is bound to its own exchange too), and nobody
   but the router writes the default exchange (publishing to a queue by
   name needs write on amq.default, not on the queue), so what a host
   consumer takes was routed by a router.
@@ -61,6 +65,8 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+
+from router.bus.contract import HOST_PATTERN
 
 
 class Throwaway(str):
@@ -79,6 +85,14 @@ class Deployment:
     # The router and network users log in with certificates too: nobody
     # has a password (a broker with fail_if_no_peer_cert = true).
     x509_services: bool = False
+
+    def __post_init__(self):
+        # A host's name is its binding key on the hosts exchange: one with
+        # a `*` or `#` word would match other hosts' copies.
+        bad = [h for h in self.hosts if not re.search(HOST_PATTERN, h)]
+        if bad:
+            raise ValueError(f"not a valid host name: {', '.join(map(repr, bad))} "
+                             f"(letters, digits, '_', '.', '-'; up to 200)")
 
     def compute_user(self, host):
         return self.compute_user_prefix + host
@@ -102,12 +116,13 @@ def grants(d):
     yield (d.network_user, "^$", _names(p, "ingress", JOURNAL), "^$",
            [(f"{p}.ingress", r"^instance\.", "^$")])
     yield (d.router_user,
-           _names(p, "ingress", "lifecycle", "dead-letter", "control",
+           _names(p, "ingress", "lifecycle", "dead-letter", "control", "hosts",
                   "router", r"router\.probation", r"retry\..*",
                   r"placement\..*", JOURNAL),
            # ingress: retry queues dead-letter into it, and declaring a queue
            # with a dead-letter exchange needs write on that exchange.
-           "^(amq\\.default|" + _names(p, "ingress", r"host\..*", "dead-letter",
+           "^(amq\\.default|" + _names(p, "ingress", "hosts", r"host\..*",
+                                       "dead-letter",
                                        "control", "router",
                                        r"router\.probation", r"retry\..*",
                                        r"placement\..*", JOURNAL)[1:-1] + ")$",
@@ -125,8 +140,9 @@ def grants(d):
                # binding a queue needs write on it and read on the exchange
                _names(p, own + r"\.events", control, "lifecycle",
                       "dead-letter", JOURNAL),
-               _names(p, own, own + r"\.events", control, "control"),
-               [])
+               _names(p, own, own + r"\.events", control, "control", "hosts"),
+               # the hosts exchange: bound with its own name only
+               [(f"{p}.hosts", "^$", "^" + re.escape(host) + "$")])
 
 
 # The dead-letter queue is the one queue every compute user may fill (a host

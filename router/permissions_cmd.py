@@ -44,12 +44,15 @@ def main(argv):
     conf = parse(argv, "evrouter permissions",
                  "Print (or --apply) the RabbitMQ users, vhost permissions and "
                  "topic permissions of an evrouter deployment.", cli_opts=cli_opts)
-    deployment = Deployment(prefix=conf.bus.prefix, vhost=conf.vhost,
-                            network_user=conf.network_user,
-                            router_user=conf.router_user,
-                            compute_user_prefix=conf.compute_user_prefix,
-                            hosts=tuple(conf.host), x509_hosts=conf.x509_hosts,
-                            x509_services=conf.x509_services)
+    try:
+        deployment = Deployment(
+            prefix=conf.bus.prefix, vhost=conf.vhost,
+            network_user=conf.network_user, router_user=conf.router_user,
+            compute_user_prefix=conf.compute_user_prefix,
+            hosts=tuple(conf.host), x509_hosts=conf.x509_hosts,
+            x509_services=conf.x509_services)
+    except ValueError as exc:
+        return fail(f"--host: {exc}")
     if conf.definitions:
         if not conf.password:
             return fail("--definitions needs --password (the users' password)")
