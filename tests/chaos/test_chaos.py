@@ -238,12 +238,22 @@ class Schedule:
         self.w.remove(fault)
 
     def exchange_gone(self):
-        w, host = self.w, self.rng.choice(HOSTS)
-        fault = cw.Fault(f"exchange-gone {host}", frozenset({host}),
-                        backlog=cw.PARKED_TIER,
-                        undo=lambda: w.admin_do(lambda ch: _declare_host(w, ch, host)))
+        """An operator deletes the hosts exchange every host copy goes
+        through, and every host's binding with it. The router's next copy
+        finds it gone (404) and declares it again; until the host queues
+        are bound again (each consumer's queue watch, or the undo as an
+        operator would) the copies come back and are parked."""
+        w = self.w
+        name = w.topo.hosts_exchange_name
+
+        def undo():
+            w.admin_do(lambda ch: w.topo.hosts_exchange()(ch).declare())
+            for host in HOSTS:
+                w.admin_do(lambda ch, host=host: _declare_host(w, ch, host))
+        fault = cw.Fault(f"exchange-gone {name}", cw.ALL,
+                         backlog=cw.PARKED_TIER, undo=undo)
         w.begin(fault)
-        w.admin_do(lambda ch: ch.exchange_delete(w.topo.host_exchange_name(host)))
+        w.admin_do(lambda ch: ch.exchange_delete(name))
         return fault
 
     def queue_gone(self):
@@ -321,10 +331,12 @@ class Schedule:
         return fault
 
     def internal_host(self):
-        """A compromised host declares its exchange again as `internal`:
-        every publish to it closes the channel with 403, not 404. Its
-        copies are parked (and dead-lettered `refused` past patience);
-        nobody else's are held up."""
+        """A compromised host declares its exchange again as `internal`.
+        Before the hosts exchange, every publish to it closed the router's
+        channel with 403; now the router never publishes there, and its
+        queue stays bound to the hosts exchange: nobody's events are held
+        up (its own consumer, if it restarts, cannot declare the exchange
+        as it is: lost until the undo)."""
         w, host = self.w, self.rng.choice(HOSTS)
         # lost: its consumer's connection stays, but a new session (a
         # restart, a close_connection) cannot declare the exchange as it
@@ -387,13 +399,15 @@ def _declare_host(world, channel, host):
 def _redeclare_host(world, channel, host, internal=False):
     """The host's exchange deleted and declared again (internal or not),
     bound to its queue as the topology binds it."""
+    from router.bus import topology
     [exchange], [queue] = world.topo.for_host(host)
     channel.exchange_delete(exchange.name)
     if internal:
         poison.declare_internal_exchange(channel, exchange.name, exchange.type)
     else:
         exchange(channel).declare()
-    channel.queue_bind(queue.name, exchange.name, routing_key=queue.routing_key)
+    channel.queue_bind(queue.name, exchange.name,
+                       routing_key=topology.INSTANCE_BINDING)
 
 
 def test_chaos(chaos_node, monkeypatch):

@@ -137,11 +137,10 @@ def covers(hosts, host):
 # explains. (reason, or x-death reason for the broker's own dead-lettering)
 # -> the fault kinds that explain it, each with why.
 EXCUSED = {
-    # Its host's exchange (or queue: then the exchange routes nowhere) was
-    # deleted: the router's copy came back 404 / returned, and it says so.
-    # (internal-host: its exchange is deleted to be declared again, internal
-    # and back: a copy may find it gone in between.)
-    contract.REASON_UNROUTABLE: {"exchange-gone", "queue-gone", "internal-host"},
+    # Its host's queue, or the hosts exchange with every binding, was
+    # deleted: the router's copy came back returned, was parked for its
+    # host, and no_host_timeout ran out before the host was bound again.
+    contract.REASON_UNKNOWN_HOST: {"exchange-gone", "queue-gone"},
     # Its host queue (or the probation/retry queue it had to pass) refused
     # every copy for longer than refused_patience (REFUSED_PATIENCE here).
     # (internal-host: its exchange closed the channel on every copy.)

@@ -126,6 +126,13 @@ def test_broker_definitions_are_the_deployments_permissions():
     loaded = {p["user"]: (p["configure"], p["write"], p["read"])
               for p in defs["permissions"] if p["user"] in ours}
     assert loaded == ours
+    # the topic permissions too: a host binds the hosts exchange with its
+    # own name only, the network user writes instance.* only
+    topics = {(g[0], exchange, write, read)
+              for g in grants(Deployment(hosts=("compute-1",)))
+              for exchange, write, read in g[4]}
+    assert {(t["user"], t["exchange"], t["write"], t["read"])
+            for t in defs["topic_permissions"] if t["user"] in ours} == topics
     assert {u["name"] for u in defs["users"]} == set(ours) | {"openstack"}
     rabbitmq = SERVICES["rabbitmq"]["volumes"]
     assert any(v.startswith("./deploy/rabbitmq/definitions.json:") for v in rabbitmq)

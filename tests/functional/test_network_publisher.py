@@ -118,7 +118,9 @@ def test_event_reaches_the_host_with_the_broker_validated_publisher(bus, router)
     [(message, env)] = host_events(bus, 1)
     assert env.id == receipt.message_id
     assert env.payload == plugged(1)
-    assert message.delivery_info["routing_key"] == "instance.network-vif-plugged"
+    # through the hosts exchange, the host its routing key
+    assert message.delivery_info["exchange"] == bus.topology.hosts_exchange_name
+    assert message.delivery_info["routing_key"] == HOST
     # The router copies the user_id RabbitMQ validated on ingress.
     assert message.headers[contract.HEADER_PUBLISHER] == "guest"
     assert router.service.stats["in"] == 1
@@ -247,13 +249,13 @@ def test_a_live_connection_cut_spools_and_drains_in_the_same_process(
 def test_unroutable_ingress_is_retried_then_spooled_not_lost(bus, tmp_path):
     # No router queue bound yet (no router ever started): the broker returns
     # the message. It is kept, and delivered once the queue exists.
-    bus.declare_host(HOST)
     ingress = bus.topology.ingress_exchange()
     ingress(bus.channel()).declare()
     with InstanceEventPublisher(settings(bus, spool_path=tmp_path / "s")) as pub:
         receipt = pub.publish(plugged(1))
         assert receipt.spooled
         bus.declare_central()
+        bus.declare_host(HOST)      # bound to the hosts exchange, there now
         from tests.conftest import RunningRouter
         router = RunningRouter(bus)
         try:

@@ -9,16 +9,18 @@ window, once full, stops its intake), tries again with backoff, one copy
 first, and routes everything once it may publish again: nothing
 dead-lettered, nothing dropped, one session.
 
-A partial grant (everything but one host's exchange: a host fenced off by
-permissions) is that host's trouble only. Held as a revoked permission, it
-stalled every host for good: the probe was always the fenced host's copy,
-and every new copy queued behind it (79 of 85 healthy events undelivered in
-40 s in the review). Now a copy for another destination that passes proves
-the denial partial: the other hosts' copies flow, the fenced host's are
-parked and then dead-lettered `refused`.
+A partial grant (everything but one host's key on the hosts exchange: a
+host fenced off by a topic permission) is that host's trouble only. Held
+as a revoked permission, it stalled every host for good: the probe was
+always the fenced host's copy, and every new copy queued behind it (79 of
+85 healthy events undelivered in 40 s in the review). Now a copy for
+another destination that passes proves the denial partial: the other
+hosts' copies flow, the fenced host's are parked and then dead-lettered
+`refused`.
 """
 
 import re
+import subprocess
 import time
 import uuid
 
@@ -78,10 +80,14 @@ def _event(host):
 
 
 def test_a_partial_write_grant_costs_only_the_denied_hosts_events(router_vhost):
-    # Everything but the fenced host's exchange.
-    rv = router_vhost("fenced", [HOST, FENCED], write=lambda topo: (
-        f"^(?!{re.escape(topo.host_exchange_name(FENCED))}$).*"))
+    # Everything but the fenced host's key on the hosts exchange (a topic
+    # permission: every host's copies go through that one exchange).
+    rv = router_vhost("fenced", [HOST, FENCED])
     topo, admin = rv.topology, rv.admin
+    subprocess.run(["rabbitmqctl", "-q", "set_topic_permissions", "-p",
+                    rv.vhost, rv.user, topo.hosts_exchange_name,
+                    f"^(?!{FENCED}$).*", ".*"], check=True, timeout=60,
+                   capture_output=True)
     router = rv.start_router(refused_patience=2.0, refused_hold=0.5)
     publisher = rv.start_publisher()
     fenced = _event(FENCED)

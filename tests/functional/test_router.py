@@ -53,14 +53,15 @@ def publish_lifecycle(bus, host, transition, server, detail=0, seq=0):
             mandatory=False)
 
 
-def test_plain_kombu_event_lands_on_the_host_exchange(bus, router):
+def test_plain_kombu_event_lands_on_its_hosts_queue(bus, router):
     bus.declare_host("cmp-a")
     bus.declare_host("cmp-b")
     env = instance_env(host="cmp-a")
     publish_env(bus, env)
     [msg] = collect(bus.url, bus.topology.host_queue_name("cmp-a"), 1)
     assert contract.decode(msg.body) == env
-    assert msg.delivery_info["routing_key"] == "instance.network-vif-plugged"
+    assert msg.delivery_info["exchange"] == bus.topology.hosts_exchange_name
+    assert msg.delivery_info["routing_key"] == "cmp-a"
     assert msg.properties["message_id"] == env.id
     assert msg.properties["delivery_mode"] == 2
     assert msg.headers[contract.HEADER_PUBLISHER] == "guest"
@@ -164,16 +165,22 @@ def test_placement_from_the_fanout_covers_both_hosts_of_a_migration(bus, router)
         assert contract.decode(m.body).id == env.id
 
 
-def test_unroutable_host_copy_is_detected_and_dead_lettered(bus, router):
+def test_a_host_copy_with_no_queue_is_parked_then_dead_lettered_unknown_host(bus):
+    bus.declare_central()
     bus.declare_host("cmp-gone")
     with kombu.Connection(bus.url) as conn:
         conn.channel().queue_delete(bus.topology.host_queue_name("cmp-gone"))
-    env = instance_env(host="cmp-gone")
-    publish_env(bus, env)
-    [m] = collect(bus.url, bus.topology.dead_letter_queue_name, 1)
-    assert m.headers[contract.HEADER_REASON] == contract.REASON_UNROUTABLE
-    assert "cmp-gone" in m.headers[contract.HEADER_DETAIL]
-    assert contract.decode(m.body).id == env.id
+    r = RunningRouter(bus, policy=single_user_policy(bus.url, no_host_timeout=1.0))
+    try:
+        env = instance_env(host="cmp-gone")
+        publish_env(bus, env)
+        [m] = collect(bus.url, bus.topology.dead_letter_queue_name, 1)
+        assert m.headers[contract.HEADER_REASON] == contract.REASON_UNKNOWN_HOST
+        assert "cmp-gone" in m.headers[contract.HEADER_DETAIL]
+        assert contract.decode(m.body).id == env.id
+        assert r.service.stats["parked:unknown-host"] >= 1
+    finally:
+        r.stop()
 
 
 @pytest.mark.parametrize("queue_type", ["quorum"])

@@ -9,7 +9,13 @@ import pytest
 from router.bus import contract
 from router.bus.publishing import BlockingPublisher
 from router.service import HEADER_HOST
-from tests.conftest import RunningRouter, collect, queue_depth, wait_for
+from tests.conftest import (
+    RunningRouter,
+    collect,
+    queue_depth,
+    single_user_policy,
+    wait_for,
+)
 from tests.functional.waiter_harness import get_dead_letter
 
 pytestmark = pytest.mark.timeout(90)
@@ -53,8 +59,11 @@ def test_an_announced_host_without_an_exchange_does_not_kill_the_session(bus, ro
     _publish(bus, bus.topology.ingress_exchange_name, good)
     [m] = collect(bus.url, bus.topology.host_queue_name("cmp-real"), 1)
     assert m.properties["message_id"] == good.id
-    # The ghost's events wait for its exchange (parked), the session lives.
-    wait_for(lambda: router.service.stats["retried"] >= 6, 10, what="ghost events parked")
+    # The ghost's copies come back (no queue bound for it) and wait for it,
+    # parked; the session lives.
+    wait_for(lambda: router.service.stats["parked:unknown-host"] >= 6, 10,
+             what="ghost copies parked")
+    assert router.service.stats["publish_channel_faults"] == 0
     assert router.service.stats["sessions"] == sessions
     assert router.service.ready.is_set()
     # Once the host's consumer declares its exchange and queue, they get there.
@@ -125,24 +134,34 @@ def test_a_lingering_placement_queue_does_not_lock_the_router_out(bus):
             r.stop()
 
 
-def test_one_returned_copy_dead_letters_only_that_hosts_copy(bus, router):
+def test_one_returned_copy_dead_letters_only_that_hosts_copy(bus):
+    """cmp-noq has an exchange but no queue bound for it: its copy comes
+    back, is parked for it, and is dead-lettered unknown-host after
+    no_host_timeout; cmp-ok's copy of the same event stands."""
+    bus.declare_central()
     bus.declare_host("cmp-ok")
-    # cmp-noq has an exchange but nothing bound to it: copies come back.
-    with kombu.Connection(bus.url) as conn:
-        kombu.Exchange(bus.topology.host_exchange_name("cmp-noq"), "topic",
-                       durable=True)(conn.channel()).declare()
-    bus.own(exchanges=[bus.topology.host_exchange_name("cmp-noq")])
-    server = str(uuid.uuid4())
-    _lifecycle(bus, contract.LifecycleEvent(server, "cmp-noq", "STARTED", 2, 0, 1))
-    wait_for(lambda: router.service.placement.hosts_for(server), 10, what="placement")
-    env = _event(server, host="cmp-ok")
-    _publish(bus, bus.topology.ingress_exchange_name, env)
-    [m] = collect(bus.url, bus.topology.host_queue_name("cmp-ok"), 1)
-    assert m.properties["message_id"] == env.id
-    dead = get_dead_letter(bus)
-    assert dead.headers[contract.HEADER_REASON] == contract.REASON_UNROUTABLE
-    assert dead.headers[HEADER_HOST] == "cmp-noq"
-    assert queue_depth(bus.url, bus.topology.router_queue_name) == 0
+    router = RunningRouter(bus, policy=single_user_policy(bus.url,
+                                                          no_host_timeout=1.0))
+    try:
+        with kombu.Connection(bus.url) as conn:
+            kombu.Exchange(bus.topology.host_exchange_name("cmp-noq"), "topic",
+                           durable=True)(conn.channel()).declare()
+        bus.own(exchanges=[bus.topology.host_exchange_name("cmp-noq")])
+        server = str(uuid.uuid4())
+        _lifecycle(bus, contract.LifecycleEvent(server, "cmp-noq", "STARTED", 2, 0, 1))
+        wait_for(lambda: router.service.placement.hosts_for(server), 10,
+                 what="placement")
+        env = _event(server, host="cmp-ok")
+        _publish(bus, bus.topology.ingress_exchange_name, env)
+        [m] = collect(bus.url, bus.topology.host_queue_name("cmp-ok"), 1)
+        assert m.properties["message_id"] == env.id
+        dead = get_dead_letter(bus)
+        assert dead.headers[contract.HEADER_REASON] == contract.REASON_UNKNOWN_HOST
+        assert dead.headers[HEADER_HOST] == "cmp-noq"
+        wait_for(lambda: queue_depth(bus.url, bus.topology.router_queue_name) == 0,
+                 5, what="nothing left in the router queue")
+    finally:
+        router.stop()
 
 
 def test_health_says_why_the_router_cannot_connect(bus):
@@ -179,10 +198,12 @@ def test_a_copy_the_broker_refuses_is_published_again_not_requeued(bus, router):
     queue_name = bus.topology.host_queue_name(host)
     with kombu.Connection(bus.url) as conn:
         ch = conn.channel()
-        kombu.Queue(queue_name, kombu.Exchange(exchange, "topic", durable=True),
-                    routing_key="instance.*", durable=True,
-                    queue_arguments={"x-max-length": 1,
-                                     "x-overflow": "reject-publish"})(ch).declare()
+        kombu.Queue(queue_name, durable=True, bindings=[
+            kombu.binding(kombu.Exchange(exchange, "topic", durable=True),
+                          routing_key="instance.*"),
+            kombu.binding(bus.topology.hosts_exchange(), routing_key=host)],
+            queue_arguments={"x-max-length": 1,
+                             "x-overflow": "reject-publish"})(ch).declare()
     bus.own(exchanges=[exchange], queues=[queue_name])
     first, second = _event(str(uuid.uuid4()), host=host), _event(str(uuid.uuid4()), host=host)
     _publish(bus, bus.topology.ingress_exchange_name, first)

@@ -35,6 +35,26 @@ class SecureDeployment:
         return subprocess.run([sys.executable, "-m", "router.cli", *args],
                               capture_output=True, text=True, timeout=120)
 
+    def apply_permissions(self):
+        """`evrouter permissions --apply` for hosts a and b, as an operator
+        runs it."""
+        out = self.evrouter(
+            "permissions", "--apply", "--vhost", self.vhost, "--bus-prefix",
+            self.prefix, "--network-user", self.network, "--router-user",
+            self.router_user, "--compute-user-prefix", self.compute_prefix,
+            "--host", "a", "--host", "b", "--password", self.password)
+        assert out.returncode == 0, out.stderr
+
+    def start_router(self):
+        """The router as the router user, believing the network user only."""
+        class Bus:
+            url = self.url(self.router_user)
+            topology = self.topology
+            prefix = self.prefix
+        return RunningRouter(Bus, policy=Policy(
+            allowed_publishers=frozenset({self.network}),
+            compute_user_prefix=self.compute_prefix))
+
     def cleanup(self):
         subprocess.run(["rabbitmqctl", "delete_vhost", self.vhost], capture_output=True)
         for user in self.users:
@@ -62,23 +82,14 @@ def event(host):
 
 def test_permissions_confine_every_user_to_its_role(secure):
     d = secure
-    out = d.evrouter("permissions", "--apply", "--vhost", d.vhost, "--bus-prefix", d.prefix,
-                     "--network-user", d.network, "--router-user", d.router_user,
-                     "--compute-user-prefix", d.compute_prefix, "--host", "a", "--host", "b",
-                     "--password", d.password)
-    assert out.returncode == 0, out.stderr
+    d.apply_permissions()
     # the rogue may write ingress too, but is not an allowed publisher
     subprocess.run(["rabbitmqctl", "add_user", d.rogue, d.password], check=True,
                    capture_output=True)
     subprocess.run(["rabbitmqctl", "set_permissions", "-p", d.vhost, d.rogue, "^$",
                     f"^{d.prefix}\\.ingress$", "^$"], check=True, capture_output=True)
 
-    class Bus:
-        url = d.url(d.router_user)
-        topology = d.topology
-        prefix = d.prefix
-    router = RunningRouter(Bus, policy=Policy(
-        allowed_publishers=frozenset({d.network}), compute_user_prefix=d.compute_prefix))
+    router = d.start_router()
     try:
         # each compute host declares its own exchange and queue, nothing else
         for host in ("a", "b"):
@@ -159,3 +170,53 @@ def test_a_password_that_looks_like_an_option_is_applied(secure):
     with kombu.Connection(d.url(d.network)) as conn:
         conn.connect()
         assert conn.connected
+
+
+def test_a_compromised_host_cannot_take_another_hosts_copies(secure):
+    """Every host's copies go through one exchange, <prefix>.hosts, keyed
+    by host name. Under the planned permissions (applied with rabbitmqctl,
+    as an operator does) host a's user may bind its own queue there with
+    its own name and nothing else: not b's name, not a wildcard, not from
+    an exchange of its own; it may not publish there, nor delete or
+    re-declare it. The router's copies for b reach b alone."""
+    d = secure
+    d.apply_permissions()
+    with kombu.Connection(d.url(d.router_user)) as conn:
+        topology.declare(conn.channel(), *d.topology.central())
+    for host in ("a", "b"):
+        with kombu.Connection(d.url(d.compute_prefix + host)) as conn:
+            assert topology.declare(conn.channel(), *d.topology.for_host(host)) == []
+    hosts_exchange = d.topology.hosts_exchange_name
+    own_queue = d.topology.host_queue_name("a")
+    with kombu.Connection(d.url(d.compute_prefix + "a")) as conn:
+        attempts = {f"bind key {key!r}": (lambda ch, key=key: ch.queue_bind(
+            own_queue, hosts_exchange, key)) for key in ("b", "#", "*", "a.#", "#.b")}
+        attempts.update({
+            "bind its own exchange with key 'b'": lambda ch: ch.exchange_bind(
+                d.topology.host_exchange_name("a"), hosts_exchange, "b"),
+            "publish to it": lambda ch: BlockingPublisher(
+                conn, user_id=conn.userid).publish(hosts_exchange, "b", b"{}"),
+            "delete it": lambda ch: ch.exchange_delete(hosts_exchange),
+            "declare it as a fanout": lambda ch: ch.exchange_declare(
+                hosts_exchange, "fanout", durable=True),
+        })
+        allowed = []
+        for what, attempt in attempts.items():
+            try:
+                attempt(conn.channel())
+            except (amqp.exceptions.AccessRefused,
+                    amqp.exceptions.PreconditionFailed):
+                continue
+            allowed.append(what)
+        assert allowed == [], f"host a's user could {allowed}"
+
+    router = d.start_router()
+    try:
+        env = event("b")
+        publish(d.url(d.network), d.topology.ingress_exchange_name,
+                "instance.network-vif-plugged", contract.encode(env), message_id=env.id)
+        [m] = collect(d.url(d.compute_prefix + "b"), d.topology.host_queue_name("b"), 1)
+        assert contract.decode(m.body).id == env.id
+        assert not collect(d.url(d.compute_prefix + "a"), own_queue, 1, timeout=1)
+    finally:
+        router.stop()

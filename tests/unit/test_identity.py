@@ -58,8 +58,8 @@ def test_instance_events_without_a_user_id_are_forbidden_even_with_no_list(user)
 
     def decide(publisher, authenticated=True):
         return routing.decide(env, publisher=publisher, hosts_for=lambda u: (),
-                              is_known_host=lambda h: True, attempt=0, first_seen=0,
-                              now=0, policy=routing.Policy(),
+                              attempt=0, first_seen=0, now=0,
+                              policy=routing.Policy(),
                               authenticated=authenticated)
 
     outcome = decide(user)

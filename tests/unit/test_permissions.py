@@ -88,3 +88,47 @@ def test_every_planned_command_ends_its_options_before_names_and_passwords(
         assert options[::2] in ([], ["-p"], ["-p", "--apply-to"]), cmd
         assert sorted(map(str, cmd[1:end] + cmd[end + 1:])) == sorted(
             map(str, args[1:]))
+
+
+# Every name the contract lets a host have (contract.HOST_PATTERN).
+contract_hosts = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,40}", fullmatch=True)
+
+
+@given(contract_hosts, contract_hosts, st.sampled_from(["evrouter", "p", "a.b"]))
+def test_a_host_may_bind_the_hosts_exchange_with_its_own_name_only(
+        host, other, prefix):
+    """The routers publish each host's copies to <prefix>.hosts with the
+    host's name as routing key; a compromised host that could bind
+    another's name, or a wildcard, would take that host's copies. Its topic
+    read permission there admits its own name and nothing else, and the
+    key its queue binds with is that name (so the permission is enough)."""
+    d = Deployment(prefix=prefix, hosts=(host, other))
+    topics = {g[0]: g[4] for g in grants(d)}[d.compute_user(host)]
+    [(exchange, write, read)] = topics
+    topo = Topology(prefix=prefix)
+    assert exchange == topo.hosts_exchange_name
+    assert not re.search(write, host), "nobody but the router writes there"
+    [key] = [b.routing_key for b in topo.host_queue(host).bindings
+             if b.exchange.name == topo.hosts_exchange_name]
+    assert key == host and re.search(read, key)
+    for theirs in {other, "#", "*", f"{host}.#", f"{host}.*", f"*.{host}",
+                   f"#.{host}", host + "x", "x" + host} - {host}:
+        assert not re.search(read, theirs), (read, theirs)
+
+
+@given(contract_hosts)
+def test_only_the_router_may_write_the_hosts_exchange(host):
+    d = Deployment(hosts=(host,))
+    name = Topology().hosts_exchange_name
+    writers = {g[0] for g in grants(d) if re.search(g[2], name)}
+    assert writers == {d.router_user}
+
+
+def test_a_host_name_that_could_be_a_wildcard_binding_is_refused():
+    for bad in ("a.*", "#", "a.#.b", "a b", "", "-a"):
+        try:
+            Deployment(hosts=("ok", bad))
+        except ValueError as exc:
+            assert repr(bad) in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
