@@ -74,6 +74,10 @@ HEADER_HOST = "x-evrouter-host"
 # host it is for, and how many times it was parked.
 HEADER_FOR_HOST = "x-evrouter-for-host"
 HEADER_PARKED = "x-evrouter-parked"
+# How many of those rounds were for want of its host's queue (returns): a
+# return's rounds count against no_host_timeout, a refusal's against
+# refused_patience, each from its own first tier.
+HEADER_UNBOUND = "x-evrouter-unbound"
 REASON_REFUSED = "refused"
 
 _LOST = "channel-closed"
@@ -85,10 +89,10 @@ class Entry:
     """An ingress message in hand, until all the copies it caused ended."""
 
     __slots__ = ("lane", "tag", "key", "message", "env_id", "ours",
-                 "remaining", "started", "dropped", "parked", "fallback",
-                 "trace", "event")
+                 "remaining", "started", "dropped", "parked", "unbound",
+                 "fallback", "trace", "event", "routed")
 
-    def __init__(self, lane, tag, message, env_id, ours, parked=0):
+    def __init__(self, lane, tag, message, env_id, ours, parked=0, unbound=0):
         self.started = time.monotonic()
         self.lane = lane
         self.tag = tag
@@ -99,6 +103,12 @@ class Entry:
         self.remaining = 0
         self.dropped = False
         self.parked = parked        # a host copy parked this many times before
+        self.unbound = unbound      # ... of which for a return
+        # (env, publisher, attempt, first_seen) while the event's one copy
+        # is out to the one host it was decided for: if it comes back, the
+        # event is decided again (Session._alone_returned), not parked
+        # for that host alone.
+        self.routed = None
         # Called instead of waiting out patience when its probation copy is
         # refused past hold: routes the message here (router/session.py).
         self.fallback = None
@@ -140,7 +150,7 @@ class Delivery:
 
     def __init__(self, conn, topo, stats, *, settled, router_name,
                  patience=20.0, hold=2.0, no_host_timeout=120.0, user=None,
-                 memory=False,
+                 memory=False, alone_returned=None,
                  damaged=None, clock=time.monotonic, journal=None,
                  max_held=128):
         self.conn = conn
@@ -159,6 +169,9 @@ class Delivery:
         self.patience = patience
         self.hold = min(hold, patience)
         self.no_host_timeout = no_host_timeout
+        # alone_returned(entry, host): the event's only copy came back
+        # (see Entry.routed); it sends what replaces that copy.
+        self._alone_returned = alone_returned
         # Parking needs TTLs (not in memory) and the router's own user_id on
         # the parked copy, so that its host is trusted when it comes back.
         self._user = None if memory else user
@@ -234,8 +247,9 @@ class Delivery:
                                      for c in waiting)
 
     # --- entries and copies ---------------------------------------------------
-    def track(self, lane, tag, message, env_id, *, ours=False, parked=0):
-        entry = Entry(lane, tag, message, env_id, ours, parked)
+    def track(self, lane, tag, message, env_id, *, ours=False, parked=0,
+              unbound=0):
+        entry = Entry(lane, tag, message, env_id, ours, parked, unbound)
         self.entries[entry.key] = entry
         return entry
 
@@ -408,9 +422,17 @@ class Delivery:
         neither a channel nor a prefetch slot for longer than its confirm."""
         self.stats["returned"] += 1
         why = f"no queue bound to {copy.exchange} with key {copy.host!r}"
+        entry = copy.entry
         if self._user is None:      # the memory transport: nowhere to park
             return self._replace_with_dead_letter(
                 copy, contract.REASON_UNKNOWN_HOST, f"host {copy.host}: {why}")
+        if entry.routed is not None and self._alone_returned is not None:
+            # Its only copy, to the host it was decided for (most often a
+            # hint naming no host, placement empty then): parked for that
+            # host alone it would never reach the host placement names a
+            # moment later (the review). Decided again after a tier.
+            self._alone_returned(entry, copy.host)
+            return self._ended(entry)
         self._park(copy, why, patience=self.no_host_timeout,
                    reason=contract.REASON_UNKNOWN_HOST)
 
@@ -432,7 +454,11 @@ class Delivery:
         given): dead-lettered `reason`, or refused."""
         entry = copy.entry
         rounds = entry.parked + 1
-        parked_for = sum(self.topo.retry_delay_ms(r) for r in range(1, rounds)) / 1000
+        unbound = entry.unbound + (reason is not None)
+        # This kind's rounds only: each kind has its own budget and tiers.
+        counted = unbound if reason is not None else rounds - entry.unbound
+        parked_for = sum(self.topo.retry_delay_ms(r)
+                         for r in range(1, counted)) / 1000
         if parked_for >= (self.patience if patience is None else patience):
             if reason is not None:
                 LOG.warning("event %s: host %s: %s after %.0fs parked; "
@@ -442,8 +468,9 @@ class Delivery:
                     copy, reason, f"host {copy.host}: {outcome} after "
                     f"{parked_for:.0f}s parked")
             return self._give_up(copy, outcome)
-        delay = self.topo.retry_delay_ms(rounds)
-        ours = {HEADER_FOR_HOST: copy.host, HEADER_PARKED: rounds}
+        delay = self.topo.retry_delay_ms(counted)
+        ours = {HEADER_FOR_HOST: copy.host, HEADER_PARKED: rounds,
+                HEADER_UNBOUND: unbound}
         theirs = copy.kwargs.get("headers")
         self.send(entry, RETRY, None, "", self.topo.retry_queue_name(delay),
                   copy.body, message_id=copy.kwargs.get("message_id"),
@@ -465,7 +492,8 @@ class Delivery:
         """quiet: at DEBUG (one of a flood, said at ERROR now and then)."""
         entry = copy.entry
         where = f"{copy.exchange or 'queue'} {copy.routing_key}".strip()
-        took = self._clock() - (copy.first_refused or self._clock())
+        now = self._clock()
+        took = now - (now if copy.first_refused is None else copy.first_refused)
         detail = (f"the broker refused the {copy.kind} copy ({outcome}) "
                   f"{max(copy.refusals, 1)} time(s) over {took:.1f}s: {where}")
         level = logging.DEBUG if quiet else logging.ERROR

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 
 from router.bus.contract import HOST_PATTERN
 
+HOST_QUEUE_SUFFIX = ".events"       # Topology.host_queue_name
 
 class Throwaway(str):
     """A random password that is cleared right after add_user: never shown."""
@@ -93,6 +94,14 @@ class Deployment:
         if bad:
             raise ValueError(f"not a valid host name: {', '.join(map(repr, bad))} "
                              f"(letters, digits, '_', '.', '-'; up to 200)")
+        # Host H's exchange is <prefix>.host.H and its queue
+        # <prefix>.host.H.events: a host named "b.events" would be granted
+        # host b's queue as its own exchange (read, delete it).
+        bad = [h for h in self.hosts if h.endswith(HOST_QUEUE_SUFFIX)]
+        if bad:
+            raise ValueError(f"a host name may not end in {HOST_QUEUE_SUFFIX!r}: "
+                             f"{', '.join(map(repr, bad))} (host {bad[0][:-7]!r}'s "
+                             f"queue would be its exchange)")
 
     def compute_user(self, host):
         return self.compute_user_prefix + host

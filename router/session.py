@@ -27,7 +27,9 @@ from router.bus.connection import take
 from router.delivery import (
     DEAD,
     HEADER_FOR_HOST,
+    HEADER_HOST,
     HEADER_PARKED,
+    HEADER_UNBOUND,
     HOST_COPY,
     RETRY,
     Delivery,
@@ -82,6 +84,7 @@ class Session:
                 conn, self.topo, self.stats, settled=self._settled,
                 router_name=self.s.name,
                 no_host_timeout=self.s.policy.no_host_timeout,
+                alone_returned=self._alone_returned,
                 patience=self.s.refused_patience, hold=self.s.refused_hold,
                 user=self.user, memory=self.memory,
                 damaged=self._damaged, journal=self.service.journal,
@@ -336,7 +339,7 @@ class Session:
         publisher = user_id
         now = time.time()
         attempt, first_seen = 0, now
-        for_host, parked = None, 0
+        for_host, parked, unbound = None, 0, 0
         # Without headers every read below gives its default: skipped.
         if headers and (ours or (self.memory and type(headers) is dict)):
             # Our own copy: carries the original, broker-validated publisher.
@@ -348,6 +351,7 @@ class Session:
             # A host copy parked after refusals: for that host alone.
             for_host = inbound.header(headers, HEADER_FOR_HOST, str, None)
             parked = inbound.header(headers, HEADER_PARKED, int, 0)
+            unbound = inbound.header(headers, HEADER_UNBOUND, int, 0)
             carried = inbound.header(headers, HEADER_VERDICT, str, None)
             if carried and verdict is None:
                 verdict = (carried, inbound.header(
@@ -355,7 +359,7 @@ class Session:
         entry = self.delivery.track(
             lane, tag, message,
             env.id if env else inbound.safe_shortstr(msg_id) or "-", ours=ours,
-            parked=parked)
+            parked=parked, unbound=unbound)
         if headers:
             # The sender's, so hostile: kept only if it is well formed.
             traceparent = tracecontext.valid(headers.get(tracecontext.HEADER)) \
@@ -412,7 +416,8 @@ class Session:
                                  entry.trace)
         decision = self._decide(env, publisher, attempt, first_seen, now)
         if type(decision) is routing.Deliver:
-            self._deliver(entry, env, decision.hosts, publisher, entry.trace)
+            self._deliver(entry, env, decision.hosts, publisher, entry.trace,
+                          (env, publisher, attempt, first_seen))
         elif type(decision) is routing.Retry:
             if hold and attempt == 0 and self._may_hold(entry, env):
                 self._hold_unplaced(entry, env, publisher, attempt, first_seen)
@@ -490,7 +495,8 @@ class Session:
                     self._unhold(entry)
                     self.stats["unplaced_placed"] += 1
                     self._deliver(entry, env, decision.hosts, publisher,
-                                  entry.trace)
+                                  entry.trace,
+                                  (env, publisher, attempt, first_seen))
 
     def _release_unplaced(self, now):
         """Held events whose time is up (all of them: now=inf) are routed
@@ -547,10 +553,15 @@ class Session:
         self.stats["redelivered"] += 1
         LOG.info("event %s redelivered (%d): to probation", entry.env_id, seen)
 
-    def _deliver(self, entry, env, hosts, publisher, traceparent=None):
+    def _deliver(self, entry, env, hosts, publisher, traceparent=None,
+                 decided=None):
         """A copy per host to the hosts exchange, the host its routing key:
-        one exchange the router declared, whatever the host (issue 22)."""
+        one exchange the router declared, whatever the host (issue 22).
+        decided: (env, publisher, attempt, first_seen) when `hosts` is the
+        routing decision's (not a parked copy's one host)."""
         p = env.payload
+        if decided is not None and len(hosts) == 1:
+            entry.routed = decided
         headers = {contract.HEADER_PUBLISHER: publisher} if publisher else None
         if traceparent is not None:
             if headers is None:
@@ -571,6 +582,27 @@ class Session:
             LOG.debug("event %s %s for %s routed to %s", env.id,
                       env.payload.name, env.payload.server_uuid,
                       ",".join(hosts))
+
+    def _alone_returned(self, entry, host):
+        """The event's only copy came back: its host has no queue bound
+        (most often a hint naming no host, with no placement yet). Decided
+        again after a retry tier, with the placement then, as an event with
+        no host is; dead-lettered unknown-host once no_host_timeout has
+        passed, never while placement is warming up."""
+        env, publisher, attempt, first_seen = entry.routed
+        entry.routed = None
+        now = time.time()
+        detail = f"host {host!r} has no queue bound to {self.topo.hosts_exchange_name}"
+        if (now - first_seen >= self.s.policy.no_host_timeout
+                and self.service.placement.ready()):
+            LOG.warning("event %s: %s after %.0fs; dead-lettering it", env.id,
+                        detail, now - first_seen)
+            return self.delivery.dead_letter(
+                entry, contract.REASON_UNKNOWN_HOST,
+                f"{detail} after {now - first_seen:.0f}s",
+                extra_headers={HEADER_HOST: host})
+        self._retry(entry, env, routing.Retry(attempt + 1, detail), publisher,
+                    first_seen)
 
     def _retry(self, entry, env, decision, publisher, first_seen):
         delay = self.topo.retry_delay_ms(decision.attempt)

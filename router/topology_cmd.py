@@ -141,6 +141,8 @@ def main(argv):
                  f"{_OWNER['central' if part == 'central' else 'host']}, or "
                  f"as an administrator)" for part, name in missing]
         return fail(f"{who} may not declare these and they do not exist:\n"
-                    + "\n".join(lines), 1)
+                    + "\n".join(lines) + "\n(if this is that user, its permissions "
+                    "predate these entities: run `evrouter permissions --apply` "
+                    "first)", 1)
     print(f"declared on {connection.display(conn)}")
     return 0

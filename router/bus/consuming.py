@@ -11,8 +11,9 @@ second apart (a quorum queue in the middle of an election may answer 0
 once), it is told the consumer is lost, as a cancel would have told it.
 A consumer that receives deliveries is not asked about: it is consuming.
 
-An idle consumer's queue is also bound again to the exchanges it reads
-(one queue.bind each, a no-op when the binding is there): an exchange
+Every ``interval``, busy or idle, the queue is also bound again to the
+exchanges it reads (one queue.bind each, a no-op when the binding is
+there; deliveries through one binding say nothing of another): an exchange
 deleted and declared again (an operator, a redeploy, a router repairing the
 central topology) comes back without its bindings, and the broker tells no
 consumer. Gone altogether (404), an exchange the consumer may declare is
@@ -70,6 +71,11 @@ class QueueWatch:
         if self._active:
             self._active = self._suspect = False
             self._next = now + self.interval
+            # Deliveries prove the consumer, not every binding: a host fed
+            # through its own exchange lost its hosts-exchange binding all
+            # the same (the review: never bound again while busy).
+            for exchange, key in self._bindings:
+                self._bind_again(exchange, key)
             return
         try:
             if self._probe is None:

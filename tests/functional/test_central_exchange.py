@@ -11,6 +11,7 @@ host and dead-lettered `unknown-host` after no_host_timeout.
 """
 
 import logging
+import subprocess
 import threading
 import time
 import uuid
@@ -90,8 +91,8 @@ def test_a_router_that_may_write_no_host_exchange_reaches_every_host(
 
 def test_a_copy_for_a_host_without_a_queue_waits_parked_for_it(fast_bus):
     """The host's consumer starts after its first event: the copy comes
-    back (a return, not a closed channel), is parked for that host alone,
-    and reaches its queue by the round after the queue is declared."""
+    back (a return, not a closed channel), its event waits in the retry
+    tiers, and reaches the queue by the round after it is declared."""
     b = fast_bus
     b.declare_central()
     b.declare_host("cmp-here")
@@ -101,8 +102,8 @@ def test_a_copy_for_a_host_without_a_queue_waits_parked_for_it(fast_bus):
         env = _event("cmp-late")
         pub.to_ingress(env)
         stats = r.service.stats
-        wait_for(lambda: stats["parked:unknown-host"] >= 2, 10,
-                 what="the copy returned and parked, twice")
+        wait_for(lambda: stats["returned"] >= 2, 10,
+                 what="the copy returned, twice")
         # Others are not held up meanwhile.
         other = _event("cmp-here")
         pub.to_ingress(other)
@@ -191,12 +192,15 @@ def test_a_host_started_before_the_central_topology_is_bound_once_it_exists(
             thread.join(10)
 
 
-def test_the_hosts_exchange_deleted_is_declared_again_and_rebound(fast_bus):
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_the_hosts_exchange_deleted_is_declared_again_and_rebound(fast_bus, busy):
     """An operator deletes <prefix>.hosts under a running deployment: every
     host binding goes with it. The router's next copy finds it gone (404)
     and declares it again; each host consumer's queue watch binds its queue
-    again; the copies returned meanwhile were parked and arrive. Nothing
-    lost, one router session."""
+    again, busy or idle (busy: fed through its own exchange meanwhile, as
+    by a router of the earlier release; the review's host was never bound
+    again); the events returned meanwhile arrive. Nothing lost, one router
+    session."""
     b = fast_bus
     b.declare_central()
     host = "cmp-watched"
@@ -209,11 +213,22 @@ def test_the_hosts_exchange_deleted_is_declared_again_and_rebound(fast_bus):
     thread = consumer.start()
     r = RunningRouter(b)
     pub = Publisher(b)
+    feeding = threading.Event()
     try:
         assert consumer.ready.wait(10)
         first = _event(host)
         pub.to_ingress(first)
         wait_for(lambda: first.id in received, 10, what="the first event")
+        if busy:
+            def feed():
+                direct = Publisher(b)
+                try:
+                    while not feeding.is_set():
+                        direct.to_host(host, contract.encode(_event(host)))
+                        feeding.wait(0.1)
+                finally:
+                    direct.close()
+            threading.Thread(target=feed, daemon=True).start()
         with kombu.Connection(b.url) as conn:
             conn.default_channel.exchange_delete(b.topology.hosts_exchange_name)
         later = [_event(host) for _ in range(5)]
@@ -221,11 +236,13 @@ def test_the_hosts_exchange_deleted_is_declared_again_and_rebound(fast_bus):
             pub.to_ingress(env)
         wait_for(lambda: all(e.id in received for e in later), 20,
                  what="every event after the deletion")
+        feeding.set()
         stats = r.service.stats
         assert stats["topology_repairs"] >= 1, dict(stats)
         assert stats["sessions"] == 1
         assert queue_depth(b.url, b.topology.dead_letter_queue_name) == 0
     finally:
+        feeding.set()
         pub.close()
         r.stop()
         consumer.stop()
@@ -266,3 +283,76 @@ def test_the_memory_transport_dead_letters_a_copy_for_no_host():
     finally:
         svc.stop()
         thread.join(10)
+
+
+def test_a_hint_naming_no_host_does_not_keep_the_event_from_its_placement(
+        fast_bus):
+    """The review's case: the hint names a host without a queue (stale, a
+    name mismatch) and no host had reported the instance yet. Parked for
+    the hinted host alone, the event never reached the host placement named
+    a moment later and was dead-lettered unknown-host. Its only copy back,
+    it is decided again after a tier: it reaches the real host."""
+    from tests.functional.test_router import publish_lifecycle
+    b = fast_bus
+    b.declare_central()
+    b.declare_host("cmp-real")
+    r = RunningRouter(b, policy=single_user_policy(b.url, no_host_timeout=30.0))
+    pub = Publisher(b)
+    try:
+        server = str(uuid.uuid4())
+        env = contract.envelope(contract.InstanceEvent(
+            contract.VIF_PLUGGED, server, "port-1", contract.COMPLETED,
+            "cmp-stale"), "test")
+        pub.to_ingress(env)
+        stats = r.service.stats
+        wait_for(lambda: stats["returned"] >= 1, 10,
+                 what="the stale hint's copy returned")
+        publish_lifecycle(b, "cmp-real", "STARTED", server)
+        [m] = collect(b.url, b.topology.host_queue_name("cmp-real"), 1, timeout=10)
+        assert m.properties["message_id"] == env.id
+        assert stats["retried"] >= 1 and stats["dead_lettered:unknown-host"] == 0
+    finally:
+        pub.close()
+        r.stop()
+
+
+def test_rounds_parked_for_a_missing_queue_do_not_spend_the_refused_patience(
+        fast_bus, policy):
+    """The review's case: a host whose queue came late, then refused a
+    moment (full, a leader election). Returned rounds and refused rounds
+    shared one count, so its copy was dead-lettered `refused` at its first
+    refusal. Each kind now has its own budget: the copy waits out the
+    refusal and arrives."""
+    from tests.conftest import REJECT_ALL
+    from tests.functional.test_router import publish_lifecycle
+    b = fast_bus
+    b.declare_central()
+    b.declare_host("cmp-other")
+    r = RunningRouter(b, refused_patience=2.0, refused_hold=0.3)
+    pub = Publisher(b)
+    try:
+        server = str(uuid.uuid4())
+        publish_lifecycle(b, "cmp-other", "STARTED", server)
+        wait_for(lambda: r.service.placement.hosts_for(server) == ("cmp-other",),
+                 5, what="the placement known")
+        env = contract.envelope(contract.InstanceEvent(
+            contract.VIF_PLUGGED, server, "port-1", contract.COMPLETED,
+            "cmp-late"), "test")
+        pub.to_ingress(env)
+        stats = r.service.stats
+        # parked for cmp-late, round after round: 0.2 + 0.4 + 0.4 + ... s,
+        # past refused_patience (2 s) before the queue exists
+        wait_for(lambda: stats["parked:unknown-host"] >= 7, 15,
+                 what="cmp-late's copy parked past refused_patience")
+        name = policy(b.topology.host_queue_name("cmp-late"), REJECT_ALL)
+        b.declare_host("cmp-late")
+        wait_for(lambda: stats["parked:refused"] >= 1, 15,
+                 what="cmp-late's copy refused and parked")
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", name], timeout=60,
+                       check=True, capture_output=True)
+        [m] = collect(b.url, b.topology.host_queue_name("cmp-late"), 1, timeout=10)
+        assert m.properties["message_id"] == env.id
+        assert stats["dead_lettered:refused"] == 0, dict(stats)
+    finally:
+        pub.close()
+        r.stop()

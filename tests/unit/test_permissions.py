@@ -3,7 +3,7 @@
 import re
 import uuid
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from router.bus.topology import Topology
@@ -132,3 +132,26 @@ def test_a_host_name_that_could_be_a_wildcard_binding_is_refused():
             assert repr(bad) in str(exc)
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+@given(contract_hosts, contract_hosts, sessions)
+@example("b", "b.events", "0" * 32)
+@example("b.events", "b", "0" * 32)
+def test_no_host_is_granted_a_name_of_another_host(host, other, session):
+    """Every name host `other` owns (its exchange, its queue, its control
+    queues) is outside host's grants, whatever the two names are: a host
+    named "b.events" once got host b's queue as its own exchange (the
+    review). Names the plan refuses are refused, not granted."""
+    topo = Topology(prefix="p")
+    try:
+        grants_of_host = _compute_grants("p", host, other)
+    except ValueError as exc:
+        assert host.endswith(".events") or other.endswith(".events"), exc
+        return
+    if host == other:
+        return
+    theirs = [topo.host_exchange_name(other), topo.host_queue_name(other),
+              topo.agent_control_queue(other, session).name]
+    for pattern in grants_of_host:
+        for name in theirs:
+            assert not re.search(pattern, name), (host, other, pattern, name)
