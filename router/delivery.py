@@ -415,11 +415,13 @@ class Delivery:
 
     def _returned(self, copy):
         """No queue is bound to the hosts exchange with this copy's host:
-        no such host, or not yet (a host whose consumer is starting). This
-        host's copy alone is parked for it, its ingress message settled;
-        dead-lettered unknown-host once its rounds add up to
-        no_host_timeout. Not avoided as a refusing host is: a return costs
-        neither a channel nor a prefetch slot for longer than its confirm."""
+        no such host, or not yet (a host whose consumer is starting). The
+        event's only copy: the event is decided again (Entry.routed).
+        Otherwise this host's copy alone is parked for it, its ingress
+        message settled; dead-lettered unknown-host once its rounds add up
+        to no_host_timeout. Not avoided as a refusing host is: a return
+        costs neither a channel nor a prefetch slot for longer than its
+        confirm."""
         self.stats["returned"] += 1
         why = f"no queue bound to {copy.exchange} with key {copy.host!r}"
         entry = copy.entry
