@@ -21,11 +21,13 @@ replaced by a dead letter, or dropped. Each failure stays in its domain:
   published again in hand for ``patience`` seconds, then their fallback.
   The ingress message is never requeued for the broker's trouble.
 - returned (no queue bound to the hosts exchange with that host's name:
-  no such host, or not yet, its consumer starting): that host's copy is
-  parked for it alone, as a refused one, and its ingress message settled;
-  once its rounds add up to ``no_host_timeout`` it is dead-lettered
-  ``unknown-host``, naming the host. The other hosts' copies stand. The
-  router asks the broker nothing per host: a return is how it learns.
+  no such host, or not yet, its consumer starting): the event's only copy
+  has the event decided again after a retry tier (the session's
+  ``alone_returned``); otherwise that host's copy is parked for it alone,
+  as a refused one, and its ingress message settled; once its rounds add
+  up to ``no_host_timeout`` it is dead-lettered ``unknown-host``, naming
+  the host. The other hosts' copies stand. The router asks the broker
+  nothing per host: a return is how it learns.
 - the publish channel closed by the broker (404 no such exchange, 403...):
   the close does not say which publish caused it, so each copy that was
   pending on it is published again *alone* on a quarantine channel of its
