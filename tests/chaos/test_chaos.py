@@ -281,10 +281,19 @@ class Schedule:
         return fault
 
     def refuse_host(self):
+        """A host's queue refuses every copy (reject-publish). The router
+        parks its copies, and for refused_hold after its last refusal parks
+        that host's new copies without publishing them (router/delivery.py,
+        _avoid_host): a copy refused just after the policy went (the broker
+        applies its removal a moment later) opens that window again, so an
+        event sent then resumes within avoided_resume, not RESUME (a CI run:
+        an event sent as the fault ended came 3.7 s later, parked past the
+        window by the tiers)."""
         w, host = self.w, self.rng.choice(HOSTS)
         return self._policy(
             cw.Fault(f"refuse-host {host}", frozenset({host}),
-                    backlog=cw.parked_backlog(w.refused_patience)),
+                    backlog=cw.parked_backlog(w.refused_patience),
+                    resume=cw.avoided_resume(w.refused_hold)),
             w.topo.host_queue_name(host), REJECT_ALL)
 
     def refuse_central(self):
