@@ -437,8 +437,7 @@ class Delivery:
             # moment later (the review). Decided again after a tier.
             self._alone_returned(entry, copy.host)
             return self._ended(entry)
-        self._park(copy, why, patience=self.no_host_timeout,
-                   reason=contract.REASON_UNKNOWN_HOST)
+        self._park(copy, why, reason=contract.REASON_UNKNOWN_HOST)
 
     def _holding_central(self):
         """Whether max_held copies (not a host's: those are parked) wait in
@@ -451,11 +450,13 @@ class Delivery:
                     return True
         return False
 
-    def _park(self, copy, outcome, patience=None, reason=None):
+    def _park(self, copy, outcome, reason=None):
         """A host copy out of hand: to a retry queue for its host alone, so
-        its ingress message (and its prefetch slot) is settled. Given up
-        once its rounds add up to patience (the refused patience unless
-        given): dead-lettered `reason`, or refused."""
+        its ingress message (and its prefetch slot) is settled. reason: the
+        copy came back for want of its host's queue (unknown-host), given up
+        once its returned rounds add up to no_host_timeout; otherwise it was
+        refused, given up (dead-lettered refused) once its refused rounds add
+        up to patience."""
         entry = copy.entry
         rounds = entry.parked + 1
         unbound = entry.unbound + (reason is not None)
@@ -463,7 +464,8 @@ class Delivery:
         counted = unbound if reason is not None else rounds - entry.unbound
         parked_for = sum(self.topo.retry_delay_ms(r)
                          for r in range(1, counted)) / 1000
-        if parked_for >= (self.patience if patience is None else patience):
+        if parked_for >= (self.patience if reason is None
+                          else self.no_host_timeout):
             if reason is not None:
                 LOG.warning("event %s: host %s: %s after %.0fs parked; "
                             "dead-lettering its copy", entry.env_id,

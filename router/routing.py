@@ -91,7 +91,8 @@ def decide(env, *, publisher, hosts_for, attempt, first_seen, now, policy,
     The hosts are the hint's and those placement knows, as they are: the
     router asks the broker nothing per host (issue 22). A copy for a host
     whose queue is not bound to the hosts exchange comes back as a return
-    and is parked for that host alone (router/delivery.py), then
+    (router/delivery.py): the event's only copy has the event decided again
+    after a retry tier, any other is parked for its host alone; either is
     dead-lettered `unknown-host` after no_host_timeout.
 
     While placement is not ready (router/readiness.py: snapshots not in
@@ -122,8 +123,6 @@ def decide(env, *, publisher, hosts_for, attempt, first_seen, now, policy,
     hint = event.host
     placed = hosts_for(event.server_uuid)
     if hint is not None:
-        if not placed:
-            return Deliver((hint,))
         return Deliver((hint,) + tuple(h for h in placed if h != hint))
     if placed:
         return Deliver(tuple(placed))

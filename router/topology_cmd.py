@@ -57,9 +57,7 @@ def declare_or_check(conn, entity):
             return DECLARED
         # The queue alone first: a refusal here means not this user's to
         # declare; a refusal of one of its bindings is an error of its own.
-        Queue(entity.name, durable=entity.durable, exclusive=entity.exclusive,
-              auto_delete=entity.auto_delete,
-              queue_arguments=entity.queue_arguments)(conn.channel()).declare()
+        entity(conn.channel()).queue_declare()
     except amqp.exceptions.AccessRefused:
         pass
     else:

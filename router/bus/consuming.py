@@ -74,9 +74,7 @@ class QueueWatch:
             # Deliveries prove the consumer, not every binding: a host fed
             # through its own exchange lost its hosts-exchange binding all
             # the same (the review: never bound again while busy).
-            for exchange, key in self._bindings:
-                self._bind_again(exchange, key)
-            return
+            return self._bind_all()
         try:
             if self._probe is None:
                 self._probe = self.conn.channel()
@@ -89,8 +87,7 @@ class QueueWatch:
         if ok.consumer_count:
             self._suspect = False
             self._next = now + self.interval
-            for exchange, key in self._bindings:
-                self._bind_again(exchange, key)
+            self._bind_all()
         elif not self._suspect:
             self._suspect = True
             self._next = now + RECHECK
@@ -98,6 +95,10 @@ class QueueWatch:
             raise ConsumerCancelled(
                 f"queue {self.queue_name} has no consumer: ours was lost "
                 f"without a cancel", spec.Basic.Cancel)
+
+    def _bind_all(self):
+        for exchange, key in self._bindings:
+            self._bind_again(exchange, key)
 
     def _bind_again(self, exchange, key):
         try:

@@ -306,11 +306,8 @@ def declare(channel, exchanges, queues):
         if not theirs:
             queue(channel).declare()
             continue
-        ours = [b for b in queue.bindings if not b.exchange.no_declare]
-        bound = Queue(queue.name, queue.exchange, queue.routing_key,
-                      bindings=ours, durable=queue.durable,
-                      exclusive=queue.exclusive, auto_delete=queue.auto_delete,
-                      queue_arguments=queue.queue_arguments)(channel)
+        bound = queue(channel)      # a copy: its bindings are its own to set
+        bound.bindings = {b for b in queue.bindings if not b.exchange.no_declare}
         bound.declare()
         for b in theirs:
             try:

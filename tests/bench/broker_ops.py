@@ -36,6 +36,7 @@ from amqp import spec
 from router import service as service_mod
 from router.bus import contract, topology
 from router.routing import Policy
+from tests.bench.bench_storm import _delete
 from tests.bench.router_cpu import URL, publish, until
 
 NAMES = {}
@@ -125,13 +126,7 @@ def run(case, n, counts):
     finally:
         svc.stop()
         thread.join(30)
-        ex, qs = topo.central()
-        ch = conn.channel()
-        for q in [q.name for q in qs] + [topo.host_queue_name(h) for h in hosts]:
-            ch.queue_delete(q)
-        for e in [e.name for e in ex] + [topo.host_exchange_name(h) for h in hosts]:
-            ch.exchange_delete(e)
-        conn.release()
+        _delete(conn, topo, hosts)
     sent = after[0] - before[0]
     received = after[1] - before[1]
     stats = dict(svc.stats)

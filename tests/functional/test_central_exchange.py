@@ -37,10 +37,10 @@ from tests.functional.waiter_harness import Publisher
 pytestmark = pytest.mark.timeout(120)
 
 
-def _event(host):
+def _event(host, server=None):
     return contract.envelope(contract.InstanceEvent(
-        contract.VIF_PLUGGED, str(uuid.uuid4()), "port-1", contract.COMPLETED,
-        host), "test")
+        contract.VIF_PLUGGED, server or str(uuid.uuid4()), "port-1",
+        contract.COMPLETED, host), "test")
 
 
 @pytest.fixture
@@ -135,9 +135,7 @@ def test_a_host_that_never_comes_is_dead_lettered_unknown_host_alone(fast_bus):
         publish_lifecycle(b, "cmp-real", "STARTED", server)
         wait_for(lambda: r.service.placement.hosts_for(server) == ("cmp-real",),
                  5, what="the placement known")
-        env = contract.envelope(contract.InstanceEvent(
-            contract.VIF_PLUGGED, server, "port-1", contract.COMPLETED,
-            "cmp-ghost"), "test")
+        env = _event("cmp-ghost", server)
         started = time.monotonic()
         pub.to_ingress(env)
         [m] = collect(b.url, b.topology.host_queue_name("cmp-real"), 1, timeout=5)
@@ -300,9 +298,7 @@ def test_a_hint_naming_no_host_does_not_keep_the_event_from_its_placement(
     pub = Publisher(b)
     try:
         server = str(uuid.uuid4())
-        env = contract.envelope(contract.InstanceEvent(
-            contract.VIF_PLUGGED, server, "port-1", contract.COMPLETED,
-            "cmp-stale"), "test")
+        env = _event("cmp-stale", server)
         pub.to_ingress(env)
         stats = r.service.stats
         wait_for(lambda: stats["returned"] >= 1, 10,
@@ -335,9 +331,7 @@ def test_rounds_parked_for_a_missing_queue_do_not_spend_the_refused_patience(
         publish_lifecycle(b, "cmp-other", "STARTED", server)
         wait_for(lambda: r.service.placement.hosts_for(server) == ("cmp-other",),
                  5, what="the placement known")
-        env = contract.envelope(contract.InstanceEvent(
-            contract.VIF_PLUGGED, server, "port-1", contract.COMPLETED,
-            "cmp-late"), "test")
+        env = _event("cmp-late", server)
         pub.to_ingress(env)
         stats = r.service.stats
         # parked for cmp-late, round after round: 0.2 + 0.4 + 0.4 + ... s,
