@@ -133,7 +133,8 @@ class Session:
                 if idle or time.monotonic() - stopping_since > self.s.drain_timeout:
                     return
             bus_connection.drain(self.conn, 0.25)
-            self._pump()
+            with bus_connection.corked(self.conn):
+                self._pump()
             now = time.monotonic()
             if self._unplaced:
                 self._release_unplaced(now)

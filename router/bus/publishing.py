@@ -16,6 +16,8 @@ import collections
 import socket
 import time
 
+from router.bus import transport as buffered
+
 ACK = "ack"
 NACK = "nack"
 RETURNED = "returned"
@@ -190,6 +192,13 @@ class ConfirmedPublisher:
             self._replace_channel()
             current = self._current
         ch = self._channel if current is None else current.channel
+        if current is not None and isinstance(ch, buffered.Channel):
+            buffered.publish(ch, exchange, routing_key, body,
+                             mandatory=mandatory, content_type=content_type,
+                             headers=headers, **properties)
+            current.sent(token, (exchange, routing_key, message_id)
+                         if mandatory else None)
+            return
         message = ch.prepare_message(body, content_type=content_type,
                                      headers=headers, properties=properties)
         if current is None:

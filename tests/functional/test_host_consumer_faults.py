@@ -506,7 +506,7 @@ def cancels_lost(monkeypatch):
     3.10 does on 1 deletion of a quorum queue in 10 (seen by
     tests/chaos/test_cluster_chaos.py), made certain here."""
     from router.bus import transport
-    monkeypatch.setattr(transport._Channel, "_on_basic_cancel",
+    monkeypatch.setattr(transport.Channel, "_on_basic_cancel",
                         lambda self, consumer_tag: None)
 
 

@@ -273,7 +273,7 @@ def test_a_consumed_queue_deleted_without_a_cancel(bus, queue, monkeypatch):
     never arrives. The idle lane finds its queue gone by asking for it
     (router/bus/consuming.py), declares it again and consumes."""
     from router.bus import transport
-    monkeypatch.setattr(transport._Channel, "_on_basic_cancel",
+    monkeypatch.setattr(transport.Channel, "_on_basic_cancel",
                         lambda self, consumer_tag: None)
     bus.declare_central()
     bus.declare_host(HOST)

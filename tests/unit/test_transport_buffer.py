@@ -2,6 +2,11 @@
 
 import struct
 
+import pytest
+from amqp.exceptions import UnexpectedFrame
+from hypothesis import given
+from hypothesis import strategies as st
+
 from router.bus import transport
 
 
@@ -41,3 +46,47 @@ def test_a_buffered_frame_is_read_without_setting_the_socket_timeout():
     conn.blocking_read(timeout=0)
     assert seen == [(1, 1, b"abc")]
     assert t._buf[t._pos:] == frame(b"de")[:5]     # the partial frame waits
+
+
+# --- whole frames read from the buffer (transport._buffered_frame) ----------
+
+class Chunks:
+    """A socket that hands its stream over in the given pieces."""
+
+    def __init__(self, data, sizes):
+        self.pieces = []
+        for size in sizes:
+            if data:
+                self.pieces.append(data[:size])
+                data = data[size:]
+        if data:
+            self.pieces.append(data)
+
+    def recv(self, n):
+        piece = self.pieces.pop(0)
+        if len(piece) > n:
+            self.pieces.insert(0, piece[n:])
+            piece = piece[:n]
+        return piece
+
+
+frames = st.lists(st.tuples(st.sampled_from([1, 2, 3, 8]), st.integers(0, 65535),
+                            st.binary(max_size=3000)), min_size=1, max_size=30)
+
+
+@given(frames, st.lists(st.integers(1, 5000), max_size=40))
+def test_frames_come_out_as_sent_however_the_stream_is_cut(sent, sizes):
+    data = b"".join(frame(payload, kind, channel) for kind, channel, payload in sent)
+    t = buffered(b"")
+    t._quick_recv = Chunks(data, sizes).recv
+    got = [t.read_frame() for _ in sent]
+    assert got == [(kind, channel, payload) for kind, channel, payload in sent]
+    assert not t.has_unread()
+
+
+@given(st.binary(max_size=100), st.integers(0, 255).filter(lambda b: b != 0xCE))
+def test_a_frame_with_a_bad_end_is_refused_as_py_amqp_refuses_it(payload, end):
+    bad = frame(payload)[:-1] + bytes((end,))
+    t = buffered(bad + frame(b"next"))
+    with pytest.raises(UnexpectedFrame):
+        t.read_frame()
