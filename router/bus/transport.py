@@ -312,6 +312,26 @@ def publish(channel, exchange, routing_key, body, *, mandatory=False,
     conn.bytes_sent += 1
 
 
+_DELIVER = spec.Basic.Deliver
+
+
+def _deliver_args(payload):
+    """basic.deliver's arguments (after class and method ids), as py-amqp's
+    loads("sLbss") reads them: consumer tag, delivery tag, redelivered,
+    exchange, routing key."""
+    n = payload[4]
+    consumer_tag = payload[5:5 + n].decode("utf-8", "surrogatepass")
+    at = 5 + n
+    delivery_tag, bits = unpack_from(">QB", payload, at)
+    at += 9
+    n = payload[at]
+    exchange = payload[at + 1:at + 1 + n].decode("utf-8", "surrogatepass")
+    at += 1 + n
+    n = payload[at]
+    routing_key = payload[at + 1:at + 1 + n].decode("utf-8", "surrogatepass")
+    return consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key
+
+
 class _TotalMessage(amqp.basic_message.Message):
     """A message whose content header always decodes.
 
@@ -382,6 +402,16 @@ class Channel(pyamqp.Channel):
         # decode them by the sender's content_encoding label, or silently
         # not (an unknown codec), so a consumer could get either type.
         self.auto_decode = False
+
+    def dispatch_method(self, method_sig, payload, content):
+        # basic.deliver, the one method per message, decoded here: py-amqp's
+        # generic argument reader costs more than the rest of the dispatch.
+        if (method_sig == _DELIVER and content is not None and not self.is_closing
+                and _DELIVER not in self._pending):
+            listener = self._callbacks.get(_DELIVER)
+            if listener is not None:
+                return listener(*_deliver_args(payload), content)
+        return super().dispatch_method(method_sig, payload, content)
 
     # A channel's owner that handles a broker-side close itself sets this to
     # a callable(channel, exc). A soft error (404, 403, 406...) then closes

@@ -10,6 +10,7 @@ every event's host copy was confirmed and every ingress message acked.
 stream: a publisher process (plain py-amqp, pipelined confirms, user_id
 set) publishes while the router routes, as tests/bench/bench_router.py
 does. prefill: the ingress queue is filled first, then the router starts.
+The collector is tuned as `evrouter router` tunes it (--default-gc: not).
 --profile: cProfile enabled inside the router thread for the measured
 window only (switched at its next drain), stats dumped to the file.
 
@@ -33,6 +34,7 @@ import uuid
 import amqp
 import kombu
 
+from router import main as router_main
 from router import service as service_mod
 from router.bus import connection as bus_connection
 from router.bus import contract, topology
@@ -98,7 +100,7 @@ def until(pred, timeout, interval=0.02):
         time.sleep(interval)
 
 
-def run(n, mode, profile_path):
+def run(n, mode, profile_path, gc_tuning=True):
     topo = topology.Topology(prefix=f"cpu-{uuid.uuid4().hex[:8]}")
     conn = kombu.Connection(URL)
     ch = conn.channel()
@@ -116,6 +118,8 @@ def run(n, mode, profile_path):
         t = threading.Thread(target=svc.run, daemon=True)
         t.start()
         until(svc.ready.is_set, 30)
+        if gc_tuning and hasattr(router_main, "tune_collector"):
+            router_main.tune_collector()    # as `evrouter router` does
         time.sleep(0.3)
         clock = time.pthread_getcpuclockid(t.ident)
         hook.want = True
@@ -172,5 +176,8 @@ if __name__ == "__main__":
     p.add_argument("--events", type=int, default=20000)
     p.add_argument("--mode", choices=["stream", "prefill"], default="stream")
     p.add_argument("--profile")
+    p.add_argument("--default-gc", action="store_true",
+                   help="leave the collector as Python sets it (the router "
+                        "process tunes it: router.main.tune_collector)")
     a = p.parse_args()
-    sys.exit(0 if run(a.events, a.mode, a.profile) else 1)
+    sys.exit(0 if run(a.events, a.mode, a.profile, not a.default_gc) else 1)

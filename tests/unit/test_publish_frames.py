@@ -10,7 +10,7 @@ import amqp
 import pytest
 from amqp import spec
 from amqp.method_framing import frame_writer
-from amqp.serialization import dumps
+from amqp.serialization import dumps, loads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -206,3 +206,20 @@ def test_a_read_that_waits_sends_what_is_corked_before_setting_a_timeout():
         conn.blocking_read(timeout=0)
     # sent before the read, under the socket's own (blocking) timeout
     assert t.sock.sent == [(b"queue.declare", None)]
+
+
+# --- basic.deliver read as py-amqp reads it ----------------------------------
+
+shortstrs = st.text(chars, max_size=80).filter(
+    lambda t: len(t.encode("utf-8", "surrogatepass")) <= 255)
+
+
+@given(shortstrs, st.integers(0, 2**64 - 1), st.integers(0, 255), shortstrs, shortstrs)
+def test_deliver_arguments_read_as_py_amqp_reads_them(tag, delivery_tag, bits,
+                                                      exchange, key):
+    # any octet for the bits: only the lowest is "redelivered"
+    payload = b"".join((struct.pack(">HH", 60, 60), transport._shortstr(tag),
+                        struct.pack(">QB", delivery_tag, bits),
+                        transport._shortstr(exchange), transport._shortstr(key)))
+    expected, _ = loads("sLbss", payload, 4)
+    assert list(transport._deliver_args(payload)) == expected
