@@ -47,14 +47,6 @@ _CHUNK = 65536
 _CORK_LIMIT = 262144
 
 
-def _frame_buffered(transport):
-    """Whether a whole frame (7-byte header, payload, end octet) is already
-    in the read buffer of a buffered transport: reading it touches no socket."""
-    buf, pos = transport._buf, transport._pos
-    have = len(buf) - pos
-    return have >= 8 and have >= unpack_from(">I", buf, pos + 3)[0] + 8
-
-
 def _buffered_frame(transport):
     """The next frame, when all of it is in the read buffer and well ended:
     one slice instead of py-amqp's three reads (header, payload, end
@@ -462,8 +454,9 @@ class _Connection(pyamqp.Connection):
         # three frames each: six settimeout system calls per message). A
         # frame already in the buffer is read without touching the socket.
         transport = self.transport
-        if timeout is not None and _frame_buffered(transport):
-            return self.on_inbound_frame(transport.read_frame())
+        frame = _buffered_frame(transport)
+        if frame is not None:
+            return self.on_inbound_frame(frame)
         if transport._wbuf:
             # before the socket's timeout is set for the read: a send
             # under a zero timeout would stop part way

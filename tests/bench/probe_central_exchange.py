@@ -1,6 +1,7 @@
 """What a central exchange would cost the broker (issue 22, item 1). Not a test.
 
     python -m tests.bench.probe_central_exchange [--hosts 2000] [--events 20000]
+        [--broker dedicated [--broker-conf 'queue_index_embed_msgs_below = 0']]
 
 The design question: the router publishes each host copy straight to the
 host's topic exchange today, so it must know the exchange exists (a passive
@@ -29,11 +30,15 @@ import uuid
 import amqp
 import psutil
 
+from tests.bench import storm_broker
+
 URL = dict(host="127.0.0.1:5672", userid="guest", password="guest",
            virtual_host="/")
 
 
-def beam():
+def beam(node=None):
+    if node is not None:
+        return psutil.Process(storm_broker.pid(node))
     for p in psutil.process_iter(["name", "cmdline"]):
         # the node itself (-s rabbit boot), not a rabbitmqctl
         if p.info["name"] == "beam.smp" and "-s rabbit boot" in " ".join(
@@ -115,12 +120,29 @@ def main(argv=None):
                    default="classic")
     p.add_argument("--transient", action="store_true",
                    help="delivery_mode 1: what persistence costs, by difference")
+    p.add_argument("--body", type=int, default=400, help="bytes per message")
+    p.add_argument("--broker", choices=("main", "dedicated"), default="main",
+                   help="dedicated: a RabbitMQ node of its own (fd limit "
+                        "raised, tests/bench/storm_broker.py), removed after")
+    p.add_argument("--broker-conf", action="append", default=[], metavar="LINE",
+                   help="a rabbitmq.conf line for the dedicated node")
     args = p.parse_args(argv)
+    if args.broker != "dedicated":
+        return probe(args, URL, beam())
+    node = storm_broker.DedicatedNode("evrouter-probe", port=5694,
+                                      conf=args.broker_conf).start()
+    try:
+        print(f"dedicated node {node.node}: {args.broker_conf or 'defaults'}")
+        return probe(args, dict(URL, host=f"127.0.0.1:{node.port}"), beam(node.node))
+    finally:
+        node.stop()
+
+
+def probe(args, url, broker):
     prefix = f"probe-{uuid.uuid4().hex[:8]}"
     hosts = [f"h{i}" for i in range(args.hosts)]
-    body = os.urandom(400)
-    broker = beam()
-    conn = amqp.Connection(**URL)
+    body = os.urandom(args.body)
+    conn = amqp.Connection(**url)
     conn.connect()
     ch = conn.channel()
     ch.confirm_select()

@@ -22,13 +22,15 @@ def buffered(data, pos=0):
 
 def test_only_a_whole_frame_counts_as_buffered():
     whole = frame(b"x" * 20)
-    assert transport._frame_buffered(buffered(whole))
+    assert transport._buffered_frame(buffered(whole)) == (1, 1, b"x" * 20)
     for cut in range(len(whole)):
-        assert not transport._frame_buffered(buffered(whole[:cut])), cut
+        t = buffered(whole[:cut])
+        assert transport._buffered_frame(t) is None, cut
+        assert t._pos == 0                          # nothing taken
     # behind bytes already read, and an empty payload
-    assert transport._frame_buffered(buffered(b"junk" + whole, pos=4))
-    assert not transport._frame_buffered(buffered(b"junk" + whole[:-1], pos=4))
-    assert transport._frame_buffered(buffered(frame(b"")))
+    assert transport._buffered_frame(buffered(b"junk" + whole, pos=4)) == (1, 1, b"x" * 20)
+    assert transport._buffered_frame(buffered(b"junk" + whole[:-1], pos=4)) is None
+    assert transport._buffered_frame(buffered(frame(b""))) == (1, 1, b"")
 
 
 class NoSocket:
