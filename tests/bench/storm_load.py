@@ -19,6 +19,10 @@ every other instance without a host hint.
 Each process records wall-clock times (same machine, one clock): when each
 event was handed to the publisher, when it reached its prepared wait, when
 each waiting thread ran again.
+
+The processes serve other loads over the same hosts too: host_worker runs
+any job on a schedule (the boot is one), network_worker any list of events
+(tests/bench/bench_sustained.py's steady stream is the other load).
 """
 
 import functools
