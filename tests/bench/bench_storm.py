@@ -541,16 +541,12 @@ def evrouter_parties(broker, hosts, lifecycle, name="storm"):
 
 def storm_phase(name, parties, args, broker, hosts, boots, profiler):
     """One storm over `parties` (evrouter_parties or reference_parties); raw figures."""
-    with parties as these:
-        storm = storm_load.Storm(
+    with parties as these, storm_load.Storm(
             these.compute, these.network, hosts, boots, workers=args.workers,
-            timeout=args.timeout, callers=args.callers, plug_delay=args.plug_delay)
-        try:
-            raw = run_phase(name, args, broker, storm, these.services, profiler)
-            raw.update(these.figures())
-            return raw
-        finally:
-            storm.stop()
+            timeout=args.timeout, callers=args.callers, plug_delay=args.plug_delay) as storm:
+        raw = run_phase(name, args, broker, storm, these.services, profiler)
+        raw.update(these.figures())
+        return raw
 
 
 def _depth(conn, queue):

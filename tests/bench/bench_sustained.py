@@ -101,9 +101,8 @@ class Stream(storm_load.Load):
 
 def run_phase(args, broker, hosts, events, parties):
     """Hosts up, their idle cost, the load; raw figures."""
-    load = Stream(parties.compute, parties.network, hosts, events, workers=args.workers,
-                  timeout=args.timeout, lead=args.lead, callers=args.callers)
-    try:
+    with Stream(parties.compute, parties.network, hosts, events, workers=args.workers,
+                timeout=args.timeout, lead=args.lead, callers=args.callers) as load:
         t = time.monotonic()
         load.start()
         out = {"startup_s": time.monotonic() - t}
@@ -123,8 +122,6 @@ def run_phase(args, broker, hosts, events, parties):
         out["arrivals"] = {k: v for c in compute for k, v in c[1].items()}
         out.update(parties.figures())
         return out
-    finally:
-        load.stop()
 
 
 def settle(broker, cores=0.1, timeout=60.0):

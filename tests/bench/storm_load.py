@@ -261,8 +261,16 @@ class Load:
         compute = [self._recv(conn, timeout) for _, conn in self.compute]
         return compute, self._recv(self.network[1], timeout)
 
-    def stop(self):
-        """Every process at once; any still there after 90 s is killed."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # Interrupted or failed: the workers are still running their jobs
+        # and would read "stop" only after the last one; do not wait for them.
+        self.stop(90 if exc_type is None else 5)
+
+    def stop(self, patience=90):
+        """Every process at once; any still there after `patience` s is killed."""
         everyone = self.compute + [self.network]
         for proc, conn in everyone:
             if proc.is_alive():
@@ -270,7 +278,7 @@ class Load:
                     conn.send(("stop",))
                 except OSError:
                     pass
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + patience
         for proc, _ in everyone:
             if proc.pid is not None:
                 proc.join(max(0.1, deadline - time.monotonic()))
