@@ -204,7 +204,9 @@ def saturated(f, middle):
     ncpu = os.cpu_count()
     name = dict(_PARTIES, middle=middle)
     cores = {k: v for k, v in f["cores"].items() if k != "machine"}
-    if f["cores"]["machine"] >= 0.9 * ncpu:
+    # 85%, not 100%: the time a busy 2-core machine is measured idle is
+    # mostly runnable threads waiting to be scheduled.
+    if f["cores"]["machine"] >= 0.85 * ncpu:
         top = max(cores, key=cores.get)
         return top, (f"the machine's {ncpu} cores were {f['cores']['machine'] / ncpu:.0%} "
                      f"busy; {name[top]} took the most, {cores[top]:.2f} cores")
@@ -213,6 +215,11 @@ def saturated(f, middle):
         if f["process_cores"][k] >= 0.85:
             return k, (f"one process of {name[k]} at {f['process_cores'][k]:.2f} of "
                        f"its one core (GIL)")
+    if f["publish_rate"] < 0.95 * f["offered_rate"]:
+        call = f["publish_call_ms"]["p50"] if f["publish_call_ms"] else float("nan")
+        return "network", (f"not CPU ({f['cores']['network']:.2f} cores): publishing fell "
+                           f"behind its schedule, each call waiting {call:.0f} ms (p50) "
+                           f"for its confirm")
     return None, (f"no party at its CPU limit (machine {f['cores']['machine']:.2f} of "
                   f"{ncpu} cores): the limit is waiting, not CPU")
 
@@ -288,7 +295,7 @@ def ratios(ev, ref):
 
 
 def main(argv=None):
-    p = bench_storm.arguments("python -m tests.bench sustained", timeout=30.0, callers=32)
+    p = bench_storm.arguments("python -m tests.bench sustained", timeout=30.0, callers=128)
     p.add_argument("--rate", type=float, default=1000.0, help="events/s offered")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--lead", type=float, default=0.2,
