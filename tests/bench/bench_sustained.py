@@ -99,6 +99,15 @@ class Stream(storm_load.Load):
 
 # --- one run ---------------------------------------------------------------------
 
+class Stalled(Exception):
+    """A load given up (a worker process silent past its time): the cause,
+    and CPU figures up to then."""
+
+    def __init__(self, cause, cpu):
+        super().__init__(str(cause))
+        self.cpu = cpu
+
+
 def run_phase(args, broker, hosts, events, parties):
     """Hosts up, their idle cost, the load; raw figures."""
     with Stream(parties.compute, parties.network, hosts, events, workers=args.workers,
@@ -113,8 +122,13 @@ def run_phase(args, broker, hosts, events, parties):
         out["idle_cores"] = bench_storm.idle_cores(broker, pids)
         cpu0, t_cpu0 = bench_storm.cpu_seconds(broker, pids), time.time()
         out["t0"] = load.go()
-        compute, (published, errors, _) = load.wait_done(
-            1 + args.duration + args.timeout + 120)
+        try:
+            compute, (published, errors, _) = load.wait_done(
+                1 + args.duration + args.timeout + 120)
+        except RuntimeError as exc:     # a worker silent: what it cost until then
+            out["cpu"] = bench_storm.cpu_spent(cpu0, bench_storm.cpu_seconds(broker, pids))
+            out["window_s"] = time.time() - t_cpu0
+            raise Stalled(exc, cpu_figures(out)) from exc
         out["cpu"] = bench_storm.cpu_spent(cpu0, bench_storm.cpu_seconds(broker, pids))
         out["window_s"] = time.time() - t_cpu0
         out["published"], out["publish_errors"] = published, errors
@@ -156,12 +170,7 @@ def figures(raw, events, rate):
     done = sorted(woken.values())
     n = len(events)
     cpu = {k: sum(v) for k, v in raw["cpu"].items()}
-    cores = {k: v / raw["window_s"] for k, v in cpu.items()}
-    # The machine is shared: whatever else ran (this benchmark's parent, a
-    # test run of someone else's) is a party too.
-    cores["others"] = max(0.0, cores["machine"] - sum(
-        v for k, v in cores.items() if k != "machine"))
-    return {
+    return cpu_figures(raw) | {
         "events": n, "published": len(pub), "arrived": len(arr), "woken": len(woken),
         "held": sum(1 for v in arr.values() if v[1] == "held"),
         "timeouts": sum(1 for r in raw["results"] if r[2] == "timeout"),
@@ -179,12 +188,27 @@ def figures(raw, events, rate):
         "cpu_us": {k: 1e6 * v / max(len(woken), 1) for k, v in cpu.items()},
         "broker_cpu_us_above_idle": 1e6 * (cpu["broker"] - raw["idle_cores"]["broker"]
                                            * raw["window_s"]) / max(len(woken), 1),
-        "cores": cores,
-        "process_cores": {k: max(v) / raw["window_s"] for k, v in raw["cpu"].items()},
-        "idle_cores": raw["idle_cores"],
-        "window_s": raw["window_s"], "startup_s": raw["startup_s"],
+        "idle_cores": raw["idle_cores"], "startup_s": raw["startup_s"],
         "settled_s": raw["settled_s"],
     }
+
+
+def cpu_figures(raw):
+    """Cores each party kept busy over the load, and its busiest process."""
+    cores = {k: sum(v) / raw["window_s"] for k, v in raw["cpu"].items()}
+    # The machine is shared: whatever else ran (this benchmark's parent, a
+    # test run of someone else's) is a party too.
+    cores["others"] = max(0.0, cores["machine"] - sum(
+        v for k, v in cores.items() if k != "machine"))
+    return {"cores": cores, "window_s": raw["window_s"],
+            "process_cores": {k: max(v) / raw["window_s"] for k, v in raw["cpu"].items()}}
+
+
+def _cores(c, middle):
+    return (f"machine {c['machine']:.2f} of {os.cpu_count()} (anyone's), broker "
+            f"{c['broker']:.2f}, {middle} {c['middle']:.2f}, simulated hosts "
+            f"{c['hosts']:.2f}, network {c['network']:.2f}, other processes "
+            f"{c['others']:.2f}")
 
 
 def carried(f, duration):
@@ -215,13 +239,18 @@ def saturated(f, middle):
         if f["process_cores"][k] >= 0.85:
             return k, (f"one process of {name[k]} at {f['process_cores'][k]:.2f} of "
                        f"its one core (GIL)")
-    if f["publish_rate"] < 0.95 * f["offered_rate"]:
+    if f.get("publish_rate", 1) < 0.95 * f.get("offered_rate", 0):
         call = f["publish_call_ms"]["p50"] if f["publish_call_ms"] else float("nan")
         return "network", (f"not CPU ({f['cores']['network']:.2f} cores): publishing fell "
                            f"behind its schedule, each call waiting {call:.0f} ms (p50) "
                            f"for its confirm")
     return None, (f"no party at its CPU limit (machine {f['cores']['machine']:.2f} of "
                   f"{ncpu} cores): the limit is waiting, not CPU")
+
+
+def _saturated(f, middle):
+    party, why = saturated(f, middle)
+    return f"{middle if party == 'middle' else _PARTIES.get(party, 'nobody')} ({why})"
 
 
 def report(name, middle, f, duration):
@@ -245,11 +274,8 @@ def report(name, middle, f, duration):
         f"({f['broker_cpu_us_above_idle']:.0f} us above its idle), simulated hosts "
         f"{us['hosts']:.0f} us, network side {us['network']:.0f} us, machine "
         f"{us['machine']:.0f} us",
-        f"  cores busy over the load ({f['window_s']:.1f} s): machine {c['machine']:.2f} "
-        f"of {os.cpu_count()} (anyone's), broker {c['broker']:.2f}, {middle} "
-        f"{c['middle']:.2f} (busiest process {f['process_cores']['middle']:.2f}), "
-        f"simulated hosts {c['hosts']:.2f}, network {c['network']:.2f}, other processes "
-        f"{c['others']:.2f}",
+        f"  cores busy over the load ({f['window_s']:.1f} s): {_cores(c, middle)}; "
+        f"busiest {middle} process {f['process_cores']['middle']:.2f}",
         f"  cores busy with the hosts up and idle: broker {f['idle_cores']['broker']:.2f}, "
         f"simulated hosts {f['idle_cores']['hosts']:.2f}, {middle} "
         f"{f['idle_cores']['middle']:.2f}; hosts up in {f['startup_s']:.1f} s, broker quiet "
@@ -257,9 +283,7 @@ def report(name, middle, f, duration):
     ]
     p99 = f["waiter_ms"]["p99"] if f["waiter_ms"] else float("inf")
     if not ok or p99 > GOAL_P99_MS:
-        party, why = saturated(f, middle)
-        who = middle if party == "middle" else _PARTIES.get(party, "nobody")
-        lines.append(f"  saturated: {who} ({why})")
+        lines.append(f"  saturated: {_saturated(f, middle)}")
     for what in ("failures", "publish_errors"):
         if f[what]:
             lines.append(f"  {what}: {f[what]}")
@@ -320,8 +344,18 @@ def main(argv=None):
                           "to compute.<host>)")):
             if name in args.skip:
                 continue
-            with parties() as these:
-                raw = run_phase(args, broker, hosts, events, these)
+            try:
+                with parties() as these:
+                    raw = run_phase(args, broker, hosts, events, these)
+            except Stalled as exc:
+                results[name] = {"stalled": str(exc), **exc.cpu}
+                bench_storm.show([
+                    f"{title}:", f"  given up: {exc}",
+                    f"  cores busy until then ({exc.cpu['window_s']:.1f} s): "
+                    f"{_cores(exc.cpu['cores'], middle)}",
+                    f"  saturated: {_saturated(exc.cpu, middle)}"], results, args.json)
+                ok = ok and name == "reference"
+                continue
             results[name] = f = figures(raw, events, args.rate)
             passed, lines = report(title, middle, f, args.duration)
             if name == "evrouter":
@@ -331,7 +365,7 @@ def main(argv=None):
                              f": {why}")
                 ok = passed
             bench_storm.show(lines, results, args.json)
-        if len(results) == 2:
+        if len(results) == 2 and not any("stalled" in r for r in results.values()):
             print("\n".join(ratios(results["evrouter"], results["reference"])))
     return 0 if ok else 1
 
