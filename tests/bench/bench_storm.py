@@ -43,6 +43,7 @@ shares of every party and of the whole machine are always reported.
 
 import argparse
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -53,6 +54,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import psutil
 
@@ -80,6 +83,8 @@ class _EvrouterHost:
     a BlockingPublisher on a connection of its own, called by the booting
     thread under the host's lock (no thread; heartbeats off, as nothing
     reads that connection between publishes). Same envelopes either way.
+    lifecycle=None: no publisher, the HostConsumer's connection alone (for
+    events that all carry their host hint).
     """
 
     def __init__(self, host, deliver, url, topo, lifecycle):
@@ -97,6 +102,9 @@ class _EvrouterHost:
                 lambda up, detail: self.up.set() if up else self.up.clear(),
                 transport_url=url)
             self.publisher.start()
+        elif lifecycle is None:
+            self.up.set()
+            return
         else:
             self.lock = threading.Lock()
             self.conn = bus_connection.connection(url, heartbeat=0)
@@ -132,7 +140,7 @@ class _EvrouterHost:
     def join(self):
         if self.publisher is not None:
             self.publisher.finish(5)
-        else:
+        elif self.blocking is not None:
             self.conn.release()
         self.thread.join(10)
 
@@ -190,26 +198,36 @@ class Broker:
         return storm_broker.count(self.node, "connections")
 
 
-def choose_broker(choice, needed, conf=()):
-    """The main broker if the storm's connections fit in its fd limit."""
+@contextlib.contextmanager
+def chosen_broker(choice, needed, conf=(), name="evrouter-storm"):
+    """The main broker if the load's connections fit in its fd limit, else a
+    node of its own (`name`), stopped and removed on the way out."""
     used, limit = storm_broker.sockets(storm_broker.MAIN_NODE)
     fits = needed + 50 <= limit - used
     print(f"main broker {storm_broker.MAIN_NODE}: {used} of {limit} sockets in use; "
-          f"the storm needs about {needed} connections: "
+          f"the load needs about {needed} connections: "
           f"{'fits' if fits else 'does NOT fit'}", flush=True)
     if choice == "main" or (choice == "auto" and fits):
-        return Broker(MAIN_URL, storm_broker.MAIN_NODE), None
-    node = storm_broker.DedicatedNode(conf=conf)
+        yield Broker(MAIN_URL, storm_broker.MAIN_NODE)
+        return
+    node = storm_broker.DedicatedNode(name=name, conf=conf)
     t = time.monotonic()
     try:
         node.start()
         used, limit = storm_broker.sockets(node.node)
         print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
               f"{time.monotonic() - t:.0f} s, {limit} sockets", flush=True)
-        return Broker(node.url, node.node), node
-    except BaseException:
+        yield Broker(node.url, node.node)
+    finally:
         node.stop()
-        raise
+
+
+def show(lines, results, path):
+    """Print a report; write every result so far to `path` (if any)."""
+    print("\n".join(lines), flush=True)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 class StormRouter(bench_router.Router):
@@ -325,6 +343,27 @@ def _cpu(pids):
     return total
 
 
+def cpu_seconds(broker, parties):
+    """CPU seconds so far of each party ({name: [pid, ...]}), one figure a
+    process; and the broker's, and the whole machine's busy time."""
+    out = {name: [_cpu([pid]) for pid in pids] for name, pids in parties.items()}
+    out["broker"], out["machine"] = [broker.cpu()], [_busy()]
+    return out
+
+
+def cpu_spent(before, after):
+    """What each process of each party spent between two cpu_seconds()."""
+    return {k: [b - a for a, b in zip(before[k], after[k], strict=True)] for k in before}
+
+
+def idle_cores(broker, parties, seconds=3.0):
+    """Cores each party keeps busy while nothing happens (heartbeats, idle loops)."""
+    t, before = time.monotonic(), cpu_seconds(broker, parties)
+    time.sleep(seconds)
+    spent, t = cpu_spent(before, cpu_seconds(broker, parties)), time.monotonic() - t
+    return {k: sum(v) / t for k, v in spent.items()}
+
+
 # --- one storm ---------------------------------------------------------------------
 
 def run_phase(name, args, broker, storm, services, profiler):
@@ -340,19 +379,15 @@ def run_phase(name, args, broker, storm, services, profiler):
     out["startup_s"] = time.monotonic() - t
     workers, network = storm.pids
     service_pids = [pid for _, pid in services]
+    parties = {"services": service_pids, "compute": workers, "network": [network]}
     time.sleep(1)           # snapshots, queue declarations settle
-    # What the hosts cost while nothing happens: heartbeats, idle loops.
-    idle0 = (broker.cpu(), _cpu(workers), _cpu(service_pids), time.monotonic())
-    time.sleep(3)
-    idle1 = (broker.cpu(), _cpu(workers), _cpu(service_pids), time.monotonic())
-    out["idle_cores"] = {k: (b - a) / (idle1[3] - idle0[3]) for k, a, b in zip(
-        ("broker", "compute", "services"), idle0[:3], idle1[:3], strict=True)}
+    out["idle_cores"] = idle_cores(broker, parties)
     out["mem_before"], out["mem_idle"] = mem_before, broker.memory()
     out["connections"] = broker.connections() - conns_before
     out["rss_empty"] = sum(r[0] for r in ready)
     out["rss_idle"] = sum(r[1][0] for r in ready)
     out["threads"] = sum(r[1][2] for r in ready)
-    cpu0 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]), _busy())
+    cpu0 = cpu_seconds(broker, parties)
     t_cpu0 = time.time()
     t0 = storm.go()
     if profiler is not None:
@@ -364,12 +399,9 @@ def run_phase(name, args, broker, storm, services, profiler):
     compute, (published, errors, _) = storm.wait_done(
         args.spread + args.plug_delay + args.timeout + 120)
     t1 = time.time()
-    cpu1 = (_cpu(service_pids), broker.cpu(), _cpu(workers), _cpu([network]), _busy())
+    out["cpu"] = {k: sum(v) for k, v in cpu_spent(cpu0, cpu_seconds(broker, parties)).items()}
     out["mem_storm"] = broker.memory()
     out["alarms"] = storm_broker.alarms(broker.node)
-    out["cpu"] = {k: b - a for k, a, b in zip(
-        ("services", "broker", "compute", "network", "machine"), cpu0, cpu1,
-        strict=True)}
     out["window_s"] = t1 - t_cpu0
     out["t0"] = t0
     out["published"], out["publish_errors"] = published, errors
@@ -458,47 +490,63 @@ def _stats(samples):
     return {"n": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "max": max(ms)}
 
 
-def evrouter_storm(args, broker, hosts, boots, profiler):
-    prefix = f"storm-{uuid.uuid4().hex[:8]}"
+@dataclass
+class Parties:
+    """What carries the events in one run: the compute and network sides
+    (for storm_load), the middle's (label, pid)s, and its figures after."""
+    compute: tuple
+    network: tuple
+    services: list
+    figures: Callable[[], dict]
+
+
+@contextlib.contextmanager
+def evrouter_parties(broker, hosts, lifecycle, name="storm"):
+    """The central topology under a prefix of its own and two router
+    processes; on the way out, every queue and exchange of it is deleted."""
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
     topo = topology.Topology(prefix=prefix)
-    # Heartbeats off: this connection idles for minutes while the storm runs.
+    # Heartbeats off: this connection idles for minutes while the load runs.
     setup = bus_connection.connection(broker.url, heartbeat=0)
     bus_connection.connect_once(setup)
     topology.declare(setup.channel(), *topo.central())
-    spool = tempfile.mkdtemp(prefix="storm-spool-")
-    routers, storm = [], None
+    spool = tempfile.mkdtemp(prefix=f"{name}-spool-")
+    routers = []
+
+    def figures():
+        metrics = {key: sum(r.metric(f"evrouter_router_{key}_total") or 0 for r in routers)
+                   for key in ("events_in", "events_out", "retries", "lifecycle_events")}
+        try:
+            dead = _depth(setup, topo.dead_letter_queue_name)
+        except Exception as exc:     # a figure lost, not the run
+            dead = f"unknown ({type(exc).__name__})"
+        return {"router_metrics": metrics, "dead_letters": dead,
+                "router_rss_mib": [r.rss_mib() for r in routers]}
     try:
         for _ in range(2):
             routers.append(StormRouter(prefix, broker.url))
-        storm = storm_load.Storm(
+        yield Parties(
             ("tests.bench.bench_storm:EvrouterCompute",
-             {"url": broker.url, "prefix": prefix, "lifecycle": args.lifecycle}),
+             {"url": broker.url, "prefix": prefix, "lifecycle": lifecycle}),
             ("tests.bench.bench_storm:EvrouterNetwork",
              {"url": broker.url, "prefix": prefix, "spool_dir": spool,
               "warm_host": hosts[0]}),
-            hosts, boots, workers=args.workers, timeout=args.timeout,
-            callers=args.callers, plug_delay=args.plug_delay)
-        raw = run_phase("evrouter", args, broker, storm,
-                        [(f"router{i + 1}", r.proc.pid) for i, r in enumerate(routers)],
-                        profiler)
-        metrics = {}
-        for key in ("events_in", "events_out", "retries", "lifecycle_events"):
-            metrics[key] = sum(r.metric(f"evrouter_router_{key}_total") or 0
-                               for r in routers)
-        raw["router_metrics"] = metrics
-        raw["router_rss_mib"] = [r.rss_mib() for r in routers]
-        try:
-            raw["dead_letters"] = _depth(setup, topo.dead_letter_queue_name)
-        except Exception as exc:     # a figure lost, not the run
-            raw["dead_letters"] = f"unknown ({type(exc).__name__})"
-        return raw
+            [(f"router{i + 1}", r.proc.pid) for i, r in enumerate(routers)], figures)
     finally:
-        if storm is not None:
-            storm.stop()
         for r in routers:
             r.stop()
         _delete(setup, topo, hosts)
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def storm_phase(name, parties, args, broker, hosts, boots, profiler):
+    """One storm over `parties` (evrouter_parties or reference_parties); raw figures."""
+    with parties as these, storm_load.Storm(
+            these.compute, these.network, hosts, boots, workers=args.workers,
+            timeout=args.timeout, callers=args.callers, plug_delay=args.plug_delay) as storm:
+        raw = run_phase(name, args, broker, storm, these.services, profiler)
+        raw.update(these.figures())
+        return raw
 
 
 def _depth(conn, queue):
@@ -521,34 +569,31 @@ def _delete(conn, topo, hosts):
     conn.release()
 
 
-def reference_storm(args, broker, hosts, boots, profiler):
+@contextlib.contextmanager
+def reference_parties(broker, placement, name="storm"):
+    """The reference's vhost of its own and its relay process (placement:
+    server uuid -> host, the compute API's database); the vhost is deleted
+    on the way out, and everything in it with it."""
     import multiprocessing
 
     from tests.bench import storm_reference
-    vhost = storm_broker.Vhost(broker.node, f"storm-ref-{uuid.uuid4().hex[:8]}")
+    vhost = storm_broker.Vhost(broker.node, f"{name}-ref-{uuid.uuid4().hex[:8]}")
     url = broker.url.rstrip("/") + "/" + vhost.name
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     relay = ctx.Process(target=storm_reference.relay_process, daemon=True,
-                        args=(url, {b.server: b.host for b in boots}, child))
-    storm = None
+                        args=(url, placement, child))
     try:
         relay.start()
         if not parent.poll(120):
             raise RuntimeError("the reference's relay did not start")
         parent.recv()
-        storm = storm_load.Storm(
+        yield Parties(
             ("tests.bench.storm_reference:OsloCompute", {"url": url}),
             ("tests.bench.storm_reference:OsloNetwork", {"url": url}),
-            hosts, boots, workers=args.workers, timeout=args.timeout,
-            callers=args.callers, plug_delay=args.plug_delay)
-        raw = run_phase("reference", args, broker, storm, [("relay", relay.pid)],
-                        profiler)
-        raw["relay_rss_mib"] = psutil.Process(relay.pid).memory_info().rss / 2**20
-        return raw
+            [("relay", relay.pid)],
+            lambda: {"relay_rss_mib": psutil.Process(relay.pid).memory_info().rss / 2**20})
     finally:
-        if storm is not None:
-            storm.stop()
         if relay.is_alive():
             parent.send(("stop",))
             relay.join(60)
@@ -620,15 +665,26 @@ def report(name, f, raw):
     return ok, lines
 
 
+RATIOS = "reference / evrouter (above 1: evrouter is faster or cheaper):"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "n/a"
+
+
+def latency_ratio(label, key, ev, ref):
+    """'label: p50 r, p99 r' of two runs' latency figures `key`."""
+    ev, ref = ev[key] or {}, ref[key] or {}
+    return (f"  {label}: " + ", ".join(f"{p} {ratio(ref.get(p), ev.get(p))}"
+                                       for p in ("p50", "p99")))
+
+
 def ratios(ev, ref):
-    def r(a, b):
-        return f"{a / b:.2f}" if a and b else "n/a"
+    r = ratio
     return [
-        "reference / evrouter (above 1: evrouter is faster or cheaper):",
-        f"  publish -> event at its wait: p50 {r(ref['event_ms']['p50'], ev['event_ms']['p50'])},"
-        f" p99 {r(ref['event_ms']['p99'], ev['event_ms']['p99'])}",
-        f"  publish -> waiter running: p50 {r(ref['waiter_ms']['p50'], ev['waiter_ms']['p50'])},"
-        f" p99 {r(ref['waiter_ms']['p99'], ev['waiter_ms']['p99'])}",
+        RATIOS,
+        latency_ratio("publish -> event at its wait", "event_ms", ev, ref),
+        latency_ratio("publish -> waiter running", "waiter_ms", ev, ref),
         f"  throughput evrouter / reference: {r(ev['throughput'], ref['throughput'])}",
         f"  broker CPU per event: {r(ref['broker_cpu_us'], ev['broker_cpu_us'])}; broker "
         f"resident memory per host: "
@@ -637,20 +693,29 @@ def ratios(ev, ref):
     ]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tests.bench storm")
+def arguments(prog, *, timeout, callers):
+    """The options every load over live hosts has (storm, sustained)."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--hosts", type=int, default=1000)
+    p.add_argument("--timeout", type=float, default=timeout,
+                   help="each waiter's timeout (a timeout fails the run)")
+    p.add_argument("--workers", type=int, default=8, help="compute host processes")
+    p.add_argument("--callers", type=int, default=callers,
+                   help="network side threads calling the publisher")
+    p.add_argument("--broker", choices=("auto", "main", "dedicated"), default="auto")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["evrouter", "reference"])
+    p.add_argument("--json", metavar="FILE", help="write the figures there")
+    return p
+
+
+def main(argv=None):
+    p = arguments("python -m tests.bench storm", timeout=120.0, callers=16)
     p.add_argument("--instances", type=int, default=2000)
     p.add_argument("--spread", type=float, default=5.0,
                    help="seconds over which the instances start")
     p.add_argument("--plug-delay", type=float, default=0.5,
                    help="seconds from a boot's start to its ports' transitions")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="each waiter's timeout (a timeout fails the run)")
-    p.add_argument("--workers", type=int, default=8, help="compute host processes")
-    p.add_argument("--callers", type=int, default=16,
-                   help="network side threads calling the publisher")
-    p.add_argument("--broker", choices=("auto", "main", "dedicated"), default="auto")
     p.add_argument("--lifecycle", choices=("blocking", "outbox"), default="blocking",
                    help="each host's lifecycle publisher: a BlockingPublisher called "
                         "by the booting thread, or the agent's LifecyclePublisher "
@@ -659,13 +724,10 @@ def main(argv=None):
                    help="a rabbitmq.conf line for the dedicated node, e.g. "
                         "'tcp_listen_options.recbuf = 131072' (default: the "
                         "main broker's settings)")
-    p.add_argument("--skip", action="append", default=[],
-                   choices=["evrouter", "reference"])
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy record of the routers/relay, a compute worker and "
                         "the network side into DIR")
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/pyspy/bin/py-spy")
-    p.add_argument("--json", metavar="FILE", help="write the figures there")
     args = p.parse_args(argv)
     storm_load.raise_fd_limit()
     hosts = [f"cmp-{i:04d}" for i in range(args.hosts)]
@@ -684,23 +746,22 @@ def main(argv=None):
             raise SystemExit(f"--profile needs py-spy ({args.py_spy} not found): "
                              f"pip install py-spy")
         profiler = Profiler(args.profile, args.py_spy)
-    broker, node = choose_broker(args.broker, 2 * args.hosts + 20, args.broker_conf)
     results, ok = {}, True
-    try:
-        for name, run in (("evrouter", evrouter_storm), ("reference", reference_storm)):
+    with chosen_broker(args.broker, 2 * args.hosts + 20, args.broker_conf) as broker:
+        for name, parties in (
+                ("evrouter", lambda: evrouter_parties(broker, hosts, args.lifecycle)),
+                ("reference", lambda: reference_parties(
+                    broker, {b.server: b.host for b in boots}))):
             if name in args.skip:
                 continue
-            raw = run(args, broker, hosts, boots, profiler)
+            raw = storm_phase(name, parties(), args, broker, hosts, boots, profiler)
             results[name] = figures(raw, boots, hosts)
             passed, lines = report(
                 "evrouter" if name == "evrouter" else
                 "reference (oslo.messaging: notification -> relay -> RPC cast "
                 "to compute.<host>)", results[name], raw)
             ok = ok and (passed or name == "reference")
-            print("\n".join(lines), flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=1)
+            show(lines, results, args.json)
         if len(results) == 2:
             print("\n".join(ratios(results["evrouter"], results["reference"])))
         if profiler is not None:
@@ -708,9 +769,6 @@ def main(argv=None):
                   "Python CPU, inclusive):")
             print("\n".join(profiler.summary()))
             print("\n".join(profiler.broker_summary()))
-    finally:
-        if node is not None:
-            node.stop()
     return 0 if ok else 1
 
 

@@ -19,8 +19,13 @@ every other instance without a host hint.
 Each process records wall-clock times (same machine, one clock): when each
 event was handed to the publisher, when it reached its prepared wait, when
 each waiting thread ran again.
+
+The processes serve other loads over the same hosts too: host_worker runs
+any job on a schedule (the boot is one), network_worker any list of events
+(tests/bench/bench_sustained.py's steady stream is the other load).
 """
 
+import functools
 import importlib
 import multiprocessing
 import queue
@@ -79,7 +84,7 @@ def usage(pid=None):
     return p.memory_info().rss, cpu.user + cpu.system, p.num_threads()
 
 
-def _sleep_until(when):
+def sleep_until(when):
     pause = when - time.time()
     if pause > 0:
         time.sleep(pause)
@@ -100,8 +105,10 @@ def _recorder(registry, arrivals):
 _BATCH = 25
 
 
-def compute_worker(side_spec, side_args, hosts, boots, conn, timeout):
-    """Runs `hosts`, then their `boots` at the parent's go; reports back."""
+def host_worker(side_spec, side_args, hosts, job, schedule, conn):
+    """Runs `hosts`, each with its own registry; at the parent's go, for
+    each (seconds after go, item) of `schedule`, ``job(registries, handles,
+    item)`` on a thread of its own; reports the jobs' results back."""
     raise_fd_limit()
     rss_empty = usage()[0]
     side = resolve(side_spec)(**side_args)
@@ -111,8 +118,8 @@ def compute_worker(side_spec, side_args, hosts, boots, conn, timeout):
         registries[host] = InstanceEvents()
         handles[host] = side.start_host(host, _recorder(registries[host], arrivals))
         # Hosts come up a batch at a time: thousands of connects at once
-        # would overflow the broker's listen backlog (128) and the storm
-        # would begin with SYN retries instead of with boots.
+        # would overflow the broker's listen backlog (128) and the load
+        # would begin with SYN retries instead of with events.
         if i % _BATCH == _BATCH - 1 or i == len(hosts) - 1:
             while not all(h.ready() for h in handles.values()):
                 if time.monotonic() > deadline:
@@ -124,28 +131,13 @@ def compute_worker(side_spec, side_args, hosts, boots, conn, timeout):
     _, t0 = conn.recv()
     results = []
 
-    def boot(b):
-        registry, handle = registries[b.host], handles[b.host]
-        started, woken, outcome = time.time(), None, "woken"
-        try:
-            with registry.wait_for_instance_event(
-                    b.server, [(contract.VIF_PLUGGED, p) for p in b.ports],
-                    timeout=timeout):
-                # The work that causes the events: the guest is created paused.
-                handle.lifecycle(b.server, "STARTED")
-                handle.lifecycle(b.server, "PAUSED")
-            woken = time.time()
-            handle.lifecycle(b.server, "RESUMED")
-        except waiting.InstanceEventTimeout:
-            outcome = "timeout"
-        except Exception as exc:   # reported, not raised: the count must add up
-            outcome = f"{type(exc).__name__}: {exc}"
-        results.append((b.index, started, woken, outcome))
+    def run(item):
+        results.append(job(registries, handles, item))
 
     threads = []
-    for b in sorted(boots, key=lambda b: b.at):
-        _sleep_until(t0 + b.at)
-        t = threading.Thread(target=boot, args=(b,), daemon=True)
+    for at, item in schedule:
+        sleep_until(t0 + at)
+        t = threading.Thread(target=run, args=(item,), daemon=True)
         t.start()
         threads.append(t)
     for t in threads:
@@ -159,11 +151,32 @@ def compute_worker(side_spec, side_args, hosts, boots, conn, timeout):
     conn.send(("stopped",))
 
 
+def boot(timeout, registries, handles, b):
+    """One boot (a host_worker job): (index, started, woken, outcome)."""
+    registry, handle = registries[b.host], handles[b.host]
+    started, woken, outcome = time.time(), None, "woken"
+    try:
+        with registry.wait_for_instance_event(
+                b.server, [(contract.VIF_PLUGGED, p) for p in b.ports],
+                timeout=timeout):
+            # The work that causes the events: the guest is created paused.
+            handle.lifecycle(b.server, "STARTED")
+            handle.lifecycle(b.server, "PAUSED")
+        woken = time.time()
+        handle.lifecycle(b.server, "RESUMED")
+    except waiting.InstanceEventTimeout:
+        outcome = "timeout"
+    except Exception as exc:   # reported, not raised: the count must add up
+        outcome = f"{type(exc).__name__}: {exc}"
+    return b.index, started, woken, outcome
+
+
 # --- the network side --------------------------------------------------------------
 
-def network_worker(side_spec, side_args, boots, conn, callers, plug_delay):
-    """Publishes every port's transition on schedule from `callers` threads
-    (a network service's workers); reports when each was handed over."""
+def network_worker(side_spec, side_args, events, conn, callers):
+    """Publishes `events`, (seconds after t0, server, port, hint) in order,
+    on schedule from `callers` threads (a network service's workers);
+    reports when each was handed over and accepted."""
     raise_fd_limit()
     side = resolve(side_spec)(**side_args)
     side.warm()
@@ -186,10 +199,8 @@ def network_worker(side_spec, side_args, boots, conn, callers, plug_delay):
     threads = [threading.Thread(target=caller, daemon=True) for _ in range(callers)]
     for t in threads:
         t.start()
-    events = sorted((b.at + plug_delay, b.server, p, b.hint)
-                    for b in boots for p in b.ports)
     for at, server, port, hint in events:
-        _sleep_until(t0 + at)
+        sleep_until(t0 + at)
         work.put((server, port, hint))
     for _ in threads:
         work.put(None)
@@ -203,25 +214,29 @@ def network_worker(side_spec, side_args, boots, conn, callers, plug_delay):
 
 # --- the parent's side ----------------------------------------------------------------
 
-class Storm:
-    """Compute worker processes and one network process, driven by the parent."""
+class Load:
+    """Compute worker processes and one network process, driven by the parent.
 
-    def __init__(self, compute, network, hosts, boots, *, workers, timeout,
-                 callers, plug_delay):
+    Each worker (host_worker) runs a share of the hosts and `job` (a
+    module-level function, or a partial of one: it is pickled) over
+    `schedule(share)`; the network process publishes `events`
+    (network_worker).
+    """
+
+    def __init__(self, compute, network, hosts, events, *, workers, job, schedule,
+                 callers):
         ctx = multiprocessing.get_context("spawn")
-        self.hosts, self.boots = hosts, boots
-        self.compute, self.procs = [], []
+        self.hosts = hosts
+        self.compute = []
         for w in range(min(workers, len(hosts))):
             mine = hosts[w::workers]
-            owned = set(mine)
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=compute_worker, daemon=True, args=(
-                compute[0], compute[1], mine,
-                [b for b in boots if b.host in owned], child, timeout))
+            proc = ctx.Process(target=host_worker, daemon=True, args=(
+                compute[0], compute[1], mine, job, schedule(mine), child))
             self.compute.append((proc, parent))
         parent, child = ctx.Pipe()
         self.network = (ctx.Process(target=network_worker, daemon=True, args=(
-            network[0], network[1], boots, child, callers, plug_delay)), parent)
+            network[0], network[1], events, child, callers)), parent)
 
     @property
     def pids(self):
@@ -246,8 +261,16 @@ class Storm:
         compute = [self._recv(conn, timeout) for _, conn in self.compute]
         return compute, self._recv(self.network[1], timeout)
 
-    def stop(self):
-        """Every process at once; any still there after 90 s is killed."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # Interrupted or failed: the workers are still running their jobs
+        # and would read "stop" only after the last one; do not wait for them.
+        self.stop(90 if exc_type is None else 5)
+
+    def stop(self, patience=90):
+        """Every process at once; any still there after `patience` s is killed."""
         everyone = self.compute + [self.network]
         for proc, conn in everyone:
             if proc.is_alive():
@@ -255,7 +278,7 @@ class Storm:
                     conn.send(("stop",))
                 except OSError:
                     pass
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + patience
         for proc, _ in everyone:
             if proc.pid is not None:
                 proc.join(max(0.1, deadline - time.monotonic()))
@@ -271,3 +294,21 @@ class Storm:
         if msg[0] == "failed":
             raise RuntimeError(msg[1])
         return msg[1:]
+
+
+class Storm(Load):
+    """The boot storm: `boots` over compute_worker processes."""
+
+    def __init__(self, compute, network, hosts, boots, *, workers, timeout,
+                 callers, plug_delay):
+        self.boots = boots
+
+        def schedule(mine):
+            owned = set(mine)
+            return sorted(((b.at, b) for b in boots if b.host in owned),
+                          key=lambda x: x[0])
+        events = sorted((b.at + plug_delay, b.server, p, b.hint)
+                        for b in boots for p in b.ports)
+        super().__init__(compute, network, hosts, events, workers=workers,
+                         job=functools.partial(boot, timeout), schedule=schedule,
+                         callers=callers)

@@ -37,6 +37,13 @@ def _conf():
     if not _conf.parsed:
         cfg.CONF([], project="evrouter-storm-reference")
         _conf.parsed = True
+        # Under a sustained load the relay's casts and the notifier's callers
+        # wait for one of 30 pooled connections (oslo's default
+        # rpc_conn_pool_size), as a deployment's would: a warning each wait,
+        # thousands a run. And py-amqp warns of every delivery racing a
+        # consumer's cancel at stop; nothing is lost that the run counts.
+        logging.getLogger("oslo_messaging._drivers.pool").setLevel(logging.ERROR)
+        logging.getLogger("amqp").setLevel(logging.ERROR)
     return cfg.CONF
 
 
@@ -82,9 +89,6 @@ class OsloCompute:
     (each server still gets a listening connection of its own)."""
 
     def __init__(self, url):
-        # py-amqp warns of every delivery that races a consumer's cancel
-        # while the servers stop; nothing is lost that the run counts.
-        logging.getLogger("amqp").setLevel(logging.ERROR)
         self.transport = messaging.get_rpc_transport(_conf(), url=url)
 
     def start_host(self, host, deliver):
