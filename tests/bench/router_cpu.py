@@ -9,7 +9,9 @@ on a topology of its own (deleted afterwards). Its thread CPU time
 every event's host copy was confirmed and every ingress message acked.
 stream: a publisher process (plain py-amqp, pipelined confirms, user_id
 set) publishes while the router routes, as tests/bench/bench_router.py
-does. prefill: the ingress queue is filled first, then the router starts.
+does; flat out, or --rate events/s (each event then arrives alone: the
+cost of a steady load, where nothing is batched). prefill: the ingress
+queue is filled first, then the router starts.
 The collector is tuned as `evrouter router` tunes it (--default-gc: not).
 --profile: cProfile enabled inside the router thread for the measured
 window only (switched at its next drain), stats dumped to the file.
@@ -49,7 +51,7 @@ def bodies(n):
         "bench")) for i in range(n)]
 
 
-def publish(exchange, key, payloads):
+def publish(exchange, key, payloads, rate=None):
     conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
     conn.connect()
     ch = conn.channel()
@@ -59,12 +61,17 @@ def publish(exchange, key, payloads):
     def on_ack(tag, multiple):
         acked[0] = tag
     ch.events["basic_ack"].add(on_ack)
+    start = time.monotonic()
     for i, body in enumerate(payloads):
+        if rate:            # paced: each event alone, as in a steady load
+            pause = start + i / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
         msg = amqp.Message(body, content_type="application/json",
                            delivery_mode=2, user_id="guest",
                            message_id=uuid.uuid4().hex)
         ch.basic_publish(msg, exchange=exchange, routing_key=key)
-        if i % 256 == 255:
+        if rate or i % 256 == 255:
             while True:
                 try:
                     conn.drain_events(timeout=0)
@@ -100,7 +107,7 @@ def until(pred, timeout, interval=0.02):
         time.sleep(interval)
 
 
-def run(n, mode, profile_path, gc_tuning=True):
+def run(n, mode, profile_path, gc_tuning=True, rate=None):
     topo = topology.Topology(prefix=f"cpu-{uuid.uuid4().hex[:8]}")
     conn = kombu.Connection(URL)
     ch = conn.channel()
@@ -140,7 +147,7 @@ def run(n, mode, profile_path, gc_tuning=True):
         w0 = time.monotonic()
         if mode == "stream":
             proc = multiprocessing.Process(
-                target=publish, args=(topo.ingress_exchange_name, key, payloads))
+                target=publish, args=(topo.ingress_exchange_name, key, payloads, rate))
             proc.start()
         until(lambda: svc.stats["out"] >= n, 600, 0.01)
         c1 = time.clock_gettime(clock)
@@ -176,8 +183,10 @@ if __name__ == "__main__":
     p.add_argument("--events", type=int, default=20000)
     p.add_argument("--mode", choices=["stream", "prefill"], default="stream")
     p.add_argument("--profile")
+    p.add_argument("--rate", type=float,
+                   help="stream: publish at this many events/s (default: flat out)")
     p.add_argument("--default-gc", action="store_true",
                    help="leave the collector as Python sets it (the router "
                         "process tunes it: router.main.tune_collector)")
     a = p.parse_args()
-    sys.exit(0 if run(a.events, a.mode, a.profile, not a.default_gc) else 1)
+    sys.exit(0 if run(a.events, a.mode, a.profile, not a.default_gc, a.rate) else 1)
