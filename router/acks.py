@@ -22,6 +22,8 @@ in the usual flow the head is younger than ``stuck`` and acks stay coalesced.
 import collections
 import time
 
+from router.bus import connection as bus_connection
+
 STUCK = 0.1     # seconds a head may hold back deliveries settled behind it
 
 _ACK, _REQUEUE, _DROP = "ack", "requeue", "drop"
@@ -90,9 +92,13 @@ class AckWindow:
 
 
 def send(channel, frames):
-    """Put flush()'s frames on the wire."""
+    """Put flush()'s frames on the wire: sent when this returns, not held
+    in a corked transport (the probation lane routes its message only once
+    the acknowledgements of its originals have left: router/session.py)."""
     for frame in frames:
         if frame[0] == "ack":
             channel.basic_ack(frame[1], multiple=frame[2])
         else:
             channel.basic_reject(frame[1], requeue=frame[2])
+    if frames:
+        bus_connection.flush(channel)

@@ -301,6 +301,14 @@ def corked(conn):
     transport.uncork()
 
 
+def flush(channel):
+    """Send what a corked transport holds for `channel`'s connection, now:
+    for a caller whose next step relies on its frames having left."""
+    transport = getattr(getattr(channel, "connection", None), "transport", None)
+    if getattr(transport, "_wbuf", None):
+        transport.flush()
+
+
 def wait_readable(conn, timeout, waker):
     """Block until the broker sent something, `waker` was woken, or
     `timeout` passed; True when there is something to read from the broker

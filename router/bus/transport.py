@@ -15,8 +15,10 @@ host being connected to, on every host of a failover list.
 """
 
 import errno
+import socket
 import ssl
 from collections import defaultdict
+from struct import error as struct_error
 from struct import pack, unpack_from
 
 import amqp.basic_message
@@ -92,17 +94,32 @@ class _Corkable:
         wbuf = self._wbuf
         if wbuf:
             self._wbuf, self._wlen = [], 0
-            super().write(b"".join(wbuf))
+            self._send(b"".join(wbuf))
 
     def write(self, s):
         wbuf = self._wbuf
         if wbuf is None:
-            return super().write(s)
+            return self._send(s)
         wbuf.append(bytes(s))   # py-amqp reuses the buffer s views
         self._wlen += len(s)
         if self._wlen >= _CORK_LIMIT:
             self.flush()
         return None
+
+    def _send(self, data):
+        try:
+            return super().write(data)
+        except socket.timeout:
+            # Part of it may have gone (a TLS socket keeps the connect
+            # timeout; a broker blocking publishers stops reading): the
+            # stream is cut inside a frame, and nothing more may follow on
+            # it. py-amqp would keep the transport as connected.
+            self.connected = False
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise
 
 
 class BufferedTCPTransport(_Corkable, amqp.transport.TCPTransport):
@@ -402,7 +419,12 @@ class Channel(pyamqp.Channel):
                 and _DELIVER not in self._pending):
             listener = self._callbacks.get(_DELIVER)
             if listener is not None:
-                return listener(*_deliver_args(payload), content)
+                try:
+                    args = _deliver_args(payload)
+                except (IndexError, struct_error, UnicodeDecodeError):
+                    pass    # py-amqp's reader says what is wrong, its way
+                else:
+                    return listener(*args, content)
         return super().dispatch_method(method_sig, payload, content)
 
     # A channel's owner that handles a broker-side close itself sets this to

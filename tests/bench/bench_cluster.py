@@ -312,6 +312,8 @@ def main(argv=None):
               f"3-node cluster, quorum queues {c:,.0f} events/s; single node, classic "
               f"queues {s:,.0f} events/s; ratio {c / s:.2f}", flush=True)
         runs = [recovery() for _ in range(args.recoveries)]
+        if not runs:            # --recoveries 0: the throughput alone
+            return 0
         med = [statistics.median(r[k] for r in runs) for k in range(4)]
         worst = [max(r[k] for r in runs) for k in range(4)]
         print(f"7. recovery after kill -9 of the connected node (median / worst of "

@@ -3,6 +3,7 @@ sends them in order, once, before any read that waits on the socket."""
 
 import datetime
 import decimal
+import functools
 import struct
 import types
 
@@ -223,3 +224,43 @@ def test_deliver_arguments_read_as_py_amqp_reads_them(tag, delivery_tag, bits,
                         transport._shortstr(exchange), transport._shortstr(key)))
     expected, _ = loads("sLbss", payload, 4)
     assert list(transport._deliver_args(payload)) == expected
+
+
+def test_a_truncated_deliver_is_refused_as_py_amqp_refuses_it():
+    payload = b"".join((struct.pack(">HH", 60, 60), transport._shortstr("ctag"),
+                        struct.pack(">QB", 7, 1), transport._shortstr("ex"),
+                        transport._shortstr("key")))
+    for cut in range(4, len(payload)):
+        short = payload[:cut]
+        _, expected = outcome(functools.partial(loads, "sLbss", short, 4))
+        ch = transport.Channel.__new__(transport.Channel)
+        ch.is_closing, ch._pending, ch.auto_decode = False, {}, False
+        ch._callbacks = {transport._DELIVER: lambda *args: args}
+        _, got = outcome(functools.partial(ch.dispatch_method, transport._DELIVER,
+                                           short, object()))
+        if expected is None:        # py-amqp reads a cut string short
+            continue
+        assert got is expected, cut
+
+
+def test_a_send_that_times_out_part_way_ends_the_stream():
+    # A peer that stops reading (a broker blocking publishers; TLS sockets
+    # keep the connect timeout): what was written may stop inside a frame,
+    # so nothing more may follow on that stream.
+    import socket
+    ours, peer = socket.socketpair()
+    try:
+        t = transport.BufferedTCPTransport.__new__(transport.BufferedTCPTransport)
+        t.sock, t.connected, t._write = ours, True, ours.sendall
+        ours.settimeout(0.2)
+        t.cork()
+        with pytest.raises(socket.timeout):
+            for _ in range(200):
+                t.write(b"\x01" * 65536)
+        assert not t.connected
+        t.uncork()                  # what was held went with the failed send
+        with pytest.raises(OSError):
+            t.write(b"more")        # the stream is shut
+    finally:
+        ours.close()
+        peer.close()
