@@ -13,8 +13,11 @@ ACTOR = "evrouter-tests"
 
 
 def _bin(text):
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'<<"{escaped}">>'
+    # An Erlang binary of the text's bytes, as numbers: the Debian wrapper of
+    # rabbitmqctl hands its arguments to `sh -c`, which would read a quoted
+    # string's backslashes and quotes once before Erlang does (a permission
+    # pattern ^a\.b$ arrived as ^a.b$: any character where a dot was meant).
+    return "<<" + ",".join(str(b) for b in text.encode()) + ">>"
 
 
 def _eval(calls):
