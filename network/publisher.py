@@ -4,16 +4,12 @@ One thread owns the broker connection (and the spool); ``publish`` hands an
 event over through a queue and blocks until that thread says what became of
 it. So request threads of a network service can call it concurrently, events
 leave in the order they were handed over, and confirms are pipelined: a burst
-from many threads costs one confirm round trip, not one each, and an event
-handed over while earlier ones await their confirms is sent at once (up to
-``max_batch`` in flight), its caller answered as soon as its own confirm
-comes.
+from many threads costs one confirm round trip, not one each.
 
 ``publish`` returns normally only when the event is safe: the broker
 confirmed it (persistent, mandatory, routed to a queue), or, with a spool,
 it is fsync'd to the spool file. Broker trouble is retried for ``retry_for``
-seconds (at most: an event sent along with a batch already in trouble goes
-with it); after that the event goes to the spool, and so does every later
+seconds; after that the event goes to the spool, and so does every later
 event while the spool is not empty, so order holds. The owner thread drains
 the spool, oldest first, whenever the broker answers again (and at start-up,
 for what a previous process left behind). Without a spool, or with a full
@@ -100,7 +96,7 @@ class Receipt:
 
 class _Job:
     __slots__ = ("routing_key", "body", "message_id", "future", "record",
-                 "event", "settled", "traceparent", "sent_at", "sent_mono")
+                 "event", "settled", "traceparent", "sent_at")
 
     def __init__(self, routing_key, body, message_id, future=None,
                  record=None, event=None, traceparent=None):
@@ -115,7 +111,6 @@ class _Job:
         # spool with the event)
         self.traceparent = traceparent
         self.sent_at = None         # wall clock, for the journal
-        self.sent_mono = 0.0        # monotonic, for its confirm's deadline
 
 
 class _Unconfirmed(Exception):
@@ -136,9 +131,6 @@ class InstanceEventPublisher:
         self.settings = settings
         self.stats = {"sent": 0, "spooled": 0, "drained": 0, "failed": 0}
         self._jobs = queue.Queue()
-        # wakes the owner thread's wait for confirms when an event is
-        # handed over meanwhile: it is published at once (_send)
-        self._waker = bus_connection.Waker()
         self._stopping = threading.Event()
         self._thread = None
         self._spool = None
@@ -200,7 +192,6 @@ class InstanceEventPublisher:
         self._jobs.put(_Job(topology.instance_routing_key(event.name), body,
                             env.id, future, event=event,
                             traceparent=tracecontext.for_publish(traceparent)))
-        self._waker.wake()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _TICK if deadline is None else min(
@@ -319,7 +310,7 @@ class InstanceEventPublisher:
         resend = Backoff(_RESEND)           # per call: no state leaks
         while True:
             try:
-                self._send(jobs, absorb=True)
+                self._send(jobs)
                 return
             except _REFUSED as exc:
                 refused = exc
@@ -465,100 +456,47 @@ class InstanceEventPublisher:
     def _where(self):
         return bus_connection.display(self._conn)
 
-    def _send(self, jobs, absorb=False):
+    def _send(self, jobs):
         """Publish the unsettled jobs on one channel and wait for confirms.
 
-        Each job is settled as its confirm arrives (even when the batch
-        then fails); raises if any is left, for the caller to retry just
-        those (same message ids, so a duplicate is one the waiter drops).
-        absorb: events handed over while confirms are awaited are published
-        at once, up to max_batch in flight, instead of one batch's confirms
-        later; they join `jobs`, so a retry, and the spool, take them too,
-        in order (the spool is empty whenever this absorbs: _handle).
+        Confirmed jobs are settled at once (even when the batch then fails);
+        raises if any is left, for the caller to retry just those (same
+        message ids, so a duplicate is one the waiter drops).
         """
-        pending = [job for job in jobs if not job.settled]
-        outcomes, refused, stop = {}, [], False
+        jobs = [job for job in jobs if not job.settled]
+        outcomes = {}
         try:
             conn, publisher, outcomes = self._open_session()
-            absorb = absorb and not bus_connection.is_memory(conn)
-            self._publish_jobs(publisher, pending)
-            next_check = time.monotonic() + _TICK
-            while True:
-                # Settled as answered while absorbing (a caller waits for its
-                # own confirm, not for those of events handed over after
-                # it); else all at once, as the spool's drain marks them.
-                answered = [job for job in pending if job in outcomes]
-                if answered and (absorb or len(answered) == len(pending)):
-                    refused += self._settle(answered, outcomes)
-                    done = set(answered)
-                    pending = [job for job in pending if job not in done]
-                if absorb and not stop and len(pending) < self.settings.max_batch:
-                    more, stop = self._take_now(self.settings.max_batch - len(pending))
-                    if more:
-                        jobs.extend(more)
-                        pending.extend(more)
-                        self._publish_jobs(publisher, more)
-                        continue
-                if not pending:
-                    break
-                now = time.monotonic()
-                remaining = pending[0].sent_mono + self.settings.confirm_timeout - now
+            exchange = self.settings.topology.ingress_exchange_name
+            sent_at = time.time()
+            for job in jobs:
+                job.sent_at = sent_at
+                publisher.publish(exchange, job.routing_key, job.body, job,
+                                  message_id=job.message_id,
+                                  headers={tracecontext.HEADER: job.traceparent}
+                                  if job.traceparent else None)
+            publisher.pump()
+            deadline = time.monotonic() + self.settings.confirm_timeout
+            while any(job not in outcomes for job in jobs):
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise publishing.ConfirmTimeout(
                         f"no confirm within {self.settings.confirm_timeout:.1f}s")
-                if now >= next_check:       # a long pipeline: still alive?
-                    conn.heartbeat_check()
-                    next_check = now + _TICK
-                if absorb:
-                    # Woken by the broker or by an event handed over. A frame
-                    # only partly read waits in the buffer (readable at once):
-                    # its rest is waited for a moment, not spun on.
-                    if bus_connection.wait_readable(conn, min(remaining, _TICK),
-                                                    self._waker):
-                        bus_connection.drain(conn, min(remaining, 0.05))
-                    continue
                 try:
                     conn.drain_events(timeout=min(remaining, _TICK))
                 except socket.timeout:
                     pass
         except BaseException as exc:
             self._lost(exc)
-            self._settle(pending, outcomes)
+            self._settle(jobs, outcomes)
             raise
-        finally:
-            if stop:
-                self._jobs.put(None)        # close() is waiting: _run sees it
+        refused = self._settle(jobs, outcomes)
         if refused:
             why = ("returned as unroutable (no queue bound)"
                    if refused[0] == publishing.RETURNED else "nacked")
             raise _Unconfirmed(
                 f"{len(refused)} message(s) to "
                 f"{self.settings.topology.ingress_exchange_name} {why}")
-
-    def _publish_jobs(self, publisher, jobs):
-        exchange = self.settings.topology.ingress_exchange_name
-        sent_at, sent_mono = time.time(), time.monotonic()
-        for job in jobs:
-            job.sent_at, job.sent_mono = sent_at, sent_mono
-            publisher.publish(exchange, job.routing_key, job.body, job,
-                              message_id=job.message_id,
-                              headers={tracecontext.HEADER: job.traceparent}
-                              if job.traceparent else None)
-        publisher.pump()
-
-    def _take_now(self, most):
-        """Jobs handed over and waiting, up to `most`, without waiting; and
-        whether close() asked to stop."""
-        jobs = []
-        while len(jobs) < most:
-            try:
-                item = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return jobs, True
-            jobs.append(item)
-        return jobs, False
 
     def _settle(self, jobs, outcomes):
         """Settle the confirmed jobs; the other outcomes seen, if any."""

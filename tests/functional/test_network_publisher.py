@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 
-import kombu
 import pytest
 
 from network.publisher import InstanceEventPublisher, PublisherSettings, PublishRefused
@@ -299,80 +298,3 @@ def test_refused_by_the_broker_is_an_error_not_a_spool(bus, tmp_path):
         with pytest.raises(PublishRefused):
             pub.publish(plugged(1))
         assert pub.spooled == 0
-
-
-class HoldingProxy(Proxy):
-    """A Proxy that can hold back everything the broker sends the client
-    (confirms among it) while still passing on what the client sends."""
-
-    def __init__(self):
-        super().__init__()
-        self.hold = threading.Event()
-
-    def _accept(self):
-        while not self._stop.is_set():
-            if not select.select([self._listener], [], [], 0.05)[0]:
-                continue
-            client, _ = self._listener.accept()
-            upstream = socket.create_connection(self.target)
-            self._sockets += [client, upstream]
-            self._spawn(self._pipe, client, upstream)
-            self._spawn(self._held_pipe, upstream, client)
-
-    def _held_pipe(self, src, dst):
-        while not self._stop.is_set():
-            try:
-                if not select.select([src], [], [], 0.05)[0]:
-                    continue
-                data = src.recv(65536)
-                if not data:
-                    return
-                # what arrived once the hold began waits for its end
-                while self.hold.is_set() and not self._stop.is_set():
-                    time.sleep(0.01)
-                dst.sendall(data)
-            except (OSError, ValueError):
-                return
-
-
-def test_an_event_handed_over_while_confirms_are_awaited_goes_out_at_once(bus):
-    # The publisher used to send a batch and wait for all its confirms before
-    # sending what was handed over meanwhile: its callers waited up to two
-    # confirm round trips under load. Now it is published at once.
-    bus.declare_central()               # no router: ingress counted as it lands
-    queue = bus.topology.router_queue_name
-
-    def landed():
-        with kombu.Connection(bus.url) as conn:
-            return conn.channel().queue_declare(queue, passive=True).message_count
-
-    def until(predicate, timeout=5.0):
-        end = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < end:
-            time.sleep(0.02)
-        return predicate()
-
-    proxy = HoldingProxy().start()
-    try:
-        with InstanceEventPublisher(settings(bus, url=proxy.url, retry_for=10.0,
-                                             confirm_timeout=10.0)) as pub:
-            pub.publish(plugged(0))     # the session is up
-            proxy.hold.set()            # from now on no confirm reaches it
-            receipts = {}
-
-            def publish(i):
-                receipts[i] = pub.publish(plugged(i))
-            first = threading.Thread(target=publish, args=(1,))
-            first.start()
-            assert until(lambda: landed() == 2), "the first event was not sent"
-            second = threading.Thread(target=publish, args=(2,))
-            second.start()
-            assert until(lambda: landed() == 3), \
-                "the second event waited for the first one's confirm"
-            assert first.is_alive() and second.is_alive()   # confirms held
-            proxy.hold.clear()
-            first.join(10)
-            second.join(10)
-        assert not receipts[1].spooled and not receipts[2].spooled
-    finally:
-        proxy.stop()
