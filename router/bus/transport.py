@@ -268,6 +268,15 @@ def _table(headers):
     return pack(">I", len(table)) + table
 
 
+# The basic properties publish() sets, in the wire's order: py-amqp's name,
+# the flag bit, the writer.
+_PROPERTIES = (("content_type", 0x8000, _shortstr),
+               ("application_headers", 0x2000, _table),
+               ("delivery_mode", 0x1000, _octet),
+               ("message_id", 0x0080, _shortstr),
+               ("user_id", 0x0010, _shortstr))
+
+
 def publish(channel, exchange, routing_key, body, *, mandatory=False,
             content_type=None, headers=None, delivery_mode=None,
             message_id=None, user_id=None):
@@ -286,15 +295,13 @@ def publish(channel, exchange, routing_key, body, *, mandatory=False,
         raise RecoverableConnectionError("basic_publish: connection closed")
     if isinstance(body, str):
         body = body.encode()
+    values = (content_type, headers, delivery_mode, message_id, user_id)
     try:
         method = b"".join((_BASIC_PUBLISH, _shortstr(exchange or ""),
                            _shortstr(routing_key or ""),
                            b"\x01" if mandatory else b"\x00"))
         flags, props = 0, []
-        for bit, value, write in (
-                (0x8000, content_type, _shortstr), (0x2000, headers, _table),
-                (0x1000, delivery_mode, _octet), (0x0080, message_id, _shortstr),
-                (0x0010, user_id, _shortstr)):
+        for (_, bit, write), value in zip(_PROPERTIES, values, strict=True):
             if value is not None:
                 flags |= bit
                 props.append(write(value))
@@ -303,10 +310,8 @@ def publish(channel, exchange, routing_key, body, *, mandatory=False,
     else:
         big = len(body) > conn.frame_max - 8
     if big:
-        properties = {k: v for k, v in (
-            ("content_type", content_type), ("application_headers", headers),
-            ("delivery_mode", delivery_mode), ("message_id", message_id),
-            ("user_id", user_id)) if v is not None}
+        properties = {name: value for (name, _, _), value in zip(_PROPERTIES, values, strict=True)
+                      if value is not None}
         channel.basic_publish(amqp.basic_message.Message(body, **properties),
                               exchange=exchange, routing_key=routing_key,
                               mandatory=mandatory)
