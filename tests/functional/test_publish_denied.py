@@ -28,7 +28,7 @@ import pytest
 
 from router.bus import contract, topology
 from router.delivery import HEADER_HOST
-from tests.conftest import collect, queue_depth, wait_for
+from tests.conftest import collect, collect_ids, queue_depth, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,9 +66,15 @@ def test_a_revoked_write_permission_holds_events_and_loses_none(router_vhost):
     assert not _lost(stats), dict(stats)
     assert stats["publish_denied"] >= 1
     rv.permit(".*")
-    got = collect(admin, topo.host_queue_name(HOST), 20, timeout=20)
-    assert sorted(m.properties["message_id"] for m in got) == sorted(
-        e.id for e in held)
+    ids = {e.id for e in held}
+    got = collect_ids(admin, topo.host_queue_name(HOST), ids, timeout=20)
+    got += collect(admin, topo.host_queue_name(HOST), 100, timeout=1.0)
+    got_ids = [m.properties["message_id"] for m in got]
+    assert set(got_ids) == ids, dict(stats)
+    # Copies the old channel routed on its cached permission, unconfirmed
+    # when a refused write closed it, go again from quarantine: at least
+    # once, so such a copy may arrive twice. Nothing else may.
+    assert len(got_ids) - len(ids) <= stats["quarantined"], dict(stats)
     assert not _lost(stats), dict(stats)
     assert stats["sessions"] == 1
 
