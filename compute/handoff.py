@@ -5,7 +5,8 @@ a green thread, and a native thread must not touch anything green (locks,
 queues, logging handlers): it would switch hubs or deadlock. So the native
 side only appends to a deque (no lock involved) and writes a byte to a
 self-pipe through the unpatched ``os.write``; the dispatcher waits on the
-pipe with ``select.select``, which eventlet's monkey-patching makes green.
+pipe with poll, or with ``select.select`` where eventlet's monkey-patching
+has made it green (router.bus.connection.wait_fds).
 With plain threads the same code is an ordinary thread-safe queue.
 
 Nothing here monkey-patches: the process that imports it decides.
@@ -15,8 +16,9 @@ import collections
 import importlib
 import itertools
 import os
-import select
 import sys
+
+from router.bus import connection as bus_connection
 
 
 def _original(name):
@@ -86,7 +88,7 @@ class Handoff:
     def take(self, timeout):
         """Everything handed over so far, waiting up to `timeout` for some."""
         if not self._items:
-            select.select([self._read_fd], [], [], timeout)
+            bus_connection.wait_fds((self._read_fd,), timeout)
         try:
             self._read(self._read_fd, 65536)
         except BlockingIOError:

@@ -316,14 +316,38 @@ def wait_readable(conn, timeout, waker):
     transport = conn.connection.transport
     if transport.has_unread():
         return True
-    try:
-        readable, _, _ = select.select([transport.sock, waker], [], [],
-                                       max(0.0, timeout))
-    except InterruptedError:
-        return False
-    if waker in readable:
+    sock = transport.sock
+    readable = wait_fds((sock.fileno(), waker.fileno()), timeout)
+    if waker.fileno() in readable:
         waker.clear()
-    return transport.sock in readable
+    return sock.fileno() in readable
+
+
+def wait_fds(fds, timeout):
+    """Block until one of `fds` (file descriptor numbers) is readable or
+    `timeout` seconds passed; the readable ones (an empty set: timed out or
+    interrupted).
+
+    poll(), not select(): select() refuses any descriptor at or above
+    FD_SETSIZE (1,024), and nova-compute or an agent process with that many
+    files or sockets open would have its consumer fail on every wait. Under
+    eventlet's monkey-patching select.poll is gone and select.select is the
+    green one, which has no such limit: it is used then."""
+    poll = getattr(select, "poll", None)
+    if poll is None:
+        try:
+            readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        except InterruptedError:
+            return set()
+        return set(readable)
+    poller = poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    try:
+        events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
+    except InterruptedError:
+        return set()
+    return {fd for fd, _ in events}
 
 
 def heartbeat_every(conn):

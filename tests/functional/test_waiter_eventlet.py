@@ -9,8 +9,8 @@ conftest hook; by hand:
 import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" -q \
         tests/unit/test_waiter_registry.py tests/unit/test_waiter_wait.py \
         tests/unit/test_host_consumer_memory.py tests/functional/test_waiter_bus.py \
-        tests/functional/test_host_consumer.py \
-        tests/functional/test_waiter_eventlet.py
+        tests/functional/test_host_consumer.py tests/unit/test_wait_fds.py \
+        tests/functional/test_many_fds.py tests/functional/test_waiter_eventlet.py
 """
 
 import os
@@ -31,6 +31,7 @@ SUITE = ["tests/unit/test_waiter_registry.py", "tests/unit/test_waiter_wait.py",
          "tests/unit/test_host_consumer_memory.py",
          "tests/functional/test_waiter_bus.py",
          "tests/functional/test_host_consumer.py",
+         "tests/unit/test_wait_fds.py", "tests/functional/test_many_fds.py",
          "tests/functional/test_waiter_eventlet.py"]
 
 
