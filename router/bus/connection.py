@@ -282,11 +282,11 @@ class Waker:
 def corked(conn):
     """Frames written inside go to the broker together, on leaving (or
     before any read that waits on the socket): one system call for a batch
-    of publishes instead of one each (transport._Corkable). The memory
+    of publishes instead of one each (transport.Corkable). The memory
     transport has nothing to cork."""
     transport = None if is_memory(conn) else getattr(
         conn.connection, "transport", None)
-    if transport is None or not hasattr(transport, "cork"):
+    if not isinstance(transport, buffered.Corkable):
         yield
         return
     transport.cork()
@@ -305,7 +305,7 @@ def flush(channel):
     """Send what a corked transport holds for `channel`'s connection, now:
     for a caller whose next step relies on its frames having left."""
     transport = getattr(getattr(channel, "connection", None), "transport", None)
-    if getattr(transport, "_wbuf", None):
+    if isinstance(transport, buffered.Corkable):
         transport.flush()
 
 

@@ -65,7 +65,7 @@ def _buffered_frame(transport):
     return frame_type, channel, buf[pos + 7:end]
 
 
-class _Corkable:
+class Corkable:
     """Writes gathered while corked and sent in one system call.
 
     py-amqp sends every method on its own (one sendall per publish). A
@@ -122,7 +122,7 @@ class _Corkable:
             raise
 
 
-class BufferedTCPTransport(_Corkable, amqp.transport.TCPTransport):
+class BufferedTCPTransport(Corkable, amqp.transport.TCPTransport):
     # py-amqp keeps unread bytes in _read_buffer and pushes a partial frame
     # back into it on a timeout; here the unread bytes are _buf[_pos:], so a
     # read is a slice instead of copying the rest of the buffer every time.
@@ -210,7 +210,7 @@ class VerifiedSSLTransport(amqp.transport.SSLTransport):
             raise explain(exc, self._name, self.port, self.sslopts) or exc from exc
 
 
-class BufferedSSLTransport(_Corkable, VerifiedSSLTransport):
+class BufferedSSLTransport(Corkable, VerifiedSSLTransport):
     """TLS with BufferedTCPTransport's reads: one SSL read serves many frames.
 
     An SSL read returns at most one TLS record (16 KiB); a read that would
