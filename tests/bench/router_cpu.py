@@ -142,7 +142,7 @@ def run(n, mode, profile_path, gc_tuning=True, rate=None):
                 gcs["t"] += time.clock_gettime(clock) - gcs["s"]
                 gcs["n"] += 1
         gc.callbacks.append(on_gc)
-        c0 = time.clock_gettime(clock)
+        c0, ticks0 = time.clock_gettime(clock), _ticks(t.native_id)
         done0 = svc.stats["out"]     # prefill: the router has started already
         w0 = time.monotonic()
         if mode == "stream":
@@ -150,7 +150,7 @@ def run(n, mode, profile_path, gc_tuning=True, rate=None):
                 target=publish, args=(topo.ingress_exchange_name, key, payloads, rate))
             proc.start()
         until(lambda: svc.stats["out"] >= n, 600, 0.01)
-        c1 = time.clock_gettime(clock)
+        c1, ticks1 = time.clock_gettime(clock), _ticks(t.native_id)
         gc.callbacks.remove(on_gc)
         wall = time.monotonic() - w0
         hook.want = False
@@ -173,9 +173,21 @@ def run(n, mode, profile_path, gc_tuning=True, rate=None):
     print(f"{mode} n={n}: router thread CPU {us:.1f} us/event, "
           f"wall {wall:.2f}s ({n / wall:,.0f}/s), stats in={svc.stats['in']} "
           f"out={svc.stats['out']} measured {n - done0}; gc in the router thread "
-          f"{gcs['t'] / (n - done0) * 1e6:.1f} us/event ({gcs['n']} collections)",
-          flush=True)
+          f"{gcs['t'] / (n - done0) * 1e6:.1f} us/event ({gcs['n']} collections); "
+          f"user/system {_share(ticks0, ticks1)}", flush=True)
     return us
+
+
+def _ticks(native_id):
+    """(user, system) clock ticks of a thread of this process (/proc)."""
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def _share(before, after):
+    user, system = (b - a for a, b in zip(before, after, strict=True))
+    return f"{user}/{system} ticks" if user + system else "-"
 
 
 if __name__ == "__main__":
