@@ -88,11 +88,6 @@ def _drain(conn):
         pass
 
 
-def _cpu(process):
-    t = process.cpu_times()
-    return t.user + t.system
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -365,13 +360,13 @@ def router_rate(hosts, n):
         _until(lambda: (router.metric(out) or 0) >= len(hosts), 600, 0.01)
         warm_s = time.monotonic() - start
         payloads = bodies(uuids(n), hosts)
-        cpu0, broker0 = router.cpu_seconds(), _cpu(broker)
+        cpu0, broker0 = router.cpu_seconds(), storm_broker.cpu_seconds(broker)
         start = time.monotonic()
         pub = publish_process(sl.topo.ingress_exchange_name, KEY, payloads)
         _until(lambda: (router.metric(out) or 0) >= len(hosts) + n, 600, 0.05)
         rate = n / (time.monotonic() - start)
         cpu_us = ((router.cpu_seconds() - cpu0) / n * 1e6,
-                  (_cpu(broker) - broker0) / n * 1e6)
+                  (storm_broker.cpu_seconds(broker) - broker0) / n * 1e6)
         rss = router.rss_mib()
         pub.join(10)
         return rate, rss, warm_s, cpu_us
@@ -426,29 +421,15 @@ def main(argv=None):
                    help="[journal] batch_records of the router")
     p.add_argument("--journal-batch-ms", type=int,
                    help="[journal] batch_ms of the router")
-    p.add_argument("--broker", choices=("main", "dedicated"), default="main",
-                   help="dedicated: run on a RabbitMQ node of its own with the "
-                        "fd limit raised, as README's deployment notes ask for "
-                        "thousands of host queues (tests/bench/storm_broker.py); "
-                        "removed afterwards")
-    p.add_argument("--broker-conf", action="append", default=[], metavar="LINE",
-                   help="a rabbitmq.conf line for the dedicated node")
+    storm_broker.add_arguments(p)
     args = p.parse_args(argv)
-    if args.broker == "main":
-        return run(args)
     global URL, AMQP_HOST, BROKER_NODE
-    node = storm_broker.DedicatedNode("evrouter-bench", port=5696,
-                                      conf=args.broker_conf).start()
-    try:
-        URL = f"amqp://guest:guest@127.0.0.1:{node.port}//"
-        AMQP_HOST = f"127.0.0.1:{node.port}"
-        BROKER_NODE = node.node
-        print(f"on a dedicated node ({node.node}, fd limit "
-              f"{storm_broker.status(node.node)['file_descriptors']['total_limit']}): "
-              f"{args.broker_conf or 'defaults'}")
+    with storm_broker.chosen(args.broker, conf=args.broker_conf,
+                             name="evrouter-bench", port=5696) as broker:
+        URL = f"amqp://guest:guest@127.0.0.1:{broker.port}//"
+        AMQP_HOST = f"127.0.0.1:{broker.port}"
+        BROKER_NODE = broker.node
         return run(args)
-    finally:
-        node.stop()
 
 
 def run(args):

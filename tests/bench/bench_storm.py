@@ -68,7 +68,6 @@ from router.bus.publishing import BlockingPublisher
 from tests.bench import bench_router, storm_broker, storm_load
 from tests.bench.bench_router import _until, free_port, pct
 
-MAIN_URL = "rabbit://guest:guest@127.0.0.1:5672/"
 # libvirt's (event, detail) codes of what a paused boot emits
 _LIBVIRT = {"STARTED": (2, 0), "PAUSED": (3, 0), "RESUMED": (4, 0)}
 
@@ -177,50 +176,6 @@ class EvrouterNetwork:
 
 
 # --- the broker, the routers, the profiler ------------------------------------------
-
-class Broker:
-    def __init__(self, url, node):
-        self.url, self.node = url, node
-        self.process = psutil.Process(storm_broker.pid(node))
-
-    def cpu(self):
-        t = self.process.cpu_times()
-        return t.user + t.system
-
-    def memory(self):
-        """The breakdown, plus the process's resident set as "os_rss": the
-        breakdown's `binary` counts each socket's buffer as allocated (3.75
-        MiB a connection here) though the kernel has not backed most of it."""
-        return dict(storm_broker.memory(self.node),
-                    os_rss=self.process.memory_info().rss)
-
-    def connections(self):
-        return storm_broker.count(self.node, "connections")
-
-
-@contextlib.contextmanager
-def chosen_broker(choice, needed, conf=(), name="evrouter-storm"):
-    """The main broker if the load's connections fit in its fd limit, else a
-    node of its own (`name`), stopped and removed on the way out."""
-    used, limit = storm_broker.sockets(storm_broker.MAIN_NODE)
-    fits = needed + 50 <= limit - used
-    print(f"main broker {storm_broker.MAIN_NODE}: {used} of {limit} sockets in use; "
-          f"the load needs about {needed} connections: "
-          f"{'fits' if fits else 'does NOT fit'}", flush=True)
-    if choice == "main" or (choice == "auto" and fits):
-        yield Broker(MAIN_URL, storm_broker.MAIN_NODE)
-        return
-    node = storm_broker.DedicatedNode(name=name, conf=conf)
-    t = time.monotonic()
-    try:
-        node.start()
-        used, limit = storm_broker.sockets(node.node)
-        print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
-              f"{time.monotonic() - t:.0f} s, {limit} sockets", flush=True)
-        yield Broker(node.url, node.node)
-    finally:
-        node.stop()
-
 
 def show(lines, results, path):
     """Print a report; write every result so far to `path` (if any)."""
@@ -702,7 +657,7 @@ def arguments(prog, *, timeout, callers):
     p.add_argument("--workers", type=int, default=8, help="compute host processes")
     p.add_argument("--callers", type=int, default=callers,
                    help="network side threads calling the publisher")
-    p.add_argument("--broker", choices=("auto", "main", "dedicated"), default="auto")
+    storm_broker.add_arguments(p, auto=True)
     p.add_argument("--skip", action="append", default=[],
                    choices=["evrouter", "reference"])
     p.add_argument("--json", metavar="FILE", help="write the figures there")
@@ -720,10 +675,6 @@ def main(argv=None):
                    help="each host's lifecycle publisher: a BlockingPublisher called "
                         "by the booting thread, or the agent's LifecyclePublisher "
                         "thread with an Outbox (see the module doc)")
-    p.add_argument("--broker-conf", action="append", default=[], metavar="LINE",
-                   help="a rabbitmq.conf line for the dedicated node, e.g. "
-                        "'tcp_listen_options.recbuf = 131072' (default: the "
-                        "main broker's settings)")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy record of the routers/relay, a compute worker and "
                         "the network side into DIR")
@@ -747,7 +698,8 @@ def main(argv=None):
                              f"pip install py-spy")
         profiler = Profiler(args.profile, args.py_spy)
     results, ok = {}, True
-    with chosen_broker(args.broker, 2 * args.hosts + 20, args.broker_conf) as broker:
+    with storm_broker.chosen(args.broker, needed=2 * args.hosts + 20,
+                             conf=args.broker_conf) as broker:
         for name, parties in (
                 ("evrouter", lambda: evrouter_parties(broker, hosts, args.lifecycle)),
                 ("reference", lambda: reference_parties(

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 from compute import waiting
 from router.bus import contract
-from tests.bench import bench_storm, storm_load
+from tests.bench import bench_storm, storm_broker, storm_load
 from tests.bench.bench_storm import _lat, _stats
 
 GOAL_P99_MS = 50.0
@@ -337,8 +337,8 @@ def main(argv=None):
           f"over {args.hosts:,} hosts (one connection each), {args.workers} compute "
           f"processes; {os.cpu_count()} cores, Python {sys.version.split()[0]}", flush=True)
     results, ok = {}, True
-    with bench_storm.chosen_broker(args.broker, args.hosts + 2 * args.workers + 20,
-                                   name="evrouter-sustained") as broker:
+    with storm_broker.chosen(args.broker, needed=args.hosts + 2 * args.workers + 20,
+                             conf=args.broker_conf, name="evrouter-sustained") as broker:
         for name, parties, middle, title in (
                 ("evrouter",
                  lambda: bench_storm.evrouter_parties(broker, hosts, None, "sustained"),

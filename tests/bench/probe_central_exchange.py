@@ -28,28 +28,11 @@ import time
 import uuid
 
 import amqp
-import psutil
 
 from tests.bench import storm_broker
 
 URL = dict(host="127.0.0.1:5672", userid="guest", password="guest",
            virtual_host="/")
-
-
-def beam(node=None):
-    if node is not None:
-        return psutil.Process(storm_broker.pid(node))
-    for p in psutil.process_iter(["name", "cmdline"]):
-        # the node itself (-s rabbit boot), not a rabbitmqctl
-        if p.info["name"] == "beam.smp" and "-s rabbit boot" in " ".join(
-                p.info["cmdline"] or ()):
-            return p
-    raise SystemExit("no RabbitMQ beam.smp process found")
-
-
-def cpu(p):
-    t = p.cpu_times()
-    return t.user + t.system
 
 
 def declare(ch, prefix, hosts, queue_type="classic"):
@@ -121,21 +104,12 @@ def main(argv=None):
     p.add_argument("--transient", action="store_true",
                    help="delivery_mode 1: what persistence costs, by difference")
     p.add_argument("--body", type=int, default=400, help="bytes per message")
-    p.add_argument("--broker", choices=("main", "dedicated"), default="main",
-                   help="dedicated: a RabbitMQ node of its own (fd limit "
-                        "raised, tests/bench/storm_broker.py), removed after")
-    p.add_argument("--broker-conf", action="append", default=[], metavar="LINE",
-                   help="a rabbitmq.conf line for the dedicated node")
+    storm_broker.add_arguments(p)
     args = p.parse_args(argv)
-    if args.broker != "dedicated":
-        return probe(args, URL, beam())
-    node = storm_broker.DedicatedNode("evrouter-probe", port=5694,
-                                      conf=args.broker_conf).start()
-    try:
-        print(f"dedicated node {node.node}: {args.broker_conf or 'defaults'}")
-        return probe(args, dict(URL, host=f"127.0.0.1:{node.port}"), beam(node.node))
-    finally:
-        node.stop()
+    with storm_broker.chosen(args.broker, conf=args.broker_conf,
+                             name="evrouter-probe", port=5694) as broker:
+        return probe(args, dict(URL, host=f"127.0.0.1:{broker.port}"),
+                     broker.process)
 
 
 def probe(args, url, broker):
@@ -161,10 +135,10 @@ def probe(args, url, broker):
             for name, targets in ways.items():
                 for h in hosts:
                     ch.queue_purge(f"{prefix}.host.{h}.events")
-                c0 = cpu(broker)
+                c0 = storm_broker.cpu_seconds(broker)
                 took, returned = publish(conn, ch, confirms, targets, body,
                                          mode=1 if args.transient else 2)
-                used = cpu(broker) - c0
+                used = storm_broker.cpu_seconds(broker) - c0
                 depth = sum(ch.queue_declare(f"{prefix}.host.{h}.events",
                                              passive=True).message_count
                             for h in hosts[:10])

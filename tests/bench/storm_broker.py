@@ -13,6 +13,7 @@ puts the soft limit back to 1024.
 Every rabbitmqctl / rabbitmq-diagnostics call names its node with ``-n``.
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -21,7 +22,10 @@ import socket
 import subprocess
 import time
 
+import psutil
+
 MAIN_NODE = "rabbit@localhost"
+MAIN_PORT = 5672
 
 
 def _cli(tool, node, *args, timeout=60):
@@ -161,3 +165,74 @@ class DedicatedNode:
         except subprocess.SubprocessError:
             pass
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def cpu_seconds(process):
+    """A psutil.Process's CPU time so far, user and system."""
+    t = process.cpu_times()
+    return t.user + t.system
+
+
+class Broker:
+    """The node a benchmark runs on: where to reach it, what it costs."""
+
+    def __init__(self, node, port):
+        self.node, self.port = node, port
+        self.url = f"rabbit://guest:guest@127.0.0.1:{port}/"
+        self.process = psutil.Process(pid(node))
+
+    def cpu(self):
+        return cpu_seconds(self.process)
+
+    def memory(self):
+        """The breakdown, plus the process's resident set as "os_rss": the
+        breakdown's `binary` counts each socket's buffer as allocated (3.75
+        MiB a connection here) though the kernel has not backed most of it."""
+        return dict(memory(self.node), os_rss=self.process.memory_info().rss)
+
+    def connections(self):
+        return count(self.node, "connections")
+
+
+def add_arguments(parser, *, auto=False):
+    """--broker and --broker-conf, as every benchmark takes them."""
+    choices = ("auto", "main", "dedicated") if auto else ("main", "dedicated")
+    parser.add_argument(
+        "--broker", choices=choices, default=choices[0],
+        help="dedicated: a RabbitMQ node of its own with the fd limit raised, "
+             "as the README's deployment notes ask for thousands of host "
+             "queues, removed afterwards" + ("; auto: that node only if the "
+                                             "load's connections do not fit "
+                                             "the main broker's" if auto else ""))
+    parser.add_argument("--broker-conf", action="append", default=[],
+                        metavar="LINE",
+                        help="a rabbitmq.conf line for the dedicated node, e.g. "
+                             "'classic_queue.default_version = 2'")
+
+
+@contextlib.contextmanager
+def chosen(choice, *, needed=0, conf=(), name="evrouter-storm", port=5690):
+    """A Broker: the main one, or a DedicatedNode (`name`, `port`) started
+    here and stopped and removed on the way out. auto: the main broker if
+    `needed` connections fit in its fd limit."""
+    if choice == "auto":
+        used, limit = sockets(MAIN_NODE)
+        fits = needed + 50 <= limit - used
+        print(f"main broker {MAIN_NODE}: {used} of {limit} sockets in use; the "
+              f"load needs about {needed} connections: "
+              f"{'fits' if fits else 'does NOT fit'}", flush=True)
+        choice = "main" if fits else "dedicated"
+    if choice == "main":
+        yield Broker(MAIN_NODE, MAIN_PORT)
+        return
+    node = DedicatedNode(name=name, port=port, conf=conf)
+    started = time.monotonic()
+    try:
+        node.start()
+        limit = status(node.node)["file_descriptors"]["total_limit"]
+        print(f"dedicated node {node.node} on 127.0.0.1:{node.port} started in "
+              f"{time.monotonic() - started:.0f} s, fd limit {limit}: "
+              f"{list(conf) or 'defaults'}", flush=True)
+        yield Broker(node.node, node.port)
+    finally:
+        node.stop()
