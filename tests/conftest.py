@@ -26,6 +26,15 @@ def broker_reachable(url=BROKER_URL):
         return False
 
 
+def reading_connection(url):
+    """A connection for the tests to read what the services wrote, on the
+    services' transport (router.bus.transport): kombu's own would decompress
+    a body by its `compression` header, and raise on the poison cases that
+    test exactly that (tests/functional/poison.py)."""
+    from router.bus import connection as bus_connection
+    return bus_connection.connection(url, heartbeat=0)
+
+
 class Bus:
     """A Topology under a unique prefix, declared on the real broker.
 
@@ -38,7 +47,7 @@ class Bus:
         self.topology = topology.Topology(
             prefix=f"evt-{uuid.uuid4().hex[:10]}", queue_type=queue_type,
             **topology_args)
-        self.conn = kombu.Connection(url)
+        self.conn = reading_connection(url)
         self.conn.connect()
         self._exchanges = set()
         self._queues = set()
@@ -202,7 +211,7 @@ def collect(url, queue_name, count, timeout=15.0, *, ack=True, until=None):
         if ack:
             message.ack()
 
-    with kombu.Connection(url) as conn:
+    with reading_connection(url) as conn:
         ch = conn.channel()
         queue = kombu.Queue(queue_name, no_declare=True)
         consumer = kombu.Consumer(ch, [queue], on_message=take, accept=None)

@@ -26,6 +26,11 @@ _JSON_TYPES = frozenset({"application/json", "application/data",
                          "application/octet-stream", "text/plain"})
 _PLAIN_ENCODINGS = frozenset({"utf-8", "utf8", "binary", "identity"})
 
+# kombu's label for a compressed body (a header). A body is never
+# decompressed here: whatever claims a compression is refused, as a
+# content_encoding naming one is (router/bus/transport.Message).
+COMPRESSION = "compression"
+
 _MAX_SHORTSTR = 255
 _MAX_HEADER_DEPTH = 4
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
@@ -57,6 +62,10 @@ def decode_message(body, properties, max_bytes=contract.DEFAULT_MAX_BODY_BYTES):
                                      f"undecodable AMQP properties: {broken}")
     _check_content_type(props.get("content_type"))
     encoding = _check_content_encoding(props.get("content_encoding"))
+    headers = props.get("application_headers")
+    if type(headers) is dict and COMPRESSION in headers:
+        _malformed(COMPRESSION, f"{clip(repr(headers[COMPRESSION]), 80)}: "
+                   f"bodies are plain UTF-8 JSON, never decompressed")
     if type(body) is str:
         # A transport that decoded the body by its label (py-amqp's
         # auto_decode; ours turns it off): back to the bytes that were sent.

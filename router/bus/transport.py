@@ -409,7 +409,37 @@ def total_frame_handler(connection, callback, unpack_from=unpack_from,
     return on_frame
 
 
+class Message(pyamqp.Message):
+    """kombu's message, as it arrived.
+
+    kombu's own decompresses the body by its `compression` header: a codec
+    named by whoever published. An unknown one, or a body that is not what
+    it names, raised out of the consumer's callback, before evrouter's
+    decode (router.bus.inbound, which dead-letters it) ever saw the message:
+    the session failed, the message came back, and so on, on every router,
+    while every event behind it waited. Here the body is the bytes that
+    were sent (as auto_decode=False keeps them) and the decode refuses
+    the header. Fields are set directly: no other work to do."""
+
+    def __init__(self, msg, channel=None, **kwargs):
+        props = msg.properties
+        self.errors = []
+        self.channel = channel
+        self.delivery_tag = msg.delivery_tag
+        self.content_type = props.get("content_type")
+        self.content_encoding = props.get("content_encoding")
+        self.delivery_info = msg.delivery_info or {}
+        self.headers = props.get("application_headers") or {}
+        self.properties = props or {}
+        self._decoded_cache = None
+        self._state = "RECEIVED"
+        self.accept = kwargs.get("accept")
+        self.body = msg.body
+
+
 class Channel(pyamqp.Channel):
+    Message = Message
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Bodies stay the bytes that were sent. py-amqp would otherwise

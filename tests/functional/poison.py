@@ -9,6 +9,7 @@ import json
 import struct
 import urllib.parse
 import uuid
+import zlib
 
 import amqp
 
@@ -159,6 +160,21 @@ def cases(host):
              "bytes": b"\x00\xff", "neg": -2 ** 40, "void": None}},
          None, MALFORMED),
         ("no message id, not JSON", b"\x00\x01", {}, None, MALFORMED),
+        # kombu decompressed by this header, before any decode of ours: a
+        # codec it does not know, or a body not in the codec, raised out of
+        # the consumer on every delivery (every router, for good).
+        ("valid event, compression header naming no codec", valid,
+         {"application_headers": {"compression": "application/x-nothing"}},
+         None, MALFORMED),
+        ("valid event, compression header zlib, body not zlib", valid,
+         {"application_headers": {"compression": "application/x-gzip"}},
+         None, MALFORMED),
+        ("valid event, compression header that is a number", valid,
+         {"application_headers": {"compression": 7}}, None, MALFORMED),
+        ("valid event zlib-compressed, compression header zlib",
+         zlib.compress(valid),
+         {"application_headers": {"compression": "application/x-gzip"}},
+         None, MALFORMED),
     ]
 
 
