@@ -51,8 +51,8 @@ def bodies(n):
         "bench")) for i in range(n)]
 
 
-def publish(exchange, key, payloads, rate=None):
-    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+def publish(exchange, key, payloads, rate=None, host="127.0.0.1:5672"):
+    conn = amqp.Connection(host, userid="guest", password="guest")
     conn.connect()
     ch = conn.channel()
     ch.confirm_select()
