@@ -22,6 +22,7 @@ from struct import error as struct_error
 from struct import pack, unpack_from
 
 import amqp.basic_message
+import amqp.channel
 import amqp.method_framing
 import amqp.transport
 from amqp import spec
@@ -346,6 +347,51 @@ def _deliver_args(payload):
     return consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key
 
 
+# Methods from the broker whose strings a sender wrote: a routing key
+# (deliver, get-ok, return), a reply text quoting one (channel.close).
+# py-amqp decodes them as UTF-8 in the frame reader, and a key that is not
+# raised there: the connection failed before any decode of evrouter's saw
+# the message, and came back to it on every delivery, on every consumer.
+_SENDER_TEXT = {sig: amqp.channel.Channel._METHODS[sig].args for sig in (
+    spec.Basic.Deliver, spec.Basic.GetOk, spec.Basic.Return,
+    spec.Channel.Close)}
+_FIXED = {"o": (">B", 1), "B": (">H", 2), "l": (">I", 4), "L": (">Q", 8)}
+
+
+def total_method_args(fmt, payload, offset=4):
+    """py-amqp's loads(fmt, payload, offset) for the formats of
+    _SENDER_TEXT, except that a short string that is not UTF-8 never
+    raises: its bytes are written as backslash escapes, cut to 255 bytes.
+    Returns (args, the positions of the strings so written)."""
+    args, escaped = [], []
+    bitcount = bits = 0
+    for code in fmt:
+        if code == "b":
+            if not bitcount:
+                bits, bitcount = payload[offset], 8
+                offset += 1
+            args.append(bits & 1 == 1)
+            bits >>= 1
+            bitcount -= 1
+            continue
+        bitcount = bits = 0
+        if code == "s":
+            n = payload[offset]
+            raw = payload[offset + 1:offset + 1 + n]
+            offset += 1 + n
+            try:
+                args.append(raw.decode("utf-8", "surrogatepass"))
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", "backslashreplace")
+                args.append(text.encode()[:255].decode("utf-8", "ignore"))
+                escaped.append(len(args) - 1)
+        else:
+            form, size = _FIXED[code]
+            args.append(unpack_from(form, payload, offset)[0])
+            offset += size
+    return args, escaped
+
+
 class _TotalMessage(amqp.basic_message.Message):
     """A message whose content header always decodes.
 
@@ -456,11 +502,42 @@ class Channel(pyamqp.Channel):
             if listener is not None:
                 try:
                     args = _deliver_args(payload)
-                except (IndexError, struct_error, UnicodeDecodeError):
+                except (IndexError, struct_error):
                     pass    # py-amqp's reader says what is wrong, its way
+                except UnicodeDecodeError:
+                    return super().dispatch_method(
+                        method_sig, self._sender_text(method_sig, payload, content),
+                        content)
                 else:
                     return listener(*args, content)
+        elif method_sig in _SENDER_TEXT:
+            payload = self._sender_text(method_sig, payload, content)
         return super().dispatch_method(method_sig, payload, content)
+
+    @staticmethod
+    def _sender_text(method_sig, payload, content):
+        """`payload`, or the same arguments written again with the strings
+        that are not UTF-8 escaped (total_method_args); a delivered message
+        carrying one is marked undecodable, so its consumer dead-letters it
+        (malformed) instead of anything trusting its routing key."""
+        fmt = _SENDER_TEXT[method_sig]
+        try:
+            args, escaped = total_method_args(fmt, payload)
+        except (IndexError, struct_error):
+            return payload      # py-amqp's reader says what is wrong
+        if not escaped:
+            return payload
+        if content is not None and method_sig != spec.Basic.Return:
+            names = {spec.Basic.Deliver: ("consumer tag", None, None, "exchange",
+                                          "routing key"),
+                     spec.Basic.GetOk: (None, None, "exchange", "routing key",
+                                        None)}[method_sig]
+            what = " and ".join(names[i] or "argument" for i in escaped)
+            props = content.properties if type(content.properties) is dict else {}
+            props[UNDECODABLE] = (f"the {what} is not UTF-8: "
+                                  f"{args[escaped[-1]][:120]}")
+            content.properties = props
+        return payload[:4] + dumps(fmt, args)
 
     # A channel's owner that handles a broker-side close itself sets this to
     # a callable(channel, exc). A soft error (404, 403, 406...) then closes

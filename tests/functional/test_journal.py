@@ -325,3 +325,28 @@ def test_a_host_consumers_dead_letter_is_traced(bus, world):
     assert rec["hop"] == journal.DEAD and rec["svc"] == f"host:{HOST}"
     assert rec["detail"].startswith("malformed: ")
     assert rec["detail"].endswith(f"(host {HOST})")
+
+
+def test_a_journal_message_whose_routing_key_is_not_utf8_is_skipped(bus):
+    """Anyone who may write the journal (every host) could stop `evrouter
+    trace` and `stuck` with one such message, for as long as the stream
+    kept it: py-amqp raised on the key before the reader saw the body."""
+    from tests.functional import poison
+    bus.declare_central()
+    js = _settings(bus)
+    j = journal.Journal(js, "key-test").start()
+    try:
+        j.record(journal.ROUTED, "before", None, None, None, None, None, None)
+        assert j.flushed(10)
+        raw = poison.RawPublisher(bus.url)
+        try:
+            raw.publish(journal.stream_name(bus.prefix), b"\xff", b"{}")
+        finally:
+            raw.close()
+        j.record(journal.ROUTED, "after", None, None, None, None, None, None)
+        assert j.flushed(10)
+    finally:
+        j.stop()
+    for wanted in ("before", "after"):
+        found, _ = _trace(bus, wanted)
+        assert [r["mid"] for r in found] == [wanted]

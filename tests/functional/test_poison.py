@@ -118,6 +118,65 @@ def test_router_dead_letters_every_poison_case_and_the_next_event_flows(
     router.thread.join(0)     # the fixture's stop() is harmless now
 
 
+# --- a routing key that is not UTF-8 ------------------------------------------------
+# The broker routes it (the network user's topic permission ^instance\.
+# matches b"instance.\xff"); py-amqp decoded it in the frame reader and
+# raised there: the session failed before any decode of ours, on every
+# delivery, every router; on quorum queues the good events beside it were
+# charged the redeliveries and dead-lettered delivery_limit.
+
+BAD_KEYS = [b"instance.\xff\xfe", b"instance.\xc3", b"instance." + b"\xff" * 200]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=["two-bytes", "cut-sequence", "long"])
+def test_a_routing_key_that_is_not_utf8_is_dead_lettered_and_the_next_flows(
+        bus, router, raw, key):
+    host = "cmp-rk"
+    bus.declare_host(host)
+    ingress = bus.topology.ingress_exchange_name
+    bad = _good(host)
+    raw.publish(ingress, key, contract.encode(bad), message_id=bad.id,
+                content_type="application/json")
+    good = _good(host)
+    raw.publish(ingress, KEY, contract.encode(good), message_id=good.id,
+                content_type="application/json")
+    dead = get_dead_letter(bus)
+    assert dead.properties["message_id"] == bad.id
+    assert _reason(dead) == contract.REASON_MALFORMED
+    assert "routing key is not UTF-8" in dead.headers[contract.HEADER_DETAIL]
+    routed = collect(bus.url, bus.topology.host_queue_name(host), 2, timeout=5)
+    assert [m.properties["message_id"] for m in routed] == [good.id]
+    stats = router.service.stats
+    assert stats["sessions"] == 1 and not stats["failures"], dict(stats)
+    assert stats["redelivered"] == 0
+
+
+def test_a_lifecycle_routing_key_that_is_not_utf8_costs_the_routers_nothing(
+        bus, raw):
+    """A compromised host may write the lifecycle fanout: each such message
+    cost every router's placement consumer its session."""
+    bus.declare_central()
+    bus.declare_host("cmp-life")
+    routers = [RunningRouter(bus), RunningRouter(bus)]
+    try:
+        fanout = bus.topology.lifecycle_exchange_name
+        for key in BAD_KEYS:
+            raw.publish(fanout, key, b"{}")
+        server = str(uuid.uuid4())
+        started = contract.envelope(contract.LifecycleEvent(
+            server, "cmp-life", "STARTED", 2, 0, 1), "agent")
+        raw.publish(fanout, "", contract.encode(started), message_id=started.id)
+        for r in routers:
+            wait_for(lambda r=r: r.service.placement.hosts_for(server), 10,
+                     what="placement learned after the bad keys")
+            stats = r.service.stats
+            assert stats["sessions"] == 1 and not stats["failures"], dict(stats)
+            assert stats["lifecycle_invalid"] == len(BAD_KEYS), dict(stats)
+    finally:
+        for r in routers:
+            r.stop()
+
+
 # --- hypothesis over AMQP properties x bodies -----------------------------------
 
 _text = st.text(max_size=40)

@@ -264,3 +264,75 @@ def test_a_send_that_times_out_part_way_ends_the_stream():
     finally:
         ours.close()
         peer.close()
+
+
+# --- sender-written strings in methods from the broker: never a raise --------
+
+def _arg(code):
+    return {"s": shortstrs | st.binary(max_size=255), "b": st.booleans(),
+            "o": st.integers(0, 255), "B": st.integers(0, 2**16 - 1),
+            "l": st.integers(0, 2**32 - 1), "L": st.integers(0, 2**64 - 1)}[code]
+
+
+def _raw(code, value):
+    if code == "s":
+        raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+        return bytes((len(raw),)) + raw
+    return None
+
+
+@st.composite
+def sender_text_methods(draw):
+    sig = draw(st.sampled_from(sorted(transport._SENDER_TEXT)))
+    fmt = transport._SENDER_TEXT[sig]
+    values = [draw(_arg(code)) for code in fmt]
+    # py-amqp's writer, with each string's bytes put in as drawn
+    parts, bits = [], []
+    for code, value in zip(fmt, values, strict=True):
+        if code == "b":
+            bits.append(value)
+            continue
+        if bits:
+            parts.append(dumps("b" * len(bits), bits))
+            bits = []
+        parts.append(_raw(code, value) or dumps(code, [value]))
+    if bits:
+        parts.append(dumps("b" * len(bits), bits))
+    return sig, fmt, values, struct.pack(">HH", *sig) + b"".join(parts)
+
+
+@settings(max_examples=400)
+@given(sender_text_methods())
+def test_sender_text_never_raises_and_is_py_amqps_where_it_is_utf8(method):
+    sig, fmt, values, payload = method
+    args, escaped = transport.total_method_args(fmt, payload)
+    try:
+        expected, _ = loads(fmt, payload, 4)
+    except UnicodeDecodeError:
+        expected = None
+    if expected is not None:
+        assert args == expected and escaped == []
+    else:
+        assert escaped
+        for i in escaped:
+            assert isinstance(values[i], bytes)
+            assert len(args[i].encode()) <= 255 and "\\x" in args[i]
+    # what a listener is then given can always be written again
+    dumps(fmt, args)
+
+
+def test_a_delivery_with_a_key_that_is_not_utf8_reaches_its_listener_marked():
+    payload = b"".join((struct.pack(">HH", 60, 60), transport._shortstr("ctag"),
+                        struct.pack(">QB", 7, 0), transport._shortstr("ex"),
+                        b"\x0binstance.\xff\xfe"))
+    ch = transport.Channel.__new__(transport.Channel)
+    ch.is_closing, ch._pending, ch.auto_decode = False, {}, False
+    got = []
+    ch._callbacks = {transport._DELIVER: lambda *args: got.append(args)}
+    content = transport._TotalMessage(b"{}", message_id="m-1")
+    ch.dispatch_method(transport._DELIVER, payload, content)
+    [(tag, delivery_tag, redelivered, exchange, key, message)] = got
+    assert (tag, delivery_tag, redelivered, exchange) == ("ctag", 7, False, "ex")
+    assert key == "instance.\\xff\\xfe"
+    assert message.properties["message_id"] == "m-1"
+    assert "routing key is not UTF-8" in message.properties[transport.UNDECODABLE]
