@@ -13,8 +13,10 @@ TCP_USER_TIMEOUT, see keepalive_settings), not after two AMQP heartbeats.
 """
 
 import contextlib
+import errno
 import itertools
 import logging
+import math
 import select
 import socket
 import urllib.parse
@@ -325,29 +327,34 @@ def wait_readable(conn, timeout, waker):
 
 def wait_fds(fds, timeout):
     """Block until one of `fds` (file descriptor numbers) is readable or
-    `timeout` seconds passed; the readable ones (an empty set: timed out or
-    interrupted).
+    `timeout` seconds passed; the readable ones (an empty set: timed out).
+    Any timeout is taken: negative or NaN waits not at all, one past poll's
+    range (24.8 days, an agent's idle wait for a long snapshot_interval)
+    waits that long and then says nothing was readable. A descriptor that
+    is not open raises OSError (EBADF), on either path.
 
     poll(), not select(): select() refuses any descriptor at or above
     FD_SETSIZE (1,024), and nova-compute or an agent process with that many
     files or sockets open would have its consumer fail on every wait. Under
     eventlet's monkey-patching select.poll is gone and select.select is the
-    green one, which has no such limit: it is used then."""
+    green one, which has no such limit: it is used then. (A signal does not
+    end the wait early on either path: Python resumes it, PEP 475.)"""
+    seconds = min(timeout, _LONGEST_WAIT) if timeout > 0 else 0.0  # NaN: 0
     poll = getattr(select, "poll", None)
     if poll is None:
-        try:
-            readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
-        except InterruptedError:
-            return set()
+        readable, _, _ = select.select(fds, [], [], seconds)
         return set(readable)
     poller = poll()
     for fd in fds:
         poller.register(fd, select.POLLIN)
-    try:
-        events = poller.poll(max(0, int(timeout * 1000 + 0.999)))
-    except InterruptedError:
-        return set()
+    events = poller.poll(math.ceil(seconds * 1000))
+    if any(event & select.POLLNVAL for _, event in events):
+        raise OSError(errno.EBADF, "wait_fds: a descriptor is not open")
     return {fd for fd, _ in events}
+
+
+# poll() takes at most 2**31 - 1 milliseconds
+_LONGEST_WAIT = (2 ** 31 - 1) / 1000
 
 
 def heartbeat_every(conn):

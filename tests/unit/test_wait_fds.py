@@ -57,3 +57,36 @@ def test_a_handoff_past_fd_setsize_wakes_its_reader():
     assert handoff.take(10) == ["x"]
     assert time.monotonic() - started < 2
     handoff.close()
+
+
+@pytest.mark.parametrize("timeout", [30 * 86400.0, float("inf")],
+                         ids=["30-days", "inf"])
+def test_a_wait_longer_than_polls_range_is_taken(timeout):
+    """An agent's idle wait runs to its next snapshot: snapshot_interval
+    has no maximum, and poll() refuses more than 2**31 - 1 ms (the agent
+    exited with OverflowError at start)."""
+    waker = Waker()
+    threading.Timer(0.05, waker.wake).start()
+    started = time.monotonic()
+    assert wait_fds((waker.fileno(),), timeout) == {waker.fileno()}
+    assert time.monotonic() - started < 2
+    handoff = Handoff()
+    threading.Timer(0.05, handoff.put, args=("x",)).start()
+    assert handoff.take(timeout) == ["x"]
+    handoff.close()
+
+
+def test_a_nan_timeout_does_not_wait():
+    a, b = socket.socketpair()
+    with a, b:
+        started = time.monotonic()
+        assert wait_fds((a.fileno(),), float("nan")) == set()
+        assert time.monotonic() - started < 0.5
+
+
+def test_a_descriptor_that_is_not_open_raises_as_select_does():
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    a.close()
+    with b, pytest.raises(OSError):
+        wait_fds((fd,), 0.1)
