@@ -27,7 +27,6 @@ import json
 import logging
 import queue
 import re
-import socketserver
 import threading
 import time
 import wsgiref.simple_server
@@ -35,7 +34,7 @@ import wsgiref.simple_server
 from oslo_config import cfg
 
 from router.bus import connection as bus_connection
-from router.bus import contract, publishing, topology, tracecontext
+from router.bus import contract, ops, publishing, topology, tracecontext
 from router.bus.backoff import Backoff
 
 LOG = logging.getLogger(__name__)
@@ -302,12 +301,10 @@ class RestApp:
         except MicroversionError as exc:
             code = "badRequest" if exc.status == 400 else "notAcceptable"
             return exc.status, {code: {"code": exc.status, "message": str(exc)}}, []
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
-            return 400 if length < 0 else 413, {"badRequest": {
+        length, refused = ops.request_length(environ.get("CONTENT_LENGTH"),
+                                             MAX_BODY_BYTES)
+        if refused is not None:
+            return refused, {"badRequest": {
                 "code": 400, "message": "bad or too large Content-Length"}}, []
         body = environ["wsgi.input"].read(length) if length else b""
         # novaclient sends the caller's request id (Neutron's req-...)
@@ -396,11 +393,13 @@ def check_exposure(host, *, authenticated, allow_insecure=False):
         f"explicitly (insecure)")
 
 
-class _Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-    daemon_threads = True
+class _Server(ops.BoundedThreading, wsgiref.simple_server.WSGIServer):
+    pass
 
 
 class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    timeout = ops.REQUEST_TIMEOUT
+
     def log_message(self, fmt, *args):
         LOG.debug("REST %s", fmt % args)
 

@@ -8,13 +8,75 @@ Extra routes (the router's REST compatibility endpoint) plug in as
 
 import json
 import logging
+import socketserver
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 LOG = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1024 * 1024
+# A connection that sends nothing for this long is closed; at most this many
+# are served at once (one thread each), more are closed as they come.
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+
+
+class BoundedThreading(socketserver.ThreadingMixIn):
+    """ThreadingMixIn with a bound: at most MAX_CONNECTIONS handler threads.
+
+    socketserver's own takes every connection and keeps a thread for it as
+    long as the client keeps the socket open: 300 idle connections to a
+    router's ops port held 300 threads. With the handlers' timeout
+    (REQUEST_TIMEOUT) a silent client is let go; a full server closes new
+    connections at once (logged, at most once a minute) and serves again as
+    soon as one is done."""
+
+    daemon_threads = True
+    max_connections = MAX_CONNECTIONS
+    _refused = 0
+    _said_at = float("-inf")
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        slots = self._slots
+        if not slots.acquire(blocking=False):
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._said_at >= 60:
+                self._said_at = now
+                LOG.warning("%s: %d connections open, the most it serves; "
+                            "refused %d so far", type(self).__name__,
+                            self.max_connections, self._refused)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def request_length(value, limit):
+    """A request's Content-Length header to a byte count within `limit`, or
+    the status that refuses it: (length, None) or (None, status)."""
+    try:
+        length = int(value or 0)
+    except ValueError:
+        return None, 400
+    if length < 0:
+        return None, 400
+    return (length, None) if length <= limit else (None, 413)
 
 
 def parse_listen(value):
@@ -42,13 +104,16 @@ def serve(listen, collector, health, routes=None):
 
 
 class OpsServer:
-    def __init__(self, listen, registry, health, routes=None):
+    def __init__(self, listen, registry, health, routes=None, *,
+                 request_timeout=REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
         self._registry = registry
         self._health = health
         self._routes = dict(routes or {})
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = request_timeout
+
             def do_GET(self):
                 server._handle(self, "GET")
 
@@ -58,8 +123,10 @@ class OpsServer:
             def log_message(self, fmt, *args):
                 LOG.debug("ops http: " + fmt, *args)
 
-        self.httpd = ThreadingHTTPServer(listen, Handler)
-        self.httpd.daemon_threads = True
+        class Server(BoundedThreading, HTTPServer):
+            pass
+        Server.max_connections = max_connections
+        self.httpd = Server(listen, Handler)
         self.address = self.httpd.server_address
         self._thread = threading.Thread(target=self.httpd.serve_forever,
                                         name="ops-http", daemon=True)
@@ -85,9 +152,12 @@ class OpsServer:
         handler = self._routes.get((method, path))
         if handler is None:
             return self._send_json(req, 404, {"error": f"no route {method} {path}"})
-        length = int(req.headers.get("Content-Length") or 0)
-        if length > MAX_REQUEST_BYTES:
-            return self._send_json(req, 413, {"error": "request body too large"})
+        length, refused = request_length(req.headers.get("Content-Length"),
+                                         MAX_REQUEST_BYTES)
+        if refused is not None:
+            return self._send_json(req, refused, {
+                "error": "request body too large" if refused == 413
+                else "Content-Length must be a byte count"})
         # handler(body, request headers) -> (status, document) or
         # (status, document, [(header, value), ...])
         status, document, *extra = handler(req.rfile.read(length), req.headers)

@@ -1,0 +1,124 @@
+"""The HTTP endpoints (ops: /metrics, /healthz, the REST route; the REST
+compatibility server) against clients that hold connections or lie about
+their bodies.
+
+A hostile review found 300 idle connections to a router's ops port holding
+300 threads, for as long as the client kept them, and a Content-Length of
+-1 read until the client stopped sending (196 MB streamed: the router's
+memory grew 31 -> 220 MB); 'abc' raised a traceback per request.
+"""
+
+import socket
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from router import rest
+from router.bus import ops
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _ops(**kwargs):
+    return ops.OpsServer(("127.0.0.1", 0), CollectorRegistry(),
+                         lambda: (True, "ok"),
+                         {("POST", "/x"): lambda body, headers: (200, {"n": len(body)})},
+                         **kwargs).start()
+
+
+def _get(port, path="/healthz", timeout=5):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        return _read_all(s)
+
+
+def _read_all(s):
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+
+
+def _closed_by_server(s, within):
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _threads():
+    """socketserver's handler threads (named after process_request_thread)."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("server", ["ops", "rest"])
+def test_idle_connections_are_bounded_and_let_go(server, monkeypatch):
+    if server == "ops":
+        srv = _ops(request_timeout=0.5, max_connections=4)
+        port, stop = srv.address[1], srv.stop
+    else:
+        monkeypatch.setattr(ops.BoundedThreading, "max_connections", 4)
+        monkeypatch.setattr(rest._QuietHandler, "timeout", 0.5)
+        srv = rest.serve("127.0.0.1", 0, rest.RestApp(lambda *a, **k: (200, {})),
+                         authenticated=False)
+        port = srv.server_address[1]
+
+        def stop():
+            srv.shutdown()
+            srv.server_close()
+    before = _threads()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        assert _threads() - before <= 4
+        # full: the next connection is closed at once, no thread for it
+        extra = socket.create_connection(("127.0.0.1", port))
+        assert _closed_by_server(extra, 2)
+        extra.close()
+        assert _threads() - before <= 4
+        # the silent ones are let go after the timeout
+        assert all(_closed_by_server(s, 3) for s in idle)
+        deadline = time.monotonic() + 5
+        while _threads() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _threads() <= before
+        if server == "ops":
+            assert b"200 OK" in _get(port)
+    finally:
+        for s in idle:
+            s.close()
+        stop()
+
+
+@pytest.mark.parametrize("length", [b"-1", b"abc", b"1e3", b""])
+def test_a_content_length_that_is_not_a_byte_count_is_refused(length):
+    srv = _ops(request_timeout=2)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.address[1]), timeout=5) as s:
+            header = b"Content-Length: " + length + b"\r\n" if length else b""
+            s.sendall(b"POST /x HTTP/1.0\r\n" + header + b"\r\n")
+            started = time.monotonic()
+            reply = _read_all(s)
+            assert time.monotonic() - started < 2
+        status = reply.split(b"\r\n", 1)[0]
+        if length == b"":
+            assert b" 200 " in status            # no body: an empty one
+        else:
+            assert b" 400 " in status, reply
+    finally:
+        srv.stop()
+
+
+def test_request_length_reads_only_byte_counts():
+    assert ops.request_length(None, 10) == (0, None)
+    assert ops.request_length("10", 10) == (10, None)
+    assert ops.request_length("11", 10) == (None, 413)
+    for bad in ("-1", "abc", "1.5", " ", "0x10"):
+        assert ops.request_length(bad, 10) == (None, 400), bad
