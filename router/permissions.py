@@ -66,9 +66,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from router.bus.contract import HOST_PATTERN
+from router.bus.topology import check_hosts
 
-HOST_QUEUE_SUFFIX = ".events"       # Topology.host_queue_name
 
 class Throwaway(str):
     """A random password that is cleared right after add_user: never shown."""
@@ -88,20 +87,7 @@ class Deployment:
     x509_services: bool = False
 
     def __post_init__(self):
-        # A host's name is its binding key on the hosts exchange: one with
-        # a `*` or `#` word would match other hosts' copies.
-        bad = [h for h in self.hosts if not re.search(HOST_PATTERN, h)]
-        if bad:
-            raise ValueError(f"not a valid host name: {', '.join(map(repr, bad))} "
-                             f"(letters, digits, '_', '.', '-'; up to 200)")
-        # Host H's exchange is <prefix>.host.H and its queue
-        # <prefix>.host.H.events: a host named "b.events" would be granted
-        # host b's queue as its own exchange (read, delete it).
-        bad = [h for h in self.hosts if h.endswith(HOST_QUEUE_SUFFIX)]
-        if bad:
-            raise ValueError(f"a host name may not end in {HOST_QUEUE_SUFFIX!r}: "
-                             f"{', '.join(map(repr, bad))} (host {bad[0][:-7]!r}'s "
-                             f"queue would be its exchange)")
+        check_hosts(self.hosts)
 
     def compute_user(self, host):
         return self.compute_user_prefix + host

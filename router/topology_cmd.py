@@ -96,7 +96,10 @@ def main(argv):
     url = options.transport_url(conf)
     journal_settings = journal.settings_from(conf, url)
     central = topo.central()
-    rows = topo.describe(conf.host)
+    try:
+        rows = topo.describe(conf.host)
+    except ValueError as exc:
+        return fail(f"--host: {exc}")
     if journal_settings is not None and journal_settings.stream:
         exchanges, queues = journal.declared_entities(journal_settings)
         central = (central[0] + exchanges, central[1] + queues)

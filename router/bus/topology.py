@@ -8,11 +8,35 @@ mean the same on RabbitMQ and on kombu's memory transport (which differ on
 ``#`` matching zero words).
 """
 
+import re
 import uuid
 from dataclasses import dataclass, field
 
 from amqp.exceptions import AccessRefused, NotFound
 from kombu import Exchange, Queue, binding
+
+from router.bus.contract import HOST_PATTERN
+
+HOST_QUEUE_SUFFIX = ".events"       # Topology.host_queue_name
+
+
+def check_hosts(hosts):
+    """Raise ValueError naming every host that cannot have a topology.
+
+    A host's name is its binding key on the hosts exchange: one with a `*`
+    or `#` word would take other hosts' copies (`evrouter topology
+    --declare --host '#'` made a queue of every host's events). Host H's
+    exchange is <prefix>.host.H and its queue <prefix>.host.H.events: a
+    host named "b.events" would have host b's queue as its exchange."""
+    bad = [h for h in hosts if not (type(h) is str and re.search(HOST_PATTERN, h))]
+    if bad:
+        raise ValueError(f"not a valid host name: {', '.join(map(repr, bad))} "
+                         f"(letters, digits, '_', '.', '-'; up to 200)")
+    bad = [h for h in hosts if h.endswith(HOST_QUEUE_SUFFIX)]
+    if bad:
+        raise ValueError(f"a host name may not end in {HOST_QUEUE_SUFFIX!r}: "
+                         f"{', '.join(map(repr, bad))} (host {bad[0][:-7]!r}'s "
+                         f"queue would be its exchange)")
 
 QUEUE_TYPES = ("classic", "quorum")
 
@@ -253,6 +277,9 @@ class Topology:
                 + [self.retry_queue(d) for d in sorted(set(self.retry_delays_ms))])
 
     def for_host(self, host):
+        """A host's exchange and queue; ValueError for a host name that
+        cannot have them (check_hosts)."""
+        check_hosts([host])
         return [self.host_exchange(host)], [self.host_queue(host)]
 
     def describe(self, hosts=()):

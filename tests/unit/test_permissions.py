@@ -3,9 +3,12 @@
 import re
 import uuid
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from compute.host_consumer import HostConsumer, HostConsumerSettings
+from router import topology_cmd
 from router.bus.topology import Topology
 from router.permissions import Deployment, grants
 
@@ -155,3 +158,16 @@ def test_no_host_is_granted_a_name_of_another_host(host, other, session):
     for pattern in grants_of_host:
         for name in theirs:
             assert not re.search(pattern, name), (host, other, pattern, name)
+
+
+@pytest.mark.parametrize("bad", ["a.*", "#", "a.#.b", "a b", "", "-a", "b.events"])
+def test_no_topology_for_a_host_that_cannot_have_one(bad, capsys):
+    """What permissions refuse, the topology refuses too: `evrouter topology
+    --declare --host '#'` made a queue bound to every host's copies, and a
+    host consumer would have tried in every session."""
+    with pytest.raises(ValueError, match="host name"):
+        Topology().for_host(bad)
+    assert topology_cmd.main([f"--host={bad}"]) == 2
+    assert "--host:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="host name"):
+        HostConsumer(HostConsumerSettings(host=bad), lambda *a: None)
