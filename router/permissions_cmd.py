@@ -44,6 +44,8 @@ def main(argv):
     conf = parse(argv, "evrouter permissions",
                  "Print (or --apply) the RabbitMQ users, vhost permissions and "
                  "topic permissions of an evrouter deployment.", cli_opts=cli_opts)
+    if not conf.vhost:
+        return fail("--vhost: may not be empty (RabbitMQ's default vhost is '/')")
     try:
         deployment = Deployment(
             prefix=conf.bus.prefix, vhost=conf.vhost,

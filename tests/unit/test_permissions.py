@@ -171,3 +171,10 @@ def test_no_topology_for_a_host_that_cannot_have_one(bad, capsys):
     assert "--host:" in capsys.readouterr().err
     with pytest.raises(ValueError, match="host name"):
         HostConsumer(HostConsumerSettings(host=bad), lambda *a: None)
+
+
+def test_an_empty_vhost_is_refused_not_printed(capsys):
+    from router import permissions_cmd
+    assert permissions_cmd.main(["--vhost="]) == 2
+    captured = capsys.readouterr()
+    assert "--vhost:" in captured.err and "rabbitmqctl" not in captured.out
