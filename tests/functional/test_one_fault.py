@@ -432,6 +432,10 @@ def test_a_central_object_an_operator_deleted_is_declared_again(bus, gone):
                 raw.publish(topo.ingress_exchange_name,
                             "instance.network-vif-plugged", b"not json",
                             message_id=f"bad-{i}")
+            # Read once the router has declared it again: a consumer of the
+            # deleted queue would be refused (404) before that.
+            wait_for(lambda: router.service.stats["topology_repairs"] >= 1, 10,
+                     what="the central topology declared again")
             dead = _dead_letters(bus, 3, timeout=15)
             assert sorted(m.properties["message_id"] for m in dead) == [
                 "bad-0", "bad-1", "bad-2"]
