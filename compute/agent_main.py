@@ -5,14 +5,13 @@ monkey-patches before importing compute.agent and calls
 LifecycleAgent.run() itself.
 """
 
-import re
 import socket
 
 from oslo_config import cfg
 
 from compute.agent_metrics import AgentCollector
 from router import options
-from router.bus import contract, ops
+from router.bus import ops
 from router.service_entry import fail, parse, stop_on_signals
 
 cli_opts = [
@@ -100,9 +99,10 @@ def main(argv):
                  "Republish this host's libvirt lifecycle events on the "
                  "lifecycle fanout exchange.", [("agent", agent_opts)],
                  cli_opts)
-    if not re.search(contract.HOST_PATTERN, conf.host):
-        return fail(f"--host {conf.host!r} is not a valid host name "
-                    f"(letters, digits, '.', '_', '-')")
+    try:
+        options.topology_from(conf).check_host(conf.host)
+    except ValueError as exc:
+        return fail(f"--host: {exc}")
     from compute.agent import LifecycleAgent
     agent = LifecycleAgent(settings_from(conf))
     try:

@@ -26,7 +26,7 @@ from router import journal as journal_
 from router.bus import connection as bus_connection
 from router.bus import contract, supervision
 from router.bus.backoff import Backoff, Ready, Schedule
-from router.bus.topology import Topology, check_hosts
+from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class HostConsumer:
 
     def __init__(self, settings, deliver, *, on_failure=None, waits=None):
         # A host that cannot have a queue says so now, not in every session.
-        check_hosts([settings.host])
+        settings.topology.check_host(settings.host)
         self.settings = settings
         # deliver(event, message_id): the envelope's created_at (the
         # sender's clock) is deliberately not passed on (issue 19, item 6).

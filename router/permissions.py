@@ -66,7 +66,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from router.bus.topology import check_hosts
+from router.bus.topology import Topology, check_hosts
 
 
 class Throwaway(str):
@@ -88,6 +88,9 @@ class Deployment:
 
     def __post_init__(self):
         check_hosts(self.hosts)
+        topo = Topology(prefix=self.prefix)
+        for host in self.hosts:
+            topo.check_host(host)
 
     def compute_user(self, host):
         return self.compute_user_prefix + host

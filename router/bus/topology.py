@@ -21,22 +21,28 @@ HOST_QUEUE_SUFFIX = ".events"       # Topology.host_queue_name
 
 
 def check_hosts(hosts):
-    """Raise ValueError naming every host that cannot have a topology.
-
-    A host's name is its binding key on the hosts exchange: one with a `*`
-    or `#` word would take other hosts' copies (`evrouter topology
-    --declare --host '#'` made a queue of every host's events). Host H's
-    exchange is <prefix>.host.H and its queue <prefix>.host.H.events: a
-    host named "b.events" would have host b's queue as its exchange."""
-    bad = [h for h in hosts if not (type(h) is str and re.search(HOST_PATTERN, h))]
+    """Raise ValueError naming every host that cannot be granted a
+    least-privilege user (router/permissions.py): one that cannot be routed
+    to (Topology.check_host), or whose name ends in ".events": host H's
+    exchange is <prefix>.host.H and its queue <prefix>.host.H.events, so a
+    host named "b.events" would be granted host b's queue as its exchange."""
+    bad = [h for h in hosts if not _routable(h)]
     if bad:
-        raise ValueError(f"not a valid host name: {', '.join(map(repr, bad))} "
-                         f"(letters, digits, '_', '.', '-'; up to 200)")
+        raise ValueError(_NOT_ROUTABLE.format(", ".join(map(repr, bad))))
     bad = [h for h in hosts if h.endswith(HOST_QUEUE_SUFFIX)]
     if bad:
         raise ValueError(f"a host name may not end in {HOST_QUEUE_SUFFIX!r}: "
                          f"{', '.join(map(repr, bad))} (host {bad[0][:-7]!r}'s "
                          f"queue would be its exchange)")
+
+
+def _routable(host):
+    return type(host) is str and re.search(HOST_PATTERN, host) is not None
+
+
+_NOT_ROUTABLE = ("not a valid host name: {} (letters, digits, '_', '.', '-', "
+                 "beginning with a letter or digit; up to 200): the routers "
+                 "route to no other name (router/bus/contract.py HOST_PATTERN)")
 
 QUEUE_TYPES = ("classic", "quorum")
 
@@ -278,9 +284,27 @@ class Topology:
 
     def for_host(self, host):
         """A host's exchange and queue; ValueError for a host name that
-        cannot have them (check_hosts)."""
-        check_hosts([host])
+        cannot have them (check_host)."""
+        self.check_host(host)
         return [self.host_exchange(host)], [self.host_queue(host)]
+
+    def check_host(self, host):
+        """Raise ValueError if `host` cannot have this topology's per-host
+        objects: a name the routers never route to (a `*` or `#` word would
+        also bind the host's queue to every host's copies: `evrouter
+        topology --declare --host '#'`), or one whose exchange, queue or
+        agent control queue name would pass AMQP's 255 bytes with this
+        prefix (the agent's declare failed in every session)."""
+        if not _routable(host):
+            raise ValueError(_NOT_ROUTABLE.format(repr(host)))
+        longest = max((self.host_queue_name(host),
+                       self.agent_control_queue_name(host, "0" * 32)),
+                      key=lambda name: len(name.encode()))
+        if len(longest.encode()) > 255:
+            raise ValueError(
+                f"host name {host!r} too long for prefix {self.prefix!r}: "
+                f"{longest!r} would be {len(longest.encode())} bytes, AMQP "
+                f"allows 255")
 
     def describe(self, hosts=()):
         """Plain rows for `evrouter topology`: (what, name, type, details)."""

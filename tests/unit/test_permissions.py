@@ -7,6 +7,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from compute import agent_main
 from compute.host_consumer import HostConsumer, HostConsumerSettings
 from router import topology_cmd
 from router.bus.topology import Topology
@@ -160,17 +161,35 @@ def test_no_host_is_granted_a_name_of_another_host(host, other, session):
             assert not re.search(pattern, name), (host, other, pattern, name)
 
 
-@pytest.mark.parametrize("bad", ["a.*", "#", "a.#.b", "a b", "", "-a", "b.events"])
+@pytest.mark.parametrize("bad", ["a.*", "#", "a.#.b", "a b", "", "-a", "a" * 200])
 def test_no_topology_for_a_host_that_cannot_have_one(bad, capsys):
-    """What permissions refuse, the topology refuses too: `evrouter topology
-    --declare --host '#'` made a queue bound to every host's copies, and a
-    host consumer would have tried in every session."""
+    """A name the routers never route to (`evrouter topology --declare
+    --host '#'` made a queue bound to every host's copies), or one whose
+    agent control queue passes 255 bytes with the prefix (200 characters:
+    the agent's declare failed in every session): refused by the topology
+    command, the host consumer and the agent, before anything is made."""
     with pytest.raises(ValueError, match="host name"):
         Topology().for_host(bad)
     assert topology_cmd.main([f"--host={bad}"]) == 2
     assert "--host:" in capsys.readouterr().err
     with pytest.raises(ValueError, match="host name"):
         HostConsumer(HostConsumerSettings(host=bad), lambda *a: None)
+    assert agent_main.main([f"--host={bad}", "--libvirt-uri=test:///default"]) == 2
+    assert "--host:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["compute-1.acme.events", "a" * 190, "Cmp_1.example.org."])
+def test_a_host_that_can_be_routed_to_has_a_topology(host):
+    """Only least-privilege users are refused a name ending in .events
+    (its queue would be another host's exchange, for the permissions'
+    patterns); the topology, the host consumer and the agent take it."""
+    Topology().for_host(host)
+    HostConsumer(HostConsumerSettings(host=host), lambda *a: None)
+    if host.endswith(".events"):
+        with pytest.raises(ValueError, match="may not end in"):
+            Deployment(hosts=(host,))
+    else:
+        Deployment(hosts=(host,))
 
 
 def test_an_empty_vhost_is_refused_not_printed(capsys):
