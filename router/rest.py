@@ -305,7 +305,7 @@ class RestApp:
                                              MAX_BODY_BYTES)
         if refused is not None:
             return refused, {"badRequest": {
-                "code": 400, "message": "bad or too large Content-Length"}}, []
+                "code": refused, "message": "bad or too large Content-Length"}}, []
         body = environ["wsgi.input"].read(length) if length else b""
         # novaclient sends the caller's request id (Neutron's req-...)
         trace = (environ.get("HTTP_TRACEPARENT"),

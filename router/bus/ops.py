@@ -8,7 +8,9 @@ Extra routes (the router's REST compatibility endpoint) plug in as
 
 import json
 import logging
+import socket
 import socketserver
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -21,6 +23,9 @@ MAX_REQUEST_BYTES = 1024 * 1024
 # are served at once (one thread each), more are closed as they come.
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
+# However it trickles in, a connection is closed this long after it came:
+# a REST event waits at most its confirm timeout (10 s) and 5 s more.
+REQUEST_DEADLINE = 30.0
 
 
 class BoundedThreading(socketserver.ThreadingMixIn):
@@ -35,11 +40,14 @@ class BoundedThreading(socketserver.ThreadingMixIn):
 
     daemon_threads = True
     max_connections = MAX_CONNECTIONS
+    request_deadline = REQUEST_DEADLINE
     _refused = 0
     _said_at = float("-inf")
 
     def __init__(self, *args, **kwargs):
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._open = {}             # request socket -> its deadline
+        self._open_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address):
@@ -61,21 +69,48 @@ class BoundedThreading(socketserver.ThreadingMixIn):
             raise
 
     def process_request_thread(self, request, client_address):
+        with self._open_lock:
+            self._open[request] = time.monotonic() + self.request_deadline
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.pop(request, None)
             self._slots.release()
+
+    def service_actions(self):
+        """Each turn of serve_forever (every half second): a connection past
+        its deadline is shut, so its handler's read ends. REQUEST_TIMEOUT
+        bounds each read only: a client sending a byte every few seconds
+        held its slot (and, with every slot, /healthz) for ever."""
+        super().service_actions()
+        now = time.monotonic()
+        with self._open_lock:
+            late = [r for r, deadline in self._open.items() if deadline <= now]
+        for request in late:
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        """A client gone or cut off is one DEBUG line, not a traceback on
+        stderr (socketserver's default)."""
+        if isinstance(sys.exc_info()[1], OSError):
+            LOG.debug("%s: connection from %s ended: %s", type(self).__name__,
+                      client_address, sys.exc_info()[1])
+            return
+        LOG.exception("%s: error serving %s", type(self).__name__, client_address)
 
 
 def request_length(value, limit):
     """A request's Content-Length header to a byte count within `limit`, or
     the status that refuses it: (length, None) or (None, status)."""
-    try:
-        length = int(value or 0)
-    except ValueError:
-        return None, 400
-    if length < 0:
-        return None, 400
+    if value is None or value == "":
+        return 0, None
+    if not (type(value) is str and value.isascii() and value.isdigit()):
+        return None, 400        # int() would take "+5", " 5 ", "1_000"
+    length = int(value)
     return (length, None) if length <= limit else (None, 413)
 
 
@@ -105,7 +140,8 @@ def serve(listen, collector, health, routes=None):
 
 class OpsServer:
     def __init__(self, listen, registry, health, routes=None, *,
-                 request_timeout=REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
+                 request_timeout=REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS,
+                 request_deadline=REQUEST_DEADLINE):
         self._registry = registry
         self._health = health
         self._routes = dict(routes or {})
@@ -126,6 +162,7 @@ class OpsServer:
         class Server(BoundedThreading, HTTPServer):
             pass
         Server.max_connections = max_connections
+        Server.request_deadline = request_deadline
         self.httpd = Server(listen, Handler)
         self.address = self.httpd.server_address
         self._thread = threading.Thread(target=self.httpd.serve_forever,

@@ -120,5 +120,41 @@ def test_request_length_reads_only_byte_counts():
     assert ops.request_length(None, 10) == (0, None)
     assert ops.request_length("10", 10) == (10, None)
     assert ops.request_length("11", 10) == (None, 413)
-    for bad in ("-1", "abc", "1.5", " ", "0x10"):
+    for bad in ("-1", "abc", "1.5", " ", "0x10", "+5", " 5 ", "1_0", "\u0665"):
         assert ops.request_length(bad, 10) == (None, 400), bad
+
+
+def test_a_client_that_trickles_bytes_is_cut_off_at_the_deadline():
+    """The read timeout bounds each read only: two clients sending a byte
+    every 0.3 s held both slots (and /healthz) for as long as they liked."""
+    srv = _ops(request_timeout=0.5, max_connections=2, request_deadline=1.5)
+    stop = threading.Event()
+    cut = []
+
+    def trickle():
+        s = socket.create_connection(("127.0.0.1", srv.address[1]))
+        try:
+            s.sendall(b"GET /healthz HTTP/1.0\r\nX-Slow: ")
+            while not stop.is_set():
+                s.sendall(b"a")
+                time.sleep(0.3)
+        except OSError:
+            cut.append(time.monotonic())
+        finally:
+            s.close()
+    started = time.monotonic()
+    clients = [threading.Thread(target=trickle) for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(cut) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(cut) == 2, "the tricklers were never cut off"
+        assert all(t - started < 5 for t in cut)
+        assert b"200 OK" in _get(srv.address[1])
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(5)
+        srv.stop()
