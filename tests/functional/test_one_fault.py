@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 
+import amqp.exceptions
 import kombu
 import pytest
 
@@ -48,6 +49,14 @@ def _good(host):
     return contract.envelope(contract.InstanceEvent(
         contract.VIF_PLUGGED, str(uuid.uuid4()), "port-1", contract.COMPLETED,
         host), "test")
+
+
+def _exists(bus, queue):
+    try:
+        queue_depth(bus.url, queue)
+    except amqp.exceptions.NotFound:
+        return False
+    return True
 
 
 def _dead_letters(bus, count, timeout=20.0):
@@ -433,9 +442,10 @@ def test_a_central_object_an_operator_deleted_is_declared_again(bus, gone):
                             "instance.network-vif-plugged", b"not json",
                             message_id=f"bad-{i}")
             # Read once the router has declared it again: a consumer of the
-            # deleted queue would be refused (404) before that.
-            wait_for(lambda: router.service.stats["topology_repairs"] >= 1, 10,
-                     what="the central topology declared again")
+            # deleted queue would be refused (404) before that. The repair
+            # is counted as it starts, so wait for the queue itself.
+            wait_for(lambda: _exists(bus, topo.dead_letter_queue_name), 10,
+                     what="the dead-letter queue declared again")
             dead = _dead_letters(bus, 3, timeout=15)
             assert sorted(m.properties["message_id"] for m in dead) == [
                 "bad-0", "bad-1", "bad-2"]
