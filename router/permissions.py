@@ -66,7 +66,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from router.bus.topology import Topology, check_hosts
+from router.bus.topology import HOST_QUEUE_SUFFIX, Topology
 
 
 class Throwaway(str):
@@ -87,10 +87,18 @@ class Deployment:
     x509_services: bool = False
 
     def __post_init__(self):
-        check_hosts(self.hosts)
         topo = Topology(prefix=self.prefix)
         for host in self.hosts:
-            topo.check_host(host)
+            topo.check_host(host)       # routable, and its names fit
+        # Host H's exchange is <prefix>.host.H and its queue
+        # <prefix>.host.H.events: a host named "b.events" would be granted
+        # host b's queue as its own exchange (read, delete it). Only the
+        # grants need this; the topology takes such a host.
+        bad = [h for h in self.hosts if h.endswith(HOST_QUEUE_SUFFIX)]
+        if bad:
+            raise ValueError(f"a host name may not end in {HOST_QUEUE_SUFFIX!r}: "
+                             f"{', '.join(map(repr, bad))} (host {bad[0][:-7]!r}'s "
+                             f"queue would be its exchange)")
 
     def compute_user(self, host):
         return self.compute_user_prefix + host

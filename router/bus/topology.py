@@ -19,31 +19,6 @@ from router.bus.contract import HOST_PATTERN
 
 HOST_QUEUE_SUFFIX = ".events"       # Topology.host_queue_name
 
-
-def check_hosts(hosts):
-    """Raise ValueError naming every host that cannot be granted a
-    least-privilege user (router/permissions.py): one that cannot be routed
-    to (Topology.check_host), or whose name ends in ".events": host H's
-    exchange is <prefix>.host.H and its queue <prefix>.host.H.events, so a
-    host named "b.events" would be granted host b's queue as its exchange."""
-    bad = [h for h in hosts if not _routable(h)]
-    if bad:
-        raise ValueError(_NOT_ROUTABLE.format(", ".join(map(repr, bad))))
-    bad = [h for h in hosts if h.endswith(HOST_QUEUE_SUFFIX)]
-    if bad:
-        raise ValueError(f"a host name may not end in {HOST_QUEUE_SUFFIX!r}: "
-                         f"{', '.join(map(repr, bad))} (host {bad[0][:-7]!r}'s "
-                         f"queue would be its exchange)")
-
-
-def _routable(host):
-    return type(host) is str and re.search(HOST_PATTERN, host) is not None
-
-
-_NOT_ROUTABLE = ("not a valid host name: {} (letters, digits, '_', '.', '-', "
-                 "beginning with a letter or digit; up to 200): the routers "
-                 "route to no other name (router/bus/contract.py HOST_PATTERN)")
-
 QUEUE_TYPES = ("classic", "quorum")
 
 # A binding to an exchange not the declarer's that cannot be made: the
@@ -137,7 +112,7 @@ class Topology:
         return f"{self.prefix}.host.{host}"
 
     def host_queue_name(self, host):
-        return f"{self.prefix}.host.{host}.events"
+        return f"{self.prefix}.host.{host}{HOST_QUEUE_SUFFIX}"
 
     def retry_queue_name(self, delay_ms):
         # Parking queues are quorum queues whatever queue_type says (see
@@ -295,8 +270,12 @@ class Topology:
         topology --declare --host '#'`), or one whose exchange, queue or
         agent control queue name would pass AMQP's 255 bytes with this
         prefix (the agent's declare failed in every session)."""
-        if not _routable(host):
-            raise ValueError(_NOT_ROUTABLE.format(repr(host)))
+        if not (type(host) is str and re.search(HOST_PATTERN, host)):
+            raise ValueError(
+                f"not a valid host name: {host!r} (letters, digits, '_', '.', "
+                f"'-', beginning with a letter or digit; up to 200): the "
+                f"routers route to no other name (router/bus/contract.py "
+                f"HOST_PATTERN)")
         longest = max((self.host_queue_name(host),
                        self.agent_control_queue_name(host, "0" * 32)),
                       key=lambda name: len(name.encode()))
