@@ -118,6 +118,20 @@ def test_router_dead_letters_every_poison_case_and_the_next_event_flows(
     router.thread.join(0)     # the fixture's stop() is harmless now
 
 
+def _placement_learned(bus, raw, routers, what):
+    """A STARTED on the lifecycle fanout for a new instance on cmp-life;
+    every router's placement has it. Returns the instance."""
+    server = str(uuid.uuid4())
+    started = contract.envelope(contract.LifecycleEvent(
+        server, "cmp-life", "STARTED", 2, 0, 1), "agent")
+    raw.publish(bus.topology.lifecycle_exchange_name, "", contract.encode(started),
+                message_id=started.id)
+    for r in routers:
+        wait_for(lambda r=r: r.service.placement.hosts_for(server), 10,
+                 what=f"placement learned {what}")
+    return server
+
+
 # --- a routing key that is not UTF-8 ------------------------------------------------
 # The broker routes it (the network user's topic permission ^instance\.
 # matches b"instance.\xff"); py-amqp decoded it in the frame reader and
@@ -162,13 +176,8 @@ def test_a_lifecycle_routing_key_that_is_not_utf8_costs_the_routers_nothing(
         fanout = bus.topology.lifecycle_exchange_name
         for key in BAD_KEYS:
             raw.publish(fanout, key, b"{}")
-        server = str(uuid.uuid4())
-        started = contract.envelope(contract.LifecycleEvent(
-            server, "cmp-life", "STARTED", 2, 0, 1), "agent")
-        raw.publish(fanout, "", contract.encode(started), message_id=started.id)
+        _placement_learned(bus, raw, routers, "after the bad keys")
         for r in routers:
-            wait_for(lambda r=r: r.service.placement.hosts_for(server), 10,
-                     what="placement learned after the bad keys")
             stats = r.service.stats
             assert stats["sessions"] == 1 and not stats["failures"], dict(stats)
             assert stats["lifecycle_invalid"] == len(BAD_KEYS), dict(stats)
@@ -370,13 +379,8 @@ def test_lifecycle_fanout_poison_does_not_stop_routers(bus, raw):
             _send_case(raw, fanout, case)
         # Placement still works afterwards: a lifecycle event teaches the
         # routers where an instance is, and a hint-less event gets there.
-        server = str(uuid.uuid4())
-        started = contract.envelope(contract.LifecycleEvent(
-            server, "cmp-life", "STARTED", 2, 0, 1), "agent")
-        raw.publish(fanout, "", contract.encode(started), message_id=started.id)
+        server = _placement_learned(bus, raw, routers, "after the poison")
         for r in routers:
-            wait_for(lambda r=r: r.service.placement.hosts_for(server), 10,
-                     what="placement learned after the poison")
             assert r.thread.is_alive() and r.service.ready.is_set()
             assert r.service.stats["lifecycle_invalid"] == len(poison.cases("cmp-life"))
         hintless = contract.envelope(contract.InstanceEvent(
