@@ -33,7 +33,6 @@ import uuid
 
 import amqp
 import kombu
-import psutil
 
 from compute.events import InstanceEvents
 from compute.host_consumer import HostConsumer, HostConsumerSettings
@@ -45,7 +44,7 @@ from tests.bench import storm_broker
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
 AMQP_HOST = "127.0.0.1:5672"     # the reference relay's (plain py-amqp)
-BROKER_NODE = storm_broker.MAIN_NODE     # whose CPU the host-scale run reads
+BROKER = None       # the storm_broker.Broker the run is on (main())
 KEY = topology.instance_routing_key(contract.VIF_PLUGGED)
 
 
@@ -351,7 +350,7 @@ def router_rate(hosts, n):
     """
     sl = Slice(hosts)
     router = Router(sl.topo.prefix)
-    broker = psutil.Process(storm_broker.pid(BROKER_NODE))
+    broker = BROKER.process
     out = "evrouter_router_events_out_total"
     try:
         warm = bodies(uuids(len(hosts)), hosts)
@@ -423,12 +422,12 @@ def main(argv=None):
                    help="[journal] batch_ms of the router")
     storm_broker.add_arguments(p)
     args = p.parse_args(argv)
-    global URL, AMQP_HOST, BROKER_NODE
+    global URL, AMQP_HOST, BROKER
     with storm_broker.chosen(args.broker, conf=args.broker_conf,
                              name="evrouter-bench", port=5696) as broker:
         URL = f"amqp://guest:guest@127.0.0.1:{broker.port}//"
         AMQP_HOST = f"127.0.0.1:{broker.port}"
-        BROKER_NODE = broker.node
+        BROKER = broker
         return run(args)
 
 
