@@ -505,9 +505,7 @@ class Channel(pyamqp.Channel):
                 except (IndexError, struct_error):
                     pass    # py-amqp's reader says what is wrong, its way
                 except UnicodeDecodeError:
-                    return super().dispatch_method(
-                        method_sig, self._sender_text(method_sig, payload, content),
-                        content)
+                    payload = self._sender_text(method_sig, payload, content)
                 else:
                     return listener(*args, content)
         elif method_sig in _SENDER_TEXT:
