@@ -57,6 +57,9 @@ _TICK = 1.0
 # session: no reconnect), per call; and before the spool is tried again.
 _RESEND = Schedule(first=0.1, cap=0.5)
 _REDRAIN = Schedule(first=0.4, cap=5.0)
+# Seconds a spooled record is returned or nacked while the broker confirms
+# the records beside it before it is set aside (spool.set_aside).
+SET_ASIDE_AFTER = 60.0
 
 
 class BrokerUnavailable(Exception):
@@ -129,7 +132,10 @@ class _BackingOff(Exception):
 class InstanceEventPublisher:
     def __init__(self, settings):
         self.settings = settings
-        self.stats = {"sent": 0, "spooled": 0, "drained": 0, "failed": 0}
+        self.stats = {"sent": 0, "spooled": 0, "drained": 0, "failed": 0,
+                      "set_aside": 0}
+        # spooled body -> when the broker first refused it alone (_single_out)
+        self._refused_since = {}
         self._jobs = queue.Queue()
         self._stopping = threading.Event()
         self._thread = None
@@ -380,6 +386,8 @@ class InstanceEventPublisher:
         try:
             self._send(jobs)
         except self._retryable() + _REFUSED as exc:
+            if isinstance(exc, _Unconfirmed):
+                self._single_out(jobs, exc)
             self._schedule_drain(failed=True)
             if not isinstance(exc, _BackingOff):
                 LOG.warning("spool: %d event(s) still waiting (%s); next try "
@@ -391,6 +399,35 @@ class InstanceEventPublisher:
             LOG.info("spool %s drained", self._spool.path)
             with self._drained:
                 self._drained.notify_all()
+
+    def _single_out(self, jobs, exc):
+        """Records the broker returned or nacked while it confirmed others
+        of the same batch: the broker is up and routing, so the record is
+        the trouble (a key no binding takes, a release's event this broker
+        does not route). Its clock starts then and runs while it is refused
+        (alone in later batches too); after SET_ASIDE_AFTER seconds it is
+        set aside (spool.set_aside), so that it cannot hold the spool, and
+        every event after it, for ever. A batch refused whole starts no
+        clock: that says nothing about any one record."""
+        now = time.monotonic()
+        since = self._refused_since
+        for job in jobs:
+            if job.settled:
+                since.pop(job.record.body, None)
+        refused = [j.record for j in jobs if not j.settled]
+        if len(refused) < len(jobs):
+            for r in refused:
+                since.setdefault(r.body, now)
+        stale = [r for r in refused
+                 if now - since.get(r.body, now) >= SET_ASIDE_AFTER]
+        if stale and self._spool.set_aside(
+                stale, f"(refused by the broker for {SET_ASIDE_AFTER:.0f}s, "
+                       f"while it confirmed the events beside it: {exc})"):
+            for r in stale:
+                del since[r.body]
+                self.stats["set_aside"] += 1
+                LOG.error("event %s set aside: the broker kept refusing it",
+                          _message_id(r.body))
 
     def _schedule_drain(self, failed):
         now = time.monotonic()

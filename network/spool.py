@@ -19,6 +19,16 @@ that never returned) is cut off.
 Bounded in records and bytes: ``append`` beyond either raises SpoolFull and
 writes nothing. An flock keeps a second process from sharing the file.
 
+The file is input too (a crash, a disk, an older or newer release, a hand
+that edited it): it must be a regular file (a symbolic link is refused, its
+target never opened), and a line that is not a record this release can send
+(its routing key not UTF-8 or over AMQP's 255 bytes, a flag or a form it
+does not know) is never deleted and never blocks the records behind it: it
+is copied to ``<path>.rejected`` (same format; renamed to
+``<spool_path>.replay`` it is taken over as an orphan by the next start),
+marked done, and named in one ERROR line per load, without its contents.
+``set_aside`` does the same for a record the broker keeps refusing.
+
 Every write goes through ``_write_all``: ``pwrite`` may write less than it
 was given (a file-size limit, a full disk, a signal) and says so only in its
 return value. A short append is finished or, when the rest cannot be
@@ -31,6 +41,7 @@ import fcntl
 import glob
 import logging
 import os
+import stat
 
 from router.bus import tracecontext
 
@@ -38,6 +49,9 @@ LOG = logging.getLogger(__name__)
 
 PENDING = b"P"
 DONE = b"D"
+
+REJECTED_SUFFIX = ".rejected"
+MAX_KEY_BYTES = 255         # an AMQP short string
 
 DEFAULT_MAX_RECORDS = 10_000
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -77,17 +91,22 @@ class Spool:
         self._end = 0              # end of the last whole record
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
                     exist_ok=True)
-        created = not os.path.exists(self.path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        created = not os.path.lexists(self.path)
+        self._fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise SpoolLocked(f"spool {self.path} is in use by another "
-                              f"process") from None
-        if created:
-            _fsync_dir(self.path)
-        self._load()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SpoolLocked(f"spool {self.path} is in use by another "
+                                  f"process") from None
+            if created:
+                _fsync_dir(self.path)
+            self._load()
+        except BaseException:
+            # A spool that could not be opened holds no lock: the next
+            # attempt (this process's too) must not find it "in use".
+            self.close()
+            raise
 
     # --- state --------------------------------------------------------------
     def __len__(self):
@@ -105,6 +124,7 @@ class Spool:
     def _load(self):
         data = _read_all(self._fd)
         offset = 0
+        bad = []                    # (offset, line, why): set aside below
         while offset < len(data):
             nl = data.find(b"\n", offset)
             if nl < 0:
@@ -113,23 +133,20 @@ class Spool:
                             len(data) - offset)
                 break
             line = data[offset:nl]
-            flag, _, rest = line.partition(b" ")
-            routing_key, _, body = rest.partition(b" ")
-            routing_key, _, traceparent = routing_key.partition(b";")
-            if flag == PENDING and routing_key and body:
-                self._remember(Record(offset, nl + 1 - offset,
-                                      routing_key.decode(), body,
-                                      _traceparent(traceparent)))
-            elif flag != DONE:
-                # Only a failing disk gets here: say so loudly, keep the rest.
-                LOG.error("spool %s: unreadable record at byte %d skipped: "
-                          "%r", self.path, offset, line[:120])
+            record, why = _parse(line, offset)
+            if record is not None:
+                self._remember(record)
+            elif why is not None:
+                bad.append((offset, line, why))
             offset = nl + 1
         self._end = offset
         if self._end != len(data):
             os.ftruncate(self._fd, self._end)
             os.fsync(self._fd)
-        if not self._pending and self._end:
+        kept = bad and not self._reject(
+            [line for _, line, _ in bad], [o for o, _, _ in bad],
+            f"(the first, at byte {bad[0][0]}: {bad[0][2]})", len(bad))
+        if not self._pending and self._end and not kept:
             self._truncate()
         if self._pending:
             LOG.info("spool %s: %d records pending from before", self.path,
@@ -170,6 +187,48 @@ class Spool:
             self._remember(Record(self._end, len(line), routing_key, body,
                                   traceparent))
             self._end += len(line)
+
+    @property
+    def rejected_path(self):
+        return self.path + REJECTED_SUFFIX
+
+    def set_aside(self, records, why):
+        """Move pending records the broker will not take out of the way:
+        copied to the rejected file, then done. Returns whether they were
+        (else they stay pending, and the ERROR line says why)."""
+        records = [r for r in records if r.offset in self._pending]
+        if not records:
+            return True
+        if not self._reject([_line(r.routing_key, r.body, r.traceparent)[:-1]
+                             for r in records], [], why, len(records)):
+            return False
+        self.done(records)
+        return True
+
+    def _reject(self, lines, offsets, why, count):
+        """Append `lines` to the rejected file, then mark the lines at
+        `offsets` done in place; one ERROR line. False (and those lines
+        left as they are) if the rejected file cannot be written."""
+        try:
+            fd = _open_regular(self.rejected_path,
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                _write_all(fd, b"".join(line + b"\n" for line in lines), None)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for offset in offsets:
+                _write_all(self._fd, DONE, offset)
+            if offsets:
+                os.fsync(self._fd)
+        except OSError as exc:
+            LOG.error("spool %s: %d record(s) that can never be sent %s; they "
+                      "could not be set aside in %s (%s) and stay in the file",
+                      self.path, count, why, self.rejected_path, exc)
+            return False
+        LOG.error("spool %s: %d record(s) that can never be sent set aside in "
+                  "%s %s", self.path, count, self.rejected_path, why)
+        return True
 
     def peek(self, limit):
         """Up to `limit` pending records, oldest first."""
@@ -258,9 +317,18 @@ def adopt_orphans(path, prefix, **limits):
     here = os.path.abspath(path)
     adopted = 0
     candidates = [f for f in glob.glob(glob.escape(prefix) + "*")
-                  if os.path.abspath(f) != here and not f.endswith(".compact")
-                  and os.path.isfile(f)]
+                  if os.path.abspath(f) != here
+                  and not f.endswith((".compact", REJECTED_SUFFIX))]
     for orphan_path in sorted(candidates, key=_mtime):
+        try:
+            mode = os.lstat(orphan_path).st_mode
+        except OSError:
+            continue                # taken over meanwhile
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            LOG.error("spool %s: not a regular file, left alone", orphan_path)
+            continue
         try:
             orphan = Spool(orphan_path, **limits)
         except SpoolLocked:
@@ -305,6 +373,44 @@ def _mtime(path):
         return 0.0
 
 
+def _parse(line, offset):
+    """(Record, None) for a pending record this release can send; (None,
+    None) for a done one or an empty line; (None, why) for anything else."""
+    if not line or line[:1] == DONE:
+        # done: written so, or marked so in place (the first byte only,
+        # whatever the line was: set_aside and _load mark bad lines so)
+        return None, None
+    flag, _, rest = line.partition(b" ")
+    routing_key, _, body = rest.partition(b" ")
+    routing_key, _, traceparent = routing_key.partition(b";")
+    if flag != PENDING or not routing_key or not body:
+        return None, "not a record"
+    if len(routing_key) > MAX_KEY_BYTES:
+        return None, f"a routing key of {len(routing_key)} bytes"
+    try:
+        key = routing_key.decode("utf-8")
+        traceparent = traceparent.decode("ascii")
+    except UnicodeDecodeError:
+        return None, "a routing key or traceparent that is not UTF-8"
+    return Record(offset, len(line) + 1, key, body,
+                  _traceparent(traceparent)), None
+
+
+def _open_regular(path, flags):
+    """An fd on the regular file at `path`; a symbolic link or anything
+    else is refused (SpoolError), its target never opened."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpoolError(f"spool {path} is a symbolic link; refused") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SpoolError(f"spool {path} is not a regular file; refused")
+    return fd
+
+
 def _line(routing_key, body, traceparent):
     """One pending record as written: the only place that writes one."""
     key = routing_key.encode()
@@ -321,16 +427,19 @@ def _traceparent(value):
 
 
 def _write_all(fd, data, offset):
-    """Write all of `data` at `offset`, or raise OSError."""
+    """Write all of `data` at `offset` (None: where the fd is, as an
+    O_APPEND one), or raise OSError."""
     view = memoryview(data)
     while view:
-        written = os.pwrite(fd, view, offset)
+        written = (os.write(fd, view) if offset is None
+                   else os.pwrite(fd, view, offset))
         if written <= 0:
             # POSIX allows 0 for a non-empty write without saying why.
             raise OSError(errno.EIO, f"wrote nothing of {len(view)} bytes "
                                      f"at offset {offset}")
         view = view[written:]
-        offset += written
+        if offset is not None:
+            offset += written
 
 
 def _read_all(fd):

@@ -243,7 +243,7 @@ def test_a_live_connection_cut_spools_and_drains_in_the_same_process(
     events = host_events(bus, 6)
     assert [env.id for _, env in events] == [
         r.message_id for r in [first, *during, last]]
-    assert pub.stats == {"sent": 2, "spooled": 4, "drained": 4, "failed": 0}
+    assert pub.stats == {"sent": 2, "spooled": 4, "drained": 4, "failed": 0, "set_aside": 0}
 
 
 def test_unroutable_ingress_is_retried_then_spooled_not_lost(bus, tmp_path):
@@ -298,3 +298,41 @@ def test_refused_by_the_broker_is_an_error_not_a_spool(bus, tmp_path):
         with pytest.raises(PublishRefused):
             pub.publish(plugged(1))
         assert pub.spooled == 0
+
+
+def test_a_spooled_record_the_broker_keeps_refusing_is_set_aside_and_the_rest_flow(
+        bus, router, tmp_path, monkeypatch):
+    """The spool file is input (another release, a disk, a hand): a record
+    no binding takes is returned while the events beside it are confirmed,
+    and is set aside after SET_ASIDE_AFTER; one whose routing key AMQP
+    cannot carry (over 255 bytes) or that is not UTF-8 is set aside when the
+    file is opened. Neither holds the events behind it, nor new ones."""
+    import network.publisher as publisher_mod
+    monkeypatch.setattr(publisher_mod, "SET_ASIDE_AFTER", 1.0)
+    bus.declare_host(HOST)
+    path = tmp_path / "s"
+    good = [contract.envelope(plugged(i), "network-test") for i in range(3)]
+    stray = contract.envelope(plugged(9), "network-test")
+    key = "instance.network-vif-plugged"
+    spool = Spool(path)
+    spool.append([(key, contract.encode(good[0])),
+                  ("instance.a.b", contract.encode(stray)),
+                  (key, contract.encode(good[1]))])
+    spool.close()
+    with open(path, "ab") as f:
+        f.write(b"P instance." + b"x" * 300 + b" {}\n")
+        f.write(b"P instance.\xff {}\n")
+        f.write(b"P %s %s\n" % (key.encode(), contract.encode(good[2])))
+    with InstanceEventPublisher(settings(bus, spool_path=path)) as pub:
+        receipt = pub.publish(plugged(3))       # behind them in the spool
+        assert pub.wait_drained(15)
+        assert pub.stats["set_aside"] == 1
+        after = pub.publish(plugged(4))
+        assert not after.spooled                # no spool left to queue behind
+    events = host_events(bus, 5)
+    assert sorted(env.id for _, env in events) == sorted(
+        [e.id for e in good] + [receipt.message_id, after.message_id])
+    rejected = (tmp_path / "s.rejected").read_bytes().splitlines()
+    assert len(rejected) == 3
+    assert rejected[0].startswith(b"P instance.xxx") and rejected[1] == b"P instance.\xff {}"
+    assert rejected[2] == b"P instance.a.b " + contract.encode(stray)

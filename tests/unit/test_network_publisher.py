@@ -135,7 +135,7 @@ def test_a_full_spool_is_an_error_not_a_silent_drop(tmp_path):
             pub.publish(event(3))
         assert pub.spooled == 2
         assert pub.stats == {"sent": 0, "spooled": 2, "drained": 0,
-                             "failed": 1}
+                             "failed": 1, "set_aside": 0}
 
 
 def test_publish_needs_a_running_publisher(memory_bus):

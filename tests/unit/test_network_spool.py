@@ -71,7 +71,7 @@ def test_a_torn_last_record_is_dropped(tmp_path, caplog):
     assert bodies(Spool(path)) == [b"whole", b"next"]
 
 
-def test_a_damaged_record_is_skipped_loudly(tmp_path, caplog):
+def test_a_damaged_record_is_set_aside_loudly(tmp_path, caplog):
     path = tmp_path / "s"
     s = Spool(path)
     s.append([("k", b"1"), ("k", b"2"), ("k", b"3")])
@@ -83,7 +83,110 @@ def test_a_damaged_record_is_skipped_loudly(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         s = Spool(path)
     assert bodies(s) == [b"1", b"3"]
-    assert "unreadable record" in caplog.text
+    assert "1 record(s) that can never be sent set aside" in caplog.text
+    assert s.rejected_path.encode() in caplog.text.encode()
+    assert (tmp_path / "s.rejected").read_bytes() == b"? k 2\n"
+    s.close()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        s = Spool(path)             # set aside once, not at every start
+    assert bodies(s) == [b"1", b"3"] and caplog.text == ""
+    assert (tmp_path / "s.rejected").read_bytes() == b"? k 2\n"
+
+
+# What a file can hold that no append writes: every kind of line a disk, a
+# crash, another release or a hand could leave.
+_KEYS = st.one_of(st.sampled_from([b"instance.network-vif-plugged", b"k"]),
+                  st.binary(min_size=1, max_size=300).filter(
+                      lambda b: b" " not in b and b"\n" not in b and b";" not in b))
+_LINES = st.one_of(
+    st.tuples(st.just(b"P"), _KEYS, st.binary(min_size=1, max_size=20).filter(
+        lambda b: b"\n" not in b)).map(lambda t: b" ".join(t)),
+    st.tuples(st.just(b"D"), _KEYS, st.just(b"{}")).map(lambda t: b" ".join(t)),
+    st.binary(max_size=40).filter(lambda b: b"\n" not in b))
+
+
+def _sendable(line):
+    flag, _, rest = line.partition(b" ")
+    key, _, body = rest.partition(b" ")
+    key = key.partition(b";")[0]
+    try:
+        key.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return flag == b"P" and 0 < len(key) <= 255 and bool(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINES, max_size=12))
+def test_whatever_a_file_holds_it_opens_and_loses_no_line(tmp_path_factory, lines):
+    """Invariants over any file: opening never raises; the pending records
+    are exactly the sendable lines, in order; every other line that is not
+    done or empty is in the rejected file, once, byte for byte; opening
+    again changes nothing; and nothing is left locked."""
+    path = tmp_path_factory.mktemp("spool") / "s"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    s = Spool(path)
+    expected = [line.split(b" ", 2)[2] for line in lines if _sendable(line)]
+    assert bodies(s) == expected
+    aside = [line for line in lines if line and not line.startswith(b"D")
+             and not _sendable(line)]
+    rejected = path.with_name("s.rejected")
+    got = rejected.read_bytes() if rejected.exists() else b""
+    assert got == b"".join(line + b"\n" for line in aside)
+    for record in s.peek(100):
+        assert len(record.routing_key.encode()) <= 255
+    s.close()
+    s = Spool(path)                 # the lock went with the close
+    assert bodies(s) == expected
+    assert (rejected.read_bytes() if rejected.exists() else b"") == got
+    s.close()
+
+
+def test_a_spool_that_failed_to_open_holds_no_lock(tmp_path, monkeypatch):
+    import network.spool as spool_mod
+    path = tmp_path / "s"
+    Spool(path).close()
+    real = spool_mod._read_all
+
+    def failing(fd):
+        monkeypatch.setattr(spool_mod, "_read_all", real)
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(spool_mod, "_read_all", failing)
+    with pytest.raises(OSError):
+        Spool(path)
+    Spool(path).close()             # not SpoolLocked by our own leaked fd
+
+
+def test_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path):
+    from network.spool import SpoolError, adopt_orphans
+    precious = tmp_path / "precious.conf"
+    precious.write_bytes(b"password = s3cret\n")
+    prefix = str(tmp_path / "evrouter-spool.")
+    os.symlink(precious, prefix + "4242")
+    with pytest.raises(SpoolError, match="symbolic link"):
+        Spool(prefix + "4242")
+    _spooled(prefix + "4243", b"good")
+    assert adopt_orphans(prefix + "1", prefix) == 1
+    assert precious.read_bytes() == b"password = s3cret\n"
+    assert os.path.islink(prefix + "4242")
+    assert bodies(Spool(prefix + "1")) == [b"good"]
+
+
+def test_an_orphan_of_garbage_is_set_aside_not_deleted(tmp_path, caplog):
+    from network.spool import adopt_orphans
+    prefix = str(tmp_path / "evrouter-spool.")
+    garbage = b"".join(b"X s3cret-line %d\n" % i for i in range(5000))
+    (tmp_path / "evrouter-spool.77").write_bytes(garbage + b"P k body\n")
+    with caplog.at_level(logging.ERROR):
+        assert adopt_orphans(prefix + "1", prefix) == 1
+    assert (tmp_path / "evrouter-spool.77.rejected").read_bytes() == garbage
+    assert len(caplog.records) == 1         # one line, not one a record
+    assert b"s3cret" not in caplog.text.encode()
+    assert bodies(Spool(prefix + "1")) == [b"body"]
+    # and the rejected file is no orphan
+    assert adopt_orphans(prefix + "1", prefix) == 0
+    assert (tmp_path / "evrouter-spool.77.rejected").exists()
 
 
 def test_full_by_records_refuses_all_and_writes_nothing(tmp_path):
