@@ -32,7 +32,7 @@ from router import acks
 from router import journal as journal_
 from router.acks import AckWindow
 from router.bus import connection as bus_connection
-from router.bus import consuming, contract, inbound, topology, tracecontext
+from router.bus import consuming, contract, inbound, supervision, topology, tracecontext
 
 LOG = logging.getLogger(__name__)
 
@@ -371,9 +371,13 @@ class HostSession:
             # The envelope's created_at (the sender's clock) is not passed
             # on (issue 19, item 6).
             outcome = self.owner.deliver(env.payload, env.id)
-        except Exception as exc:
+        except supervision.FATAL:
+            raise
+        except BaseException as exc:    # noqa: B036 (FATAL re-raised above)
             # A fault of the registry, not of the message: set aside with
             # the cause, for an operator to replay, rather than looped on.
+            # A BaseException too (an eventlet.Timeout the embedding
+            # service's code let out): it must not end the host's consumer.
             LOG.exception("event %s: delivery to the registry failed", env.id)
             self.stats["deliver_errors"] += 1
             return self._dead_letter(message, env.id, contract.REASON_INTERNAL,

@@ -15,6 +15,18 @@ from router.bus.backoff import Backoff, Schedule
 
 LOG = logging.getLogger(__name__)
 
+# What ends a thread on purpose: the process exiting, an interrupt, a
+# generator or green thread closed. Anything else a loop raises, a
+# BaseException too (eventlet.Timeout escaping the code that armed it, an
+# embedding service's own), is a failure: restarted, never a dead loop.
+FATAL = (SystemExit, KeyboardInterrupt, GeneratorExit)
+try:
+    from greenlet import GreenletExit
+except ImportError:     # pragma: no cover (eventlet brings greenlet)
+    pass
+else:
+    FATAL += (GreenletExit,)
+
 RESTART_HEALTHY = 30.0
 RESTART_SCHEDULE = Schedule(first=0.5, cap=30.0, healthy_after=RESTART_HEALTHY)
 
@@ -31,7 +43,9 @@ def run_supervised(body, stop, what, *, on_failure=None,
         started = time.monotonic()
         try:
             return body()
-        except Exception as exc:
+        except FATAL:
+            raise
+        except BaseException as exc:    # noqa: B036 (FATAL re-raised above)
             delay = restarts.failed(exc, up_since=started)
             LOG.error("%s failed; restarting in %.1fs (restart %d)", what,
                       delay, restarts.attempt, exc_info=True)

@@ -187,6 +187,37 @@ def test_supervision_restarts_a_crash_loop_with_growing_waits():
     assert waits == [0.5, 1.0, 2.0, 4.0]
 
 
+class _GreenTimeout(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("error", [RuntimeError, _GreenTimeout])
+def test_a_loop_that_raised_anything_but_an_exit_is_restarted(error):
+    runs, failures = [], []
+
+    def body():
+        runs.append(1)
+        if len(runs) == 1:
+            raise error("bug")
+        return "done"
+
+    stop = threading.Event()
+    result = supervision.run_supervised(
+        body, stop, "test loop", on_failure=failures.append,
+        schedule=Schedule(first=0.01, cap=0.01, healthy_after=30.0, jitter=0))
+    assert result == "done" and len(runs) == 2
+    assert [type(f) for f in failures] == [error]
+
+
+@pytest.mark.parametrize("error", list(supervision.FATAL))
+def test_an_exit_ends_the_loop(error):
+    def body():
+        raise error()
+
+    with pytest.raises(error):
+        supervision.run_supervised(body, threading.Event(), "test loop")
+
+
 class SessionEnds(RuleBasedStateMachine):
     """Any interleaving of refused connects and sessions lost after any time."""
 
