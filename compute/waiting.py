@@ -10,7 +10,10 @@ service has run ``eventlet.monkey_patch()`` they are green, otherwise they
 are native. This module never patches anything and never imports eventlet.
 """
 
+import math
+import numbers
 import threading
+import uuid
 
 from router.bus import contract
 
@@ -175,16 +178,43 @@ class PreparedEvent:
 
 
 def expected_events(events):
-    """(name, tag) pairs from pairs or bare names, in order, without repeats."""
+    """(name, tag) pairs from pairs or bare names, in order, without repeats.
+
+    Checked before anything is prepared (and before the caller's body runs):
+    a name is a str, a tag a str or None; a bare string for `events` would
+    be one wait per character, waiting for what never comes."""
+    if isinstance(events, (str, bytes)):
+        raise TypeError(f"events: a list of event names or (name, tag) "
+                        f"pairs, not the string {events!r}")
     pairs = []
     for event in events:
-        pair = (event, None) if isinstance(event, str) else tuple(event)
-        if len(pair) != 2:
+        pair = (event, None) if isinstance(event, str) else tuple(event) \
+            if isinstance(event, (tuple, list)) else None
+        if pair is None or len(pair) != 2:
             raise ValueError(f"expected an event name or a (name, tag) pair, "
                              f"not {event!r}")
+        if type(pair[0]) is not str or not (pair[1] is None or type(pair[1]) is str):
+            raise TypeError(f"an event name is a str and its tag a str or None, "
+                            f"not {pair!r}")
         if pair not in pairs:
             pairs.append(pair)
     return pairs
+
+
+def checked_timeout(timeout):
+    """`timeout` as a float: a real number, not NaN (every comparison with
+    NaN is false: a wait that never ends, or ends at once, by accident);
+    inf waits for ever, as does an int too large for a float. Raised when
+    the wait is made, before the caller's body runs."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout: seconds as a number, not {timeout!r}")
+    try:
+        timeout = float(timeout)
+    except OverflowError:
+        return math.inf
+    if math.isnan(timeout):
+        raise ValueError("timeout: seconds as a number, not NaN")
+    return timeout
 
 
 class EventWait:
@@ -201,8 +231,10 @@ class EventWait:
     def __init__(self, registry, instance, events, timeout, error_callback):
         self.instance = instance
         self.instance_uuid = getattr(instance, "uuid", instance)
+        if isinstance(self.instance_uuid, uuid.UUID):
+            self.instance_uuid = str(self.instance_uuid)
         self.expected = expected_events(events)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self._registry = registry
         self._callback = error_callback
         self._wake = registry.new_wake()

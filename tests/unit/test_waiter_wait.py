@@ -407,3 +407,42 @@ def test_gate_opened_just_after_a_timeout_is_locked_again():
     gate.on_timeout = lambda: deliver(second)
     assert wake.wait(time.monotonic() + 10, time.monotonic) == [second]
     assert gate.locked()
+
+
+@pytest.mark.parametrize("timeout, error", [
+    (float("nan"), ValueError), (None, TypeError), ("5", TypeError), (True, TypeError)])
+def test_a_timeout_that_is_not_a_number_is_refused_before_the_body(
+        registry, instance, timeout, error):
+    ran = []
+    with pytest.raises(error, match="timeout"):
+        with registry.wait_for_instance_event(instance, [PLUG_A], timeout=timeout):
+            ran.append(1)           # the caller's work: a VM started
+    assert ran == []
+    # nothing was prepared: the event, when it comes, is held, not stale
+    assert send(registry, instance, PLUG_A) == "held"
+
+
+@pytest.mark.parametrize("timeout", [10 ** 400, float("inf")])
+def test_a_timeout_too_large_for_a_float_waits_as_inf(registry, instance, timeout):
+    deliver_later(registry, instance, PLUG_A)
+    with registry.wait_for_instance_event(instance, [PLUG_A], timeout=timeout) as w:
+        assert w.timeout == float("inf")
+
+
+@pytest.mark.parametrize("events", [
+    VIF_PLUGGED, b"ab", [b"ab"], [(VIF_PLUGGED, 7)], [(1, None)], [VIF_PLUGGED, 3]])
+def test_events_that_could_never_match_are_refused_before_the_body(
+        registry, instance, events):
+    ran = []
+    with pytest.raises((TypeError, ValueError), match="event|pair"):
+        with registry.wait_for_instance_event(instance, events, timeout=1):
+            ran.append(1)
+    assert ran == []
+
+
+def test_an_instance_uuid_given_as_a_uuid_waits_for_its_string(registry):
+    server = uuid.uuid4()
+    registry_instance = type("I", (), {"uuid": server})()
+    deliver_later(registry, type("I", (), {"uuid": str(server)})(), PLUG_A)
+    with registry.wait_for_instance_event(registry_instance, [PLUG_A], timeout=10):
+        pass
