@@ -23,7 +23,7 @@ cli_opts = [
 ]
 
 agent_opts = [
-    cfg.FloatOpt("stopped_delay", default=15.0, min=0,
+    options.FloatOpt("stopped_delay", default=15.0, min=0,
                  help="Seconds a STOPPED event is held back; any later event "
                       "of the same domain cancels it, so a reboot does not "
                       "look like a shutdown. 0 publishes at once."),
@@ -33,25 +33,25 @@ agent_opts = [
     cfg.IntOpt("keepalive_count", default=3, min=1,
                help="Unanswered keepalives before libvirt closes the "
                     "connection."),
-    cfg.FloatOpt("probe_interval", default=5.0, min=0.1,
+    options.FloatOpt("probe_interval", default=5.0, min=0.1,
                  help="Seconds between liveness probes of a libvirt "
                       "connection without keepalive."),
-    cfg.FloatOpt("reconnect_max", default=30.0, min=0.1,
+    options.FloatOpt("reconnect_max", default=30.0, min=0.1,
                  help="Longest wait between reconnect attempts, to libvirt "
                       "and to the broker."),
     cfg.IntOpt("outbox_limit", default=10_000, min=1,
                help="Lifecycle messages kept while the broker is away; "
                     "beyond it the oldest are dropped (consumers resync from "
                     "the snapshot published on reconnect)."),
-    cfg.FloatOpt("drain_timeout", default=10.0, min=0,
+    options.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to keep publishing what is left "
                       "(held STOPPED events included) before exiting."),
-    cfg.FloatOpt("snapshot_interval", default=300.0, min=0,
+    options.FloatOpt("snapshot_interval", default=300.0, min=0,
                  help="Seconds between periodic snapshots of every domain, so "
                       "a consumer that missed the others learns where "
                       "instances run within this time. 0: only on start, "
                       "reconnects and routers' resync requests."),
-    cfg.FloatOpt("resync_min_interval", default=1.0, min=0,
+    options.FloatOpt("resync_min_interval", default=1.0, min=0,
                  help="Routers ask every agent for a snapshot when they "
                       "(re)connect; answer at most once per this many "
                       "seconds (requests in between are answered together)."),

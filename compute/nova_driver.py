@@ -71,7 +71,7 @@ OPTS = [
                             "defaults to [DEFAULT] host."),
     cfg.StrOpt("topology_prefix", default="evrouter",
                help="Prefix of evrouter's exchanges and queues."),
-    cfg.FloatOpt("hold_seconds", default=evr_events.DEFAULT_HOLD_SECONDS,
+    options.FloatOpt("hold_seconds", default=evr_events.DEFAULT_HOLD_SECONDS,
                  help="How long an event nobody prepared for is held."),
     cfg.BoolOpt("enabled", default=True,
                 help="False: nova-compute gets the real driver itself, "
@@ -88,7 +88,7 @@ OPTS = [
                     "also exported as OpenTelemetry spans of each event's "
                     "trace, with or without the journal stream. Needs the "
                     "extra evrouter[otlp]. Empty: off."),
-    cfg.FloatOpt("stuck_after", default=30.0, min=1.0,
+    options.FloatOpt("stuck_after", default=30.0, min=1.0,
                  help="A wait for an event (Nova's prepare) still pending "
                       "after this many seconds is logged at WARNING and, "
                       "with the journal, recorded stuck for `evrouter "

@@ -19,7 +19,7 @@ OPTS = [
                     "per process: the worker's pid is appended)."),
     cfg.StrOpt("topology_prefix", default="evrouter",
                help="Prefix of evrouter's exchanges and queues."),
-    cfg.FloatOpt("publish_timeout", default=10.0,
+    options.FloatOpt("publish_timeout", default=10.0,
                  help="Seconds a request waits for its event to be confirmed "
                       "or spooled before it goes on (the event is then "
                       "logged as lost)."),

@@ -21,10 +21,10 @@ publisher_opts = [
                     "fails loudly."),
     cfg.IntOpt("spool_max_bytes", default=spool.DEFAULT_MAX_BYTES, min=4096,
                help="Bytes of pending events the spool holds at most."),
-    cfg.FloatOpt("retry_for", default=2.0, min=0,
+    options.FloatOpt("retry_for", default=2.0, min=0,
                  help="Seconds an unconfirmed event is retried before it is "
                       "spooled (or, without a spool, reported as failed)."),
-    cfg.FloatOpt("confirm_timeout", default=5.0, min=0.1,
+    options.FloatOpt("confirm_timeout", default=5.0, min=0.1,
                  help="Seconds to wait for the broker's confirm of a batch."),
     cfg.StrOpt("producer", default=f"network@{socket.gethostname()}",
                sample_default="network@<hostname>",

@@ -15,6 +15,7 @@ from oslo_log import log as logging
 
 from network import options as network_options
 from network.publisher import BrokerUnavailable, InstanceEventPublisher, PublishRefused
+from router import options
 from router.bus import contract
 from router.service_entry import fail, parse
 
@@ -27,7 +28,7 @@ cli_opts = [
                help="One of " + ", ".join(contract.STATUSES) + "."),
     cfg.StrOpt("host", metavar="H",
                help="Hint: the compute host the instance is on."),
-    cfg.FloatOpt("timeout", default=5.0, min=0,
+    options.FloatOpt("timeout", default=5.0, min=0,
                  help="Seconds to keep trying before giving up."),
     cfg.StrOpt("message-id", metavar="ID",
                help="The event's message id (default: a new one). Reuse "

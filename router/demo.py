@@ -27,7 +27,7 @@ import uuid
 import kombu
 from oslo_config import cfg
 
-from router import journal, routing, trace_cmd
+from router import journal, options, routing, trace_cmd
 from router.bus import connection as bus_connection
 from router.bus import contract, topology
 from router.service_entry import fail, parse
@@ -37,7 +37,7 @@ HOSTS = ("cmp-a", "cmp-b")
 cli_opts = [
     cfg.IntOpt("instances", default=3, min=1, max=20,
                help="Instances to boot (spread over the two hosts)."),
-    cfg.FloatOpt("stopped-delay", default=1.0, min=0.1,
+    options.FloatOpt("stopped-delay", default=1.0, min=0.1,
                  help="Seconds the agents hold a STOPPED back (15 in production)."),
     cfg.BoolOpt("keep-journal", default=False,
                 help="Over RabbitMQ: leave the journal stream <prefix>.journal "

@@ -14,7 +14,7 @@ router_opts = options.identity_opts + [
     cfg.IntOpt("prefetch", default=512, min=1,
                help="Ingress messages in flight per router process (the "
                     "bounded window of pipelined confirms)."),
-    cfg.FloatOpt("no_host_timeout", default=120.0, min=0,
+    options.FloatOpt("no_host_timeout", default=120.0, min=0,
                  help="Seconds an event whose instance has no known host is "
                       "retried (with backoff) before it is dead-lettered "
                       "with reason no-host."),
@@ -23,14 +23,14 @@ router_opts = options.identity_opts + [
                      "are dead-lettered with reason forbidden. Empty: any "
                      "broker user. A message without a user_id is always "
                      "dead-lettered forbidden."),
-    cfg.FloatOpt("drain_timeout", default=10.0, min=0,
+    options.FloatOpt("drain_timeout", default=10.0, min=0,
                  help="On SIGTERM, seconds to wait for in-flight messages "
                       "to be confirmed before closing."),
     cfg.IntOpt("redelivery_limit", default=5, min=1,
                help="Deliveries of one ingress message that never got settled "
                     "(its router died or lost the broker each time) before "
                     "it is dead-lettered with reason poison."),
-    cfg.FloatOpt("refused_patience", default=20.0, min=0.1,
+    options.FloatOpt("refused_patience", default=20.0, min=0.1,
                  help="Seconds a copy the broker refuses (a full queue, a "
                       "queue without a leader, an exchange that closes the "
                       "channel) keeps being tried before it is dead-lettered "
@@ -39,13 +39,13 @@ router_opts = options.identity_opts + [
                       "any other copy in hand, with backoff; a dead letter "
                       "refused that long is dropped (logged at ERROR, "
                       "evrouter_router_dropped_total)."),
-    cfg.FloatOpt("refused_hold", default=2.0, min=0.0,
+    options.FloatOpt("refused_hold", default=2.0, min=0.0,
                  help="Seconds a refused host copy is published again in "
                       "hand (a failover's blip passes here) before it is "
                       "parked in a retry queue for its host: the longest one "
                       "host's trouble holds a prefetch slot every host "
                       "shares. At most refused_patience."),
-    cfg.FloatOpt("unplaced_hold", default=2.0, min=0.0, max=60.0,
+    options.FloatOpt("unplaced_hold", default=2.0, min=0.0, max=60.0,
                  help="Seconds an event with no host hint, for an instance "
                       "no compute host has reported yet, waits in the "
                       "router's hand for that placement: a lifecycle event "
@@ -60,7 +60,7 @@ router_opts = options.identity_opts + [
                     "(logged once, evrouter_router_placement_refused_total), "
                     "so one host cannot push the others' instances out of "
                     "the placement table."),
-    cfg.FloatOpt("resync_window", default=5.0, min=0,
+    options.FloatOpt("resync_window", default=5.0, min=0,
                  help="Longest the router waits for the agents' snapshots "
                       "after connecting (less once every host it heard of "
                       "has sent one). Meanwhile, and while not connected, "

@@ -4,9 +4,30 @@ Only entry points read these: each turns the parsed ConfigOpts into plain
 values (a Topology, a transport URL, TLS options) and passes them inward.
 """
 
-from oslo_config import cfg
+import math
+
+from oslo_config import cfg, types
 
 from router.bus import connection, contract, topology
+
+
+class FiniteFloat(types.Float):
+    """types.Float that refuses nan and inf: "nan" passes any min and max
+    (every comparison with it is false), so a `min=0` delay of nan would be
+    taken and then quietly switch its feature off (`delay > 0` is false)."""
+
+    def __call__(self, value):
+        value = super().__call__(value)
+        if not math.isfinite(value):
+            raise ValueError(f"Should be a finite number, not {value}")
+        return value
+
+
+class FloatOpt(cfg.Opt):
+    """cfg.FloatOpt with FiniteFloat: every float option of every service."""
+
+    def __init__(self, name, min=None, max=None, **kwargs):    # noqa: A002 (cfg's names)
+        super().__init__(name, type=FiniteFloat(min=min, max=max), **kwargs)
 
 transport_opt = cfg.StrOpt(
     "transport-url", default=connection.DEFAULT_URL, secret=True,
@@ -113,7 +134,7 @@ journal_opts = [
     cfg.IntOpt("otlp_max_queue", default=20_000, min=1,
                help="Spans waiting to be sent, at most (the collector slow "
                     "or down); past it they are dropped and counted."),
-    cfg.FloatOpt("otlp_timeout", default=5.0, min=0.1,
+    FloatOpt("otlp_timeout", default=5.0, min=0.1,
                  help="Seconds one export of spans may take, retries "
                       "included; a failed one drops its spans, and exports "
                       "pause with backoff (up to 30 s) while it fails."),

@@ -41,7 +41,7 @@ cli_opts = [
                      "(with how they ended)."),
     cfg.BoolOpt("json", default=False,
                 help="One JSON object per stuck wait, for tools."),
-    cfg.FloatOpt("timeout", default=60.0, min=0.1,
+    options.FloatOpt("timeout", default=60.0, min=0.1,
                  help="Longest each read of the journal may take, in "
                       "seconds."),
     cfg.IntOpt("max", default=50, min=1,

@@ -38,7 +38,7 @@ cli_opts = [
                help="How far back to read: a number and s, m, h or d."),
     cfg.BoolOpt("json", default=False,
                 help="One JSON object per record, for tools."),
-    cfg.FloatOpt("timeout", default=30.0, min=0.1,
+    options.FloatOpt("timeout", default=30.0, min=0.1,
                  help="Longest the read may take, in seconds."),
 ]
 
