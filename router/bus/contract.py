@@ -313,6 +313,11 @@ def decode(body, max_bytes=DEFAULT_MAX_BODY_BYTES):
 
 # --- validation -------------------------------------------------------------
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph
+# separators: never in free text (the schema's $defs/text says the same).
+_control_re = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _fail(field, detail, reason=REASON_INVALID):
     raise ContractError(reason, field, detail)
 
@@ -342,6 +347,11 @@ def _str(doc, field, path, *, pattern=None, max_len=255, required=True,
         return v
     if not 1 <= len(v) <= max_len:
         _fail(path, f"length must be 1..{max_len}, got {len(v)}")
+    if pattern is None and _control_re.search(v) is not None:
+        # Free text (a tag, a producer, a router's name) reaches log lines
+        # and the journal: a newline or an escape sequence there would
+        # forge a line or a colour in an operator's terminal.
+        _fail(path, f"{v[:80]!r} has a control character")
     if not v.isascii():
         try:
             v.encode("utf-8")

@@ -105,10 +105,11 @@ class RawPublisher:
             pass
 
 
-def event_body(host, server=None, **overrides):
+def event_body(host, server=None, tag="port-1", **overrides):
     doc = json.loads(contract.encode(contract.envelope(contract.InstanceEvent(
         contract.VIF_PLUGGED, server or str(uuid.uuid4()), "port-1",
         contract.COMPLETED, host), "poison-test")))
+    doc["payload"]["tag"] = tag
     doc.update(overrides)
     return json.dumps(doc).encode()
 
@@ -171,6 +172,13 @@ def cases(host):
          None, MALFORMED),
         ("valid event, compression header that is a number", valid,
          {"application_headers": {"compression": 7}}, None, MALFORMED),
+        # Free text reaches log lines and the journal: a newline forged a
+        # whole log line of the embedding service, an escape coloured one.
+        ("a tag that forges a log line",
+         event_body(host, tag="p\nERROR nova.compute.manager [req-x] deleted"),
+         {}, None, contract.REASON_INVALID),
+        ("a producer with a terminal escape", event_body(host, producer="\x1b[31mred"),
+         {}, None, contract.REASON_INVALID),
         ("valid event zlib-compressed, compression header zlib",
          zlib.compress(valid),
          {"application_headers": {"compression": "application/x-gzip"}},

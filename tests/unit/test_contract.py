@@ -147,6 +147,12 @@ _scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40),
                      st.floats(allow_nan=False, allow_infinity=False),
                      st.text(max_size=8), st.lists(st.integers(), max_size=2))
 _uuids = st.uuids().map(str)
+# Free text as the contract takes it: no control character (Cc: C0, DEL,
+# C1) nor line or paragraph separator; near misses carry one of those.
+_text = st.text(st.characters(blacklist_categories=("Cc", "Cs"),
+                              blacklist_characters="\u2028\u2029"), min_size=1)
+_text_misses = st.sampled_from(["", "a\nforged line", "\x1b[31mred", "a\rb", "x\x85",
+                                "\u2028", "\x00", "\x7f"])
 _hosts = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,12}\Z")
 
 # field -> (valid values, near misses); a document is built valid and then
@@ -158,8 +164,8 @@ _TOP = {
            st.sampled_from(["a b", "", "x" * 129])),
     "created_at": (st.one_of(st.floats(0, 2e9), st.integers(0, 2**33)),
                    st.sampled_from([-1, 1e13])),
-    "producer": (st.text(min_size=1, max_size=20),
-                 st.sampled_from(["", "p" * 256])),
+    "producer": (_text.filter(lambda t: len(t) <= 20),
+                 st.one_of(st.sampled_from(["p" * 256]), _text_misses)),
 }
 _PAYLOADS = {
     "instance-event": {
@@ -167,8 +173,8 @@ _PAYLOADS = {
         "server_uuid": (st.one_of(_uuids, _uuids.map(str.upper)),
                         _uuids.map(lambda u: u + "\n")),
         "status": (st.sampled_from(contract.STATUSES), st.just("done")),
-        "tag": (st.one_of(st.text(min_size=1, max_size=255), st.none()),
-                st.sampled_from(["", "t" * 256])),
+        "tag": (st.one_of(_text.filter(lambda t: len(t) <= 255), st.none()),
+                st.one_of(st.sampled_from(["t" * 256]), _text_misses)),
         "host": (st.one_of(_hosts, st.none()),
                  st.sampled_from(["a b", "h\n", "-h", "h" * 201])),
         "revision": (st.one_of(st.integers(0, 2**63), st.just(4.0), st.none()),
@@ -201,7 +207,7 @@ _PAYLOADS = {
                              [{"transition": "STARTED"}]])),
     },
     "resync-request": {
-        "router": (st.text(min_size=1, max_size=20), st.just("")),
+        "router": (_text.filter(lambda t: len(t) <= 20), _text_misses),
     },
 }
 
@@ -268,7 +274,7 @@ def test_generated_documents_are_both_valid_and_invalid():
 
 
 @given(st.builds(contract.InstanceEvent, st.sampled_from(contract.EVENT_NAMES),
-                 _uuids, st.text(min_size=1, max_size=255),
+                 _uuids, _text.filter(lambda t: len(t) <= 255),
                  st.sampled_from(contract.STATUSES), st.one_of(st.none(), _hosts),
                  st.one_of(st.none(), st.integers(0, 2**63))))
 def test_every_event_the_module_builds_passes_the_schema(event):
