@@ -9,6 +9,7 @@ from oslo_config import cfg
 
 from network import publisher, spool
 from router import journal, options
+from router.bus import contract
 
 publisher_opts = [
     cfg.StrOpt("spool_path", default="/var/lib/evrouter/network.spool",
@@ -28,8 +29,11 @@ publisher_opts = [
                  help="Seconds to wait for the broker's confirm of a batch."),
     cfg.StrOpt("producer", default=f"network@{socket.gethostname()}",
                sample_default="network@<hostname>",
+               # the contract's free text, checked at start, not per event
+               regex=contract.TEXT_PATTERN,
                help="The producer named in every envelope (for logs; the "
-                    "broker-validated user_id is what identifies us)."),
+                    "broker-validated user_id is what identifies us): 1 to "
+                    "255 characters, no control character."),
 ]
 
 

@@ -1,7 +1,9 @@
-"""Every float option of every evrouter service and command refuses nan and
-inf: oslo.config's Float takes "nan" past any min and max (each comparison
-with it is false), and a delay of nan then quietly switches its feature off
-(`delay > 0` is false) while the service starts as if configured."""
+"""Options checked when a service starts, not found per event. Every float
+option of every evrouter service and command refuses nan and inf:
+oslo.config's Float takes "nan" past any min and max (each comparison with
+it is false), and a delay of nan then quietly switches its feature off
+(`delay > 0` is false) while the service starts as if configured. And the
+producer option holds what the contract takes as free text."""
 
 import math
 import os
@@ -54,3 +56,15 @@ def test_a_service_given_nan_refuses_to_start(name, argv):
     assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
     assert run.stderr == (f"argument --{name}: Invalid FiniteFloat(min=0) "
                           f"value: {argv[-1]}\n")
+
+
+@pytest.mark.parametrize("producer", ["", "p" * 256, "net\nforged", "\x1b[31m"])
+def test_a_producer_the_contract_would_refuse_is_refused_at_start(producer):
+    # Checked once, by the option, not found per event: an adapter with an
+    # empty producer requeued every notification for ever.
+    run = subprocess.run([EVROUTER, "publish", "network-vif-plugged", "--server",
+                          "8d5f3a1e-4c2b-4f6a-9e7d-1a2b3c4d5e6f", "--tag", "p",
+                          "--network-producer", producer, "--transport-url", "memory://"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.startswith("argument --producer: Invalid String"), run.stderr
