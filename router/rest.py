@@ -27,6 +27,7 @@ import json
 import logging
 import queue
 import re
+import socket
 import threading
 import time
 import wsgiref.simple_server
@@ -112,6 +113,8 @@ def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         return _bad_request(f"body is not JSON: {exc}")
+    except RecursionError:
+        return _bad_request("body is not JSON we take: nested too deep")
     if type(doc) is not dict or type(doc.get("events")) is not list or not doc["events"]:
         return _bad_request("body must be {\"events\": [event, ...]} with at least one")
     answers, accepted = [], []
@@ -120,7 +123,10 @@ def evaluate(body, *, hosts_for, is_hostless, producer="rest-compat",
             return _bad_request(f"events[{i}] must be an object")
         payload = {k: item[k] for k in ("name", "server_uuid", "status", "tag")
                    if k in item}
-        needed = EVENT_MIN_MICROVERSION.get(payload.get("name"))
+        name = payload.get("name")
+        # a name that is a list or an object is the contract's to refuse
+        # (below), not a key to look up (unhashable: TypeError)
+        needed = EVENT_MIN_MICROVERSION.get(name) if type(name) is str else None
         if microversion is not None and needed and microversion < needed:
             return _bad_request(
                 f"Invalid input for field/attribute name. Value: "
@@ -194,48 +200,92 @@ class RestIngress:
     def handle(self, body, microversion=None, trace=(None, None)):
         """(status, document, headers) for one request body. `trace`: the
         request's (traceparent, X-OpenStack-Request-ID) headers, each event
-        a span of that trace (tracecontext.for_publish)."""
+        a span of that trace (tracecontext.for_publish).
+
+        The answer says what happened on the bus, never more or less: 503
+        (retry) only when none of the events was published (a request that
+        waited too long in line is withdrawn before any is); 207 naming
+        the ones that were not when the broker failed part way; else the
+        evaluation's answer. A retry after a 503 publishes nothing twice."""
         status, document, accepted, headers = evaluate(
             body, hosts_for=self._placement.hosts_for,
             is_hostless=self._placement.is_hostless, microversion=microversion,
             unready=self._placement.unready)
         if accepted:
-            done = queue.Queue(maxsize=1)
-            self._work.put((accepted, done, trace))
-            try:
-                error = done.get(timeout=self._timeout + 5)
-            except queue.Empty:
-                error = "publishing timed out"
-            if error:
-                LOG.error("REST events not published: %s", error)
-                return 503, {"error": f"events not accepted by the bus: {error}"}, [
-                    ("Retry-After", str(BUS_RETRY_AFTER))]
+            job = _Job(accepted, trace)
+            self._work.put(job)
+            published, error = job.outcome(self._timeout + 5,
+                                           self._timeout + _STARTED_GRACE)
+            if published < len(accepted):
+                LOG.error("REST events not published: %s (%d of %d were)", error,
+                          published, len(accepted))
+                if not published:
+                    return 503, {"error": f"events not accepted by the bus: {error}"}, [
+                        ("Retry-After", str(BUS_RETRY_AFTER))]
+                status, document = _partly(document, accepted[published:], error)
+            accepted = accepted[:published]
         for env in accepted:
             LOG.info("event %s %s for %s accepted over REST", env.id,
                      env.payload.name, env.payload.server_uuid)
         return status, document, headers
 
     def _run(self):
-        conn = up_since = None
-        reconnect_at = 0.0
+        self._conn, self._up_since, self._reconnect_at = None, None, 0.0
+        next_check = float("inf")
         while True:
-            item = self._work.get()
-            if item is None:
-                break
-            accepted, done, (given, request_id) = item
             try:
-                if conn is None:
-                    wait = reconnect_at - time.monotonic()
-                    if wait > 0:
-                        done.put(f"reconnecting to the broker in {wait:.1f}s "
-                                 f"after: {self.backoff.cause}")
-                        continue
-                    conn = bus_connection.connect_once(bus_connection.connection(
-                        self._url, ssl_opts=self._ssl))
-                    up_since = time.monotonic()
-                    publisher = publishing.BlockingPublisher(
-                        conn, user_id=bus_connection.user_of(conn))
-                for env in accepted:
+                job = self._work.get(timeout=max(0.0, next_check - time.monotonic())
+                                     if self._conn is not None else None)
+            except queue.Empty:
+                next_check = self._keep_alive()
+                continue
+            if job is None:
+                break
+            if not job.start():
+                continue            # withdrawn by its request: it waited too long
+            try:
+                job.finish(None, self._publish_all(job))
+            except _Failed as failed:
+                job.finish(failed.error, failed.published)
+            if self._conn is not None:
+                next_check = time.monotonic() + bus_connection.heartbeat_every(self._conn)
+        if self._conn is not None:
+            self._conn.release()
+
+    def _keep_alive(self):
+        """An idle connection answers the broker's heartbeats, or is dropped
+        now (quietly: the next request connects afresh), not found dead by
+        the next request. Returns when to look again."""
+        try:
+            try:
+                self._conn.drain_events(timeout=0)
+            except socket.timeout:
+                pass
+            self._conn.heartbeat_check()
+        except Exception as exc:       # noqa: BLE001 (any end of an idle connection)
+            LOG.info("REST ingress: idle broker connection ended (%s); the next "
+                     "request connects again", exc)
+            self._drop()
+            return float("inf")
+        return time.monotonic() + bus_connection.heartbeat_every(self._conn)
+
+    def _publish_all(self, job):
+        """Publish the job's events; the number published. A connection
+        found dead on its first use after a quiet spell is replaced once at
+        once (the same envelopes again: a copy the dead one delivered has
+        the same id, which the waiter drops); other failures raise _Failed."""
+        done, retried = 0, False
+        deadline = time.monotonic() + self._timeout
+        given, request_id = job.trace
+        while True:
+            # a connection from before this request: it may have died idle
+            idle = self._conn is not None
+            try:
+                publisher = self._session()
+                for env in job.accepted[done:]:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _Failed("publishing timed out", done)
                     publisher.publish(
                         self._topo.ingress_exchange_name,
                         topology.instance_routing_key(env.payload.name),
@@ -245,17 +295,115 @@ class RestIngress:
                         headers={contract.HEADER_PUBLISHER: PUBLISHER,
                                  tracecontext.HEADER: tracecontext.for_publish(
                                      given, request_id)},
-                        timeout=self._timeout)
-                done.put(None)
-            except Exception as exc:      # answered as 503
-                done.put(f"{type(exc).__name__}: {exc}")
-                if conn is not None:
-                    conn.release()
-                reconnect_at = time.monotonic() + self.backoff.retry_in(
-                    "REST ingress", exc, up_since)
-                conn = up_since = None
-        if conn is not None:
-            conn.release()
+                        timeout=left)
+                    done += 1
+                    idle = False
+                return done
+            except _Failed as failed:
+                failed.published = done
+                raise
+            except Exception as exc:      # answered as 503 or 207
+                if idle and not retried:
+                    retried = True
+                    self._drop()
+                    LOG.info("REST ingress: broker connection found dead (%s); "
+                             "connecting again", exc)
+                    continue
+                self._drop(exc)
+                raise _Failed(f"{type(exc).__name__}: {exc}", done) from exc
+
+    def _session(self):
+        if self._conn is None:
+            wait = self._reconnect_at - time.monotonic()
+            if wait > 0:
+                raise _Failed(f"reconnecting to the broker in {wait:.1f}s "
+                              f"after: {self.backoff.cause}", 0)
+            self._conn = bus_connection.connect_once(bus_connection.connection(
+                self._url, ssl_opts=self._ssl))
+            self._up_since = time.monotonic()
+            self._publisher = publishing.BlockingPublisher(
+                self._conn, user_id=bus_connection.user_of(self._conn))
+        return self._publisher
+
+    def _drop(self, failure=None):
+        """Forget the connection; after a `failure`, the next connect waits
+        for the backoff (one connect per backoff, not one per request)."""
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:       # noqa: BLE001, S110 (a dead connection's close)
+                pass
+        if failure is not None:
+            self._reconnect_at = time.monotonic() + self.backoff.retry_in(
+                "REST ingress", failure, self._up_since)
+        self._conn = self._up_since = None
+
+
+# A request whose publishing started waits this much longer than the
+# publishing's own deadline for its outcome (the worker ends the job by
+# then: each publish is bounded by what is left of the deadline).
+_STARTED_GRACE = 30.0
+
+
+class _Failed(Exception):
+    def __init__(self, error, published):
+        super().__init__(error)
+        self.error = error
+        self.published = published
+
+
+class _Job:
+    """One request's events between its HTTP thread and the worker: queued,
+    started, done; or withdrawn while still queued (then never published)."""
+
+    QUEUED, STARTED, DONE, WITHDRAWN = range(4)
+
+    def __init__(self, accepted, trace):
+        self.accepted = accepted
+        self.trace = trace
+        self.state = self.QUEUED
+        self.published = 0
+        self.error = None
+        self._cond = threading.Condition()
+
+    def start(self):
+        """The worker takes it; False if it was withdrawn."""
+        with self._cond:
+            if self.state == self.WITHDRAWN:
+                return False
+            self.state = self.STARTED
+            return True
+
+    def finish(self, error, published):
+        with self._cond:
+            self.state, self.error, self.published = self.DONE, error, published
+            self._cond.notify_all()
+
+    def outcome(self, queued_for, started_for):
+        """(published, error): waits `queued_for` seconds; a job still in
+        line then is withdrawn; a started one is waited for up to
+        `started_for` more (its publishing is bounded by then)."""
+        with self._cond:
+            if self._cond.wait_for(lambda: self.state == self.DONE, queued_for):
+                return self.published, self.error
+            if self.state == self.QUEUED:
+                self.state = self.WITHDRAWN
+                return 0, "publishing timed out (waited in line; nothing published)"
+            if self._cond.wait_for(lambda: self.state == self.DONE, started_for):
+                return self.published, self.error
+            return 0, "publishing timed out; the outcome is unknown"
+
+
+def _partly(document, unpublished, error):
+    """207: the events the bus did not take are failed, with the reason.
+    They are the last of the accepted ones, whose answers are the last
+    with code 200 (evaluate answers every event, in order)."""
+    left = len(unpublished)
+    for answer in reversed(document["events"]):
+        if left and answer.get("code") == 200:
+            answer.update(code=503, status=contract.FAILED, error=error)
+            left -= 1
+    return 207, document
 
 
 # --- the hardened HTTP side ----------------------------------------------------

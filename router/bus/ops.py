@@ -197,7 +197,13 @@ class OpsServer:
                 else "Content-Length must be a byte count"})
         # handler(body, request headers) -> (status, document) or
         # (status, document, [(header, value), ...])
-        status, document, *extra = handler(req.rfile.read(length), req.headers)
+        try:
+            status, document, *extra = handler(req.rfile.read(length), req.headers)
+        except OSError:
+            raise               # the client's socket: handle_error says it
+        except Exception:       # a bug: an answer still, as RestApp gives one
+            LOG.exception("ops http: %s %s failed", method, path)
+            return self._send_json(req, 500, {"error": "internal error"})
         self._send_json(req, status, document, extra[0] if extra else ())
 
     def _send_json(self, req, status, document, headers=()):

@@ -206,3 +206,78 @@ def test_unknown_is_503_with_retry_after_until_the_router_can_know(bus):
         thread.join(20)
         proxy.close()
     assert not thread.is_alive()
+
+
+class _Placed:
+    """Placement that knows every instance on one host."""
+
+    def hosts_for(self, server_uuid):
+        return ("cmp-rest-x",)
+
+    def is_hostless(self, server_uuid):
+        return False
+
+    def unready(self):
+        return None
+
+
+def _one_event():
+    return json.dumps({"events": [{"name": "network-vif-plugged",
+                                   "server_uuid": str(uuid.uuid4()),
+                                   "tag": "port-1"}]}).encode()
+
+
+def _router_queue_ids(bus, expected):
+    got = collect(bus.url, bus.topology.router_queue_name, expected, timeout=10)
+    extra = collect(bus.url, bus.topology.router_queue_name, 1, timeout=0.5)
+    return [m.properties["message_id"] for m in got + extra]
+
+
+def test_a_request_answered_503_publishes_nothing_later(bus):
+    """A request that waited in line past its time is withdrawn, not
+    published after its 503 (its caller retries: the events would go twice,
+    under new ids the waiter cannot tell apart)."""
+    bus.declare_central()
+    ingress = rest.RestIngress(bus.url, bus.topology, _Placed(),
+                               confirm_timeout=0.2).start()
+
+    class Slow(rest._Job):          # the worker busy, as with a slow publish
+        def __init__(self):
+            super().__init__([], (None, None))
+            self.release = threading.Event()
+
+        def start(self):
+            self.release.wait(30)
+            return False
+
+    slow = Slow()
+    try:
+        ingress._work.put(slow)
+        status, doc, headers = ingress.handle(_one_event())
+        assert status == 503 and "nothing published" in doc["error"]
+        assert ("Retry-After", str(rest.BUS_RETRY_AFTER)) in headers
+        slow.release.set()
+        status, doc, _ = ingress.handle(_one_event())
+        assert status == 200
+        assert len(_router_queue_ids(bus, 1)) == 1      # the second only
+    finally:
+        slow.release.set()
+        ingress.stop()
+
+
+def test_the_first_request_after_the_connection_died_idle_is_accepted(bus):
+    """Cinder and Cyborg call rarely and do not retry: a broker connection
+    that ended while idle is replaced at once, not answered 503 twice."""
+    bus.declare_central()
+    proxy = TcpProxy()
+    ingress = rest.RestIngress(proxy.url, bus.topology, _Placed()).start()
+    try:
+        assert ingress.handle(_one_event())[0] == 200
+        proxy.drop()                # the idle connection is gone
+        status, doc, _ = ingress.handle(_one_event())
+        assert status == 200, doc
+        assert ingress.handle(_one_event())[0] == 200
+        assert len(set(_router_queue_ids(bus, 3))) == 3
+    finally:
+        ingress.stop()
+        proxy.close()

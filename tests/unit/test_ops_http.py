@@ -158,3 +158,20 @@ def test_a_client_that_trickles_bytes_is_cut_off_at_the_deadline():
         for c in clients:
             c.join(5)
         srv.stop()
+
+
+def test_a_route_that_raises_is_answered_500_not_a_dropped_connection(caplog):
+    def broken(body, headers):
+        raise TypeError("unhashable type: 'list'")
+    srv = ops.OpsServer(("127.0.0.1", 0), CollectorRegistry(), lambda: (True, "ok"),
+                        {("POST", "/x"): broken}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.address[1]), timeout=5) as s:
+            s.sendall(b"POST /x HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+            reply = _read_all(s)
+        assert reply.split(b"\r\n", 1)[0].endswith(b" 500 Internal Server Error"), reply
+        assert reply.endswith(b'{"error": "internal error"}')
+        assert "POST /x failed" in caplog.text
+        assert _get(srv.address[1]).split(b"\r\n", 1)[0].endswith(b"200 OK")
+    finally:
+        srv.stop()

@@ -240,3 +240,49 @@ def test_wsgi_app_hands_on_the_callers_trace_and_request_id():
                                    "X-OpenStack-Request-ID": req})
     call(app, body=b"{}")
     assert seen == [(tp, req), (None, None)]
+
+
+# --- evaluate is total: any body a client sends gets an answer, never raises --
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+_fields = st.fixed_dictionaries({}, optional={
+    "name": st.one_of(st.sampled_from(contract.EVENT_NAMES), _json),
+    "server_uuid": st.one_of(st.sampled_from([A, B, C]), _json),
+    "status": st.one_of(st.sampled_from(contract.STATUSES), _json),
+    "tag": _json})
+
+
+def _answer(body, microversion):
+    status, doc, accepted, headers = rest.evaluate(
+        body, hosts_for=lambda u: ("cmp-1",) if u == A else (),
+        is_hostless=lambda u: u == B, microversion=microversion)
+    assert status in (200, 207, 400, 404), (status, doc)
+    json.dumps(doc)                 # answerable as it is
+    return status, accepted
+
+
+@settings(max_examples=400, deadline=None)
+@given(events=st.one_of(_json, st.lists(st.one_of(_fields, _json), max_size=4)),
+       microversion=st.one_of(st.none(), st.sampled_from([(2, 1), (2, 76), (2, 104)])))
+def test_any_document_is_answered(events, microversion):
+    status, accepted = _answer(json.dumps({"events": events}).encode(), microversion)
+    assert (status in (200, 207)) == bool(accepted)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_are_answered(body):
+    _answer(body, None)
+
+
+def test_what_broke_the_route_is_a_400():
+    # a name that cannot be a dict key, and JSON nested past the recursion
+    # limit: a TypeError and a RecursionError, then a dropped connection
+    for body in (b'{"events":[{"name":["x"]}]}', b'{"events":[{"name":{"a":1}}]}',
+                 b"[" * 100_000, b'{"events":' + b"[" * 50_000):
+        assert _answer(body, (2, 104))[0] == 400
