@@ -60,12 +60,21 @@ from oslo_config import cfg
 
 from network import spool, transitions
 from network.neutron_options import GROUP, OPTS, list_opts, register_opts  # noqa: F401
-from network.publisher import InstanceEventPublisher, PublisherSettings
+from network.publisher import (
+    BrokerUnavailable,
+    InstanceEventPublisher,
+    PublisherSettings,
+    PublishRefused,
+)
 from router import options
 from router.bus import contract, topology, tracecontext
 from router.bus.topology import Topology
 
 LOG = logging.getLogger(__name__)
+
+# What publish() raises by design (network/publisher.py): said in one line.
+_EXPECTED = (BrokerUnavailable, PublishRefused, spool.SpoolError, TimeoutError,
+             OSError, contract.ContractError)
 
 _NAMESPACE = uuid.UUID("6f1c3f7e-2d4b-4c55-9a1e-6b0f5e0c9a21")
 
@@ -252,8 +261,15 @@ class EvrouterNotifierPlugin(service_base.ServicePluginBase):
             try:
                 publisher.publish(event, message_id=mid,
                                   timeout=self.conf.evrouter.publish_timeout)
+            except _EXPECTED as exc:
+                # What the publisher says of the broker, the spool or the
+                # caller's timeout: one line (a traceback per event under
+                # an outage was a flood of them), never a failed request.
+                LOG.error("event %s %s for instance %s (port %s) NOT "
+                          "published: %s: %s", mid, event.name,
+                          event.server_uuid, event.tag, type(exc).__name__, exc)
             except Exception:
-                # Never fail the API request or the agent's RPC over this.
+                # A bug: with its traceback. Still never fails the request.
                 LOG.exception("event %s %s for instance %s (port %s) NOT "
                               "published", mid, event.name, event.server_uuid,
                               event.tag)

@@ -263,6 +263,26 @@ class EvrouterMl2OverTLSTest(EvrouterMl2Test):
         self.assertEqual(port["device_id"],
                          contract.decode(message.body).payload.server_uuid)
 
+    def test_an_event_the_broker_did_not_take_is_one_error_line_not_a_traceback(self):
+        """No spool and no broker: each event lost is said once, in one
+        line naming it and why (a traceback per event, plus the
+        publisher's own line, flooded the log under an outage)."""
+        self.plugin_evr.conf.set_override(
+            "transport_url", "amqp://guest:guest@127.0.0.1:1//", group="evrouter")
+        self.addCleanup(self.plugin_evr.conf.set_override, "transport_url",
+                        self.bus.url, group="evrouter")
+        with self.assertLogs("network.neutron_plugin", "ERROR") as logs:
+            port = self._compute_port()
+            self.plugin.update_port_status(self.ctx, port["id"], "ACTIVE", HOST)
+        self.assertEqual(constants.PORT_STATUS_ACTIVE,
+                         self.plugin.get_port(self.ctx, port["id"])["status"])
+        lost = [r for r in logs.records if "NOT published" in r.getMessage()]
+        self.assertEqual(1, len(lost), logs.output)
+        self.assertIsNone(lost[0].exc_info)
+        self.assertIn("NOT published: BrokerUnavailable: not confirmed by",
+                      lost[0].getMessage())
+        self.assertIn(port["device_id"], lost[0].getMessage())
+
     def test_a_wrong_tls_option_stops_the_plugin_from_loading(self):
         """As nova-compute's init_host stops on a wrong [evrouter] option:
         neutron-server does not start on a configuration that would lose
