@@ -5,11 +5,11 @@ import threading
 
 from oslo_config import cfg
 
-from network import adapter
+from network import adapter, spool
 from network import options as network_options
 from network.publisher import InstanceEventPublisher
 from router import options
-from router.service_entry import parse, stop_on_signals
+from router.service_entry import fail, parse, stop_on_signals
 
 adapter_opts = [
     cfg.StrOpt("notification_transport_url", secret=True,
@@ -61,11 +61,18 @@ def main(argv):
                   ("network_adapter", adapter_opts)])
     stop = threading.Event()
     stop_on_signals(stop.set)
-    with InstanceEventPublisher(network_options.publisher_settings(conf)) as pub:
+    try:
+        pub = InstanceEventPublisher(network_options.publisher_settings(conf)).start()
+    except (OSError, spool.SpoolError) as exc:
+        # the spool: a path that cannot be a file, or another adapter's
+        return fail(f"[network] spool_path: {exc}", 2)
+    try:
         svc = adapter.NetworkAdapter(settings_from(conf), pub.publish).start()
         try:
             while not stop.wait(1.0):
                 pass
         finally:
             svc.stop()
+    finally:
+        pub.close()
     return 0

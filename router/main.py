@@ -11,7 +11,7 @@ from router.metrics import RouterCollector
 from router.service_entry import fail, parse, stop_on_signals
 
 router_opts = options.identity_opts + [
-    cfg.IntOpt("prefetch", default=512, min=1,
+    cfg.IntOpt("prefetch", default=512, min=1, max=65535,     # AMQP's short
                help="Ingress messages in flight per router process (the "
                     "bounded window of pipelined confirms)."),
     options.FloatOpt("no_host_timeout", default=120.0, min=0,
@@ -73,8 +73,10 @@ router_opts = options.identity_opts + [
                      "waits compute hosts record stuck, for the "
                      "evrouter_stuck_waits gauge (one more connection, "
                      "reading the stream; `evrouter stuck` says why)."),
-    cfg.StrOpt("name", help="This router process's name in logs and "
-                            "dead-letter headers (default: random)."),
+    cfg.StrOpt("name", regex=r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z",
+               help="This router process's name in logs and dead-letter "
+                    "headers (default: random): letters, digits, '_', '.', "
+                    "'-', up to 100 (its placement queue's name holds it)."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
                help="host:port of the operations endpoint (/metrics, "
                     "/healthz); empty disables it."),

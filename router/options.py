@@ -16,6 +16,14 @@ class FiniteFloat(types.Float):
     (every comparison with it is false), so a `min=0` delay of nan would be
     taken and then quietly switch its feature off (`delay > 0` is false)."""
 
+    # Longer than any timer takes (threading's waits refuse past ~292
+    # years; 1e10 s killed the agent's libvirt watcher): 31 years.
+    LONGEST = 1e9
+
+    def __init__(self, min=None, max=None, type_name="finite floating point value"):  # noqa: A002
+        super().__init__(min=min, max=self.LONGEST if max is None else max,
+                         type_name=type_name)
+
     def __call__(self, value):
         value = super().__call__(value)
         if not math.isfinite(value):

@@ -45,6 +45,9 @@ def instance_routing_key(name):
     return "instance." + name
 
 
+PREFIX_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z"
+
+
 @dataclass(frozen=True)
 class Topology:
     """Names and arguments of the bus, under one prefix.
@@ -61,6 +64,18 @@ class Topology:
     retry_delays_ms: tuple = field(default=(500, 1000, 2000, 4000, 8000, 16000))
 
     def __post_init__(self):
+        # Every name is <prefix>.<something>: a prefix like a host name
+        # keeps them within AMQP's 255 bytes and the permission patterns
+        # exact; RabbitMQ keeps amq.* for itself (kombu skipped declaring
+        # such an exchange without a word: `topology --declare` said
+        # "declared" of exchanges that did not exist).
+        if not (type(self.prefix) is str and re.search(PREFIX_PATTERN, self.prefix)):
+            raise ValueError(
+                f"not a valid bus prefix: {self.prefix!r} (letters, digits, '_', "
+                f"'.', '-', beginning with a letter or digit; up to 100)")
+        if self.prefix.lower().startswith("amq."):
+            raise ValueError(f"bus prefix {self.prefix!r}: RabbitMQ keeps names "
+                             f"beginning with 'amq.' for itself")
         if self.queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, "
                              f"not {self.queue_type!r}")

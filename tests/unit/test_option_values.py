@@ -29,7 +29,7 @@ def test_no_float_option_is_declared_without_the_finite_type():
     assert offenders == []
 
 
-@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "1e10"])
 def test_the_finite_type_refuses_what_is_not_a_number(value):
     with pytest.raises(ValueError):
         options.FiniteFloat(min=0)(value)
@@ -54,7 +54,7 @@ def test_a_service_given_nan_refuses_to_start(name, argv):
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     # as every value oslo.config refuses: one line, before anything starts
     assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
-    assert run.stderr == (f"argument --{name}: Invalid FiniteFloat(min=0) "
+    assert run.stderr == (f"argument --{name}: Invalid FiniteFloat(min=0, max=1e+09) "
                           f"value: {argv[-1]}\n")
 
 
@@ -68,3 +68,84 @@ def test_a_producer_the_contract_would_refuse_is_refused_at_start(producer):
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run.stderr[-2000:]
     assert run.stderr.startswith("argument --producer: Invalid String"), run.stderr
+
+
+def _evrouter(*argv, env=None):
+    return subprocess.run([EVROUTER, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+# What a service could not use reached it as a traceback, or started it into
+# a restart loop (a review found each): refused at start, one line, exit 2.
+@pytest.mark.parametrize("argv, env, says", [
+    (["router", "--transport-url", "rabbit://guest:guest@127.0.0.1:notaport/"], None,
+     "transport URL: Port could not be cast"),
+    (["router", "--transport-url", "rabbit://h:99999/"], None, "transport URL: Port out"),
+    (["trace", "123", "--transport-url", "notaurl"], None, "transport URL: unsupported"),
+    (["stuck", "--transport-url", "http://x/"], None, "transport URL: unsupported"),
+    (["router", "--config-file", "/nonexistent.conf"], None,
+     "configuration: Failed to find some config files"),
+    (["router", "--config-dir", "/nonexistent"], None, "configuration: "),
+    (["router", "--transport-url", "memory://"], {"OS_ROUTER__PREFETCH": "abc"},
+     "configuration: Value for option prefetch"),
+    (["topology", "--bus-prefix", "amq.x"], None, "bus prefix 'amq.x': RabbitMQ keeps"),
+    (["permissions", "--bus-prefix", ""], None, "not a valid bus prefix: ''"),
+    (["topology", "--bus-prefix", "p" * 250], None, "not a valid bus prefix"),
+    (["network-adapter", "--transport-url", "memory://", "--network-spool_path",
+      "/etc/passwd/x"], None, "[network] spool_path: "),
+])
+def test_what_a_service_cannot_use_is_refused_at_start_in_one_line(argv, env, says):
+    run = _evrouter(*argv, env=env)
+    assert run.returncode == 2, (run.returncode, run.stderr[-3000:])
+    assert "Traceback" not in run.stderr
+    assert f"evrouter: {says}" in run.stderr, run.stderr[-3000:]
+
+
+def test_a_malformed_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[bus\nprefix = x\n")
+    run = _evrouter("router", "--config-file", str(bad))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "evrouter: configuration: Failed to parse" in run.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["router", "--router-prefetch", "70000"], "argument --prefetch: Invalid Integer"),
+    (["router", "--router-name", "r" * 101], "argument --name: Invalid String"),
+    (["agent", "--host", "h", "--agent-probe_interval", "1e10"],
+     "argument --probe_interval: Invalid FiniteFloat"),
+])
+def test_values_past_what_the_protocol_or_a_timer_carries_are_refused(argv, says):
+    # prefetch is an AMQP short, a router's name is in its queue's name
+    # (255 bytes), a timer past threading's limit killed the agent's watcher
+    run = _evrouter(*argv, "--transport-url", "memory://")
+    assert run.returncode == 1 and run.stderr.startswith(says), run.stderr[-2000:]
+
+
+def test_sighup_is_ignored_and_sigterm_still_stops():
+    """Every service sets its signals through service_entry.stop_on_signals;
+    SIGHUP's default action killed the router and the agent mid-delivery."""
+    import signal
+    import time
+    proc = subprocess.Popen([EVROUTER, "router", "--transport-url", "memory://",
+                             "--router-ops_listen", ""], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, deadline = "", time.monotonic() + 30
+        while " consuming " not in out and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+        assert " consuming " in out, out
+        proc.send_signal(signal.SIGHUP)      # logrotate's habit
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.0)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out + rest
+        assert " stopped" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
