@@ -114,6 +114,9 @@ journal_opts = [
                     "declares the stream; a stream that exists keeps its "
                     "arguments."),
     cfg.StrOpt("max_age", default="24h",
+               # RabbitMQ's x-max-age; anything else was a connection error
+               # (541) at the declare, or a journal that never worked
+               regex=r"\A[1-9][0-9]{0,8}[YMDhms]\Z",
                help="Retention of the journal stream by age (x-max-age: a "
                     "number and one of Y, M, D, h, m, s)."),
     cfg.IntOpt("segment_bytes", default=16 << 20, min=1 << 16,

@@ -112,6 +112,9 @@ def test_a_malformed_config_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["router", "--router-prefetch", "70000"], "argument --prefetch: Invalid Integer"),
     (["router", "--router-name", "r" * 101], "argument --name: Invalid String"),
+    (["topology", "--journal-max_age", "garbage"], "argument --max_age: Invalid String"),
+    (["topology", "--journal-max_age=-5h"], "argument --max_age: Invalid String"),
+    (["topology", "--journal-max_age", "0s"], "argument --max_age: Invalid String"),
     (["agent", "--host", "h", "--agent-probe_interval", "1e10"],
      "argument --probe_interval: Invalid FiniteFloat"),
 ])
