@@ -182,7 +182,9 @@ class InstanceEventPublisher:
         retried command) makes a duplicate the waiter drops. Default: a new
         id. Raises ContractError (a ValueError) for an event or id the
         contract refuses, SpoolFull, BrokerUnavailable (no spool) or
-        PublishRefused. `traceparent` (W3C) is the publishing context's:
+        PublishRefused (with a spool, only what a 403 is not: a vhost it
+        may not use, a message the broker will never take; a 403 spools
+        the event). `traceparent` (W3C) is the publishing context's:
         the event goes as a new span of its trace; without one (or with
         an invalid one), of the current OpenTelemetry span's, or of a new
         trace.
@@ -339,6 +341,17 @@ class InstanceEventPublisher:
             # Bounded by retry_for: close() finishes what it was handed.
             time.sleep(wait)
         pending = [job for job in jobs if not job.settled]
+        if self._spool is not None and isinstance(refused, amqp.exceptions.AccessRefused):
+            # 403: a permission or a password, usually fixed within minutes
+            # (a credential rotation, `evrouter permissions --apply` run
+            # late). Kept, as a spooled event refused the same way is,
+            # rather than lost; the spool's drain sends it once allowed.
+            LOG.error("broker refused %d event(s) (%s): spooled until it "
+                      "takes them; check the network user's permissions and "
+                      "password", len(pending), refused)
+            self._spool_jobs(pending)
+            self._schedule_drain(failed=True)
+            return
         self._fail(pending, PublishRefused(f"broker refused: {refused}"))
 
     def _give_up(self, jobs, exc):

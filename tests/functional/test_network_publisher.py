@@ -336,3 +336,22 @@ def test_a_spooled_record_the_broker_keeps_refusing_is_set_aside_and_the_rest_fl
     assert len(rejected) == 3
     assert rejected[0].startswith(b"P instance.xxx") and rejected[1] == b"P instance.\xff {}"
     assert rejected[2] == b"P instance.a.b " + contract.encode(stray)
+
+
+def test_a_write_permission_refused_for_a_while_spools_and_loses_nothing(
+        router_vhost, tmp_path):
+    """A 403 is a permission or a password, usually put right within minutes
+    (a rotation, `evrouter permissions --apply` run late): with a spool the
+    event is kept and sent once allowed, not raised to a caller (Neutron's
+    plugin) that can only log it as lost."""
+    v = router_vhost("pubdeny", write="^$")
+    with InstanceEventPublisher(settings(v.bus(v.url), v.url,
+                                         spool_path=tmp_path / "s")) as pub:
+        receipts = [pub.publish(plugged(i)) for i in range(3)]
+        assert all(r.spooled for r in receipts)
+        assert pub.stats["failed"] == 0
+        v.permit(".*")
+        assert pub.wait_drained(30)
+    got = collect(v.admin, v.topology.router_queue_name, 3, timeout=15)
+    assert sorted(m.properties["message_id"] for m in got) == sorted(
+        r.message_id for r in receipts)
