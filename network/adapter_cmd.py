@@ -1,6 +1,7 @@
 """`evrouter network-adapter`: notifications of the network service in,
 instance events on the bus out."""
 
+import logging
 import threading
 
 from oslo_config import cfg
@@ -10,6 +11,8 @@ from network import options as network_options
 from network.publisher import InstanceEventPublisher
 from router import options
 from router.service_entry import fail, parse, stop_on_signals
+
+LOG = logging.getLogger(__name__)
 
 adapter_opts = [
     cfg.StrOpt("notification_transport_url", secret=True,
@@ -53,21 +56,38 @@ def settings_from(conf):
         max_ports=a.max_ports, messaging_conf=messaging_conf(conf))
 
 
+class _StoppedStarting(BaseException):
+    """SIGTERM or SIGINT while the notification listener still connects."""
+
+
 def main(argv):
     conf = parse(argv, "evrouter network-adapter",
                  "Turn the network service's port notifications into "
                  "instance events on the bus.",
                  [("network", network_options.publisher_opts),
                   ("network_adapter", adapter_opts)])
-    stop = threading.Event()
-    stop_on_signals(stop.set)
+    stop, listening = threading.Event(), threading.Event()
+
+    def on_signal():
+        stop.set()
+        if not listening.is_set():
+            # oslo.messaging's start() retries its broker for ever on this
+            # (main) thread: nothing is in hand yet, so leave it now.
+            raise _StoppedStarting()
+    stop_on_signals(on_signal)
     try:
         pub = InstanceEventPublisher(network_options.publisher_settings(conf)).start()
     except (OSError, spool.SpoolError) as exc:
         # the spool: a path that cannot be a file, or another adapter's
         return fail(f"[network] spool_path: {exc}", 2)
     try:
-        svc = adapter.NetworkAdapter(settings_from(conf), pub.publish).start()
+        try:
+            svc = adapter.NetworkAdapter(settings_from(conf), pub.publish).start()
+        except _StoppedStarting:
+            LOG.info("network adapter stopped before its notification "
+                     "broker answered")
+            return 0
+        listening.set()
         try:
             while not stop.wait(1.0):
                 pass

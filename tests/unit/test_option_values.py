@@ -152,3 +152,33 @@ def test_sighup_is_ignored_and_sigterm_still_stops():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_the_network_adapter_stops_on_sigterm_while_its_notification_broker_is_away(
+        tmp_path):
+    """oslo.messaging retries the notification broker for ever on the main
+    thread; SIGTERM was waited out (ten minutes in the review, then SIGKILL)."""
+    import signal
+    import time
+    proc = subprocess.Popen(
+        [EVROUTER, "network-adapter", "--transport-url", "memory://",
+         "--network-spool_path", str(tmp_path / "spool"),
+         "--network_adapter-notification_transport_url",
+         "rabbit://guest:guest@127.0.0.1:1/"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, deadline = "", time.monotonic() + 30
+        while "Connection failed" not in out and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+        assert "Connection failed" in out, out
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0, out + rest
+        assert "stopped before its notification broker answered" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
