@@ -10,6 +10,9 @@ the event without the confirm reaching us) gives the id of its first try,
 or one derived from its own source event, and the waiter drops the copy.
 """
 
+import signal
+import threading
+
 from oslo_config import cfg
 from oslo_log import log as logging
 
@@ -66,6 +69,28 @@ def event_from(conf):
     return event
 
 
+class _Signalled(BaseException):
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signals():
+    """SIGTERM and SIGINT end the wait for the confirm at once (raised in
+    the main thread, which waits); the flag says one came, and once it is
+    set later signals are ignored."""
+    came = threading.Event()
+
+    def handler(signum, frame):
+        if came.is_set():
+            return          # once: the second is while closing
+        came.set()
+        raise _Signalled(signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return came
+
+
 def main(argv):
     conf = parse(argv, "evrouter publish",
                  "Publish one instance event and wait for the broker's "
@@ -82,12 +107,24 @@ def main(argv):
         conf, spool_path=None, retry_for=conf.timeout,
         confirm_timeout=max(min(conf.timeout, 5.0), 0.5),
         connect_timeout=max(min(conf.timeout, 2.0), 0.5))
+    publisher = InstanceEventPublisher(settings).start()
+    signalled = _on_stop_signals()
     try:
-        with InstanceEventPublisher(settings) as publisher:
-            receipt = publisher.publish(event, message_id=conf.message_id,
-                                        traceparent=conf.traceparent)
+        receipt = publisher.publish(event, message_id=conf.message_id,
+                                    traceparent=conf.traceparent)
     except (BrokerUnavailable, PublishRefused) as exc:
         return fail(f"not published: {exc}", 1)
+    except _Signalled as sig:
+        # The outcome line a caller's script reads, and an exit code that
+        # says which signal (128 + its number), at once.
+        which = f"event {conf.message_id}" if conf.message_id else "the event"
+        fail(f"stopped by {sig}: {which} not confirmed (it may or may not "
+             f"have reached the broker)", 1)
+        return 128 + sig.signum
+    finally:
+        stopping = signalled.is_set()
+        signalled.set()             # a signal from now on: closing anyway
+        publisher.close(timeout=1.0 if stopping else 30.0)
     print(f"published {receipt.message_id}: {event.name} {event.status} for "
           f"{event.server_uuid} tag {event.tag}"
           + (f" host {event.host}" if event.host else ""))

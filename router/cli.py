@@ -96,9 +96,12 @@ def either_spelling():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if not argv:                # no command: a usage error, as argparse's
+        print(usage(), file=sys.stderr)
+        return 2
     command = argv[0]
     if command not in COMMANDS:
         print(f"evrouter: unknown command {command!r}\n\n{usage()}",

@@ -182,3 +182,41 @@ def test_the_network_adapter_stops_on_sigterm_while_its_notification_broker_is_a
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_publish_says_the_events_fate_when_stopped_while_waiting(signum):
+    """SIGTERM killed `evrouter publish` with no outcome line; SIGINT gave a
+    KeyboardInterrupt traceback, then 30 s in close()."""
+    import signal
+    import time
+    proc = subprocess.Popen(
+        [EVROUTER, "publish", "network-vif-plugged", "--server",
+         "8d5f3a1e-4c2b-4f6a-9e7d-1a2b3c4d5e6f", "--tag", "p", "--message-id", "m-1",
+         "--transport-url", "amqp://guest:guest@127.0.0.1:1//", "--timeout", "60"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        err = ""
+        while "could not connect" not in err and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            err += line
+        assert "could not connect" in err, err
+        sent = time.monotonic()
+        proc.send_signal(getattr(signal, signum))
+        out, rest = proc.communicate(timeout=10)
+        assert time.monotonic() - sent < 5
+        assert proc.returncode == 128 + getattr(signal, signum), err + rest
+        assert f"evrouter: stopped by {signum}: event m-1 not confirmed" in rest
+        assert "Traceback" not in rest and out == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_evrouter_without_a_command_is_a_usage_error():
+    run = _evrouter()
+    assert run.returncode == 2 and run.stderr.startswith("usage: evrouter COMMAND")
