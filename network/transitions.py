@@ -20,6 +20,7 @@ by it instead of by anyone's clock.
 Ports are dicts shaped like the network API's (``binding:host_id`` included).
 """
 
+import hashlib
 import re
 import uuid
 
@@ -123,16 +124,30 @@ def port_deleted(port):
 
 
 def addresses_changed(original, port):
-    """Whether the fixed IPs differ; False when either side does not say."""
+    """Whether the fixed IPs differ; False when either side does not say.
+    Either side may be a port's fixed_ips or their address_digest."""
     before, after = original.get("fixed_ips"), port.get("fixed_ips")
     if before is None or after is None:
         return False
-    return _addresses(before) != _addresses(after)
+    return address_digest(before) != address_digest(after)
 
 
-def _addresses(fixed_ips):
-    return frozenset((ip.get("subnet_id"), ip.get("ip_address"))
-                     for ip in fixed_ips if isinstance(ip, dict))
+def address_digest(fixed_ips):
+    """32 bytes that stand for a port's set of (subnet_id, ip_address):
+    what a notification adapter keeps of them, whatever their number and
+    size (a digest passes through)."""
+    if isinstance(fixed_ips, bytes):
+        return fixed_ips
+    if isinstance(fixed_ips, str):
+        # a column that keeps them as text (network/orm.py): the text
+        return hashlib.sha256(fixed_ips.encode("utf-8", "surrogatepass")).digest()
+    if not isinstance(fixed_ips, (list, tuple)):
+        # a malformed notification: the caller drops it (as iterating it
+        # would have raised)
+        raise TypeError(f"fixed_ips must be a list, not {type(fixed_ips).__name__}")
+    pairs = sorted({repr((ip.get("subnet_id"), ip.get("ip_address")))
+                    for ip in fixed_ips if isinstance(ip, dict)})
+    return hashlib.sha256("\n".join(pairs).encode("utf-8", "surrogatepass")).digest()
 
 
 def floating_ip_changed(original_port_id, port_id, port_of):
