@@ -559,12 +559,15 @@ def serve(host, port, app, *, authenticated, allow_insecure=False):
     ``server.shutdown()`` stops it. Raises InsecureListen (see check_exposure).
     """
     check_exposure(host, authenticated=authenticated, allow_insecure=allow_insecure)
+    server_class = _Server
+    if ops.address_family(host) != _Server.address_family:
+        server_class = type("_Server6", (_Server,), {"address_family": ops.address_family(host)})
     server = wsgiref.simple_server.make_server(
-        host, port, app, server_class=_Server, handler_class=_QuietHandler)
+        host, port, app, server_class=server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="rest-endpoint",
                      daemon=True).start()
-    LOG.info("REST compatibility endpoint on %s:%d (%s)", host,
-             server.server_address[1],
+    LOG.info("REST compatibility endpoint on %s (%s)",
+             ops.display_address(server.server_address),
              "Keystone authentication" if authenticated else "no authentication")
     return server
 
@@ -594,10 +597,7 @@ def list_opts():
 
 
 def parse_host_port(listen):
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected host:port, not {listen!r}")
-    return host.strip("[]"), int(port)
+    return ops.parse_listen(listen)
 
 
 def serve_from_conf(conf, handle):

@@ -115,13 +115,29 @@ def request_length(value, limit):
 
 
 def parse_listen(value):
-    """'host:port' -> (host, port); '' -> None (disabled)."""
+    """'host:port' or '[v6]:port' -> (host, port); '' -> None (disabled).
+    ValueError for anything a socket could not bind (a port past 65535 was
+    an OverflowError at start)."""
     if not value:
         return None
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be host:port, not {value!r}")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"listen address must be host:port (port 0 to 65535), "
+                         f"not {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return host or "0.0.0.0", int(port)
+
+
+def display_address(address):
+    """'host:port' of a bound server's address, '[v6]:port' for IPv6."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_family(host):
+    """The socket family a server listening on `host` needs (IPv6: a ':')."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def serve(listen, collector, health, routes=None):
@@ -159,8 +175,11 @@ class OpsServer:
             def log_message(self, fmt, *args):
                 LOG.debug("ops http: " + fmt, *args)
 
+        family = address_family(listen[0])
+
         class Server(BoundedThreading, HTTPServer):
             pass
+        Server.address_family = family
         Server.max_connections = max_connections
         Server.request_deadline = request_deadline
         self.httpd = Server(listen, Handler)
@@ -170,7 +189,8 @@ class OpsServer:
 
     def start(self):
         self._thread.start()
-        LOG.info("ops endpoint on http://%s:%d (/metrics, /healthz)", *self.address)
+        LOG.info("ops endpoint on http://%s (/metrics, /healthz)",
+                 display_address(self.address))
         return self
 
     def stop(self):

@@ -175,3 +175,30 @@ def test_a_route_that_raises_is_answered_500_not_a_dropped_connection(caplog):
         assert _get(srv.address[1]).split(b"\r\n", 1)[0].endswith(b"200 OK")
     finally:
         srv.stop()
+
+
+def test_ipv6_listen_addresses_serve_and_bad_ports_are_refused():
+    # '[::1]:port' failed with "Name or service not known" (ops) and "Address
+    # family for hostname not supported" (REST); port 99999 an OverflowError
+    assert ops.parse_listen("[::1]:0") == ("::1", 0)
+    for bad in ("127.0.0.1:99999", "h:-1", "h:", "h:٣"):
+        with pytest.raises(ValueError, match="port 0 to 65535"):
+            ops.parse_listen(bad)
+    srv = ops.OpsServer(ops.parse_listen("[::1]:0"), CollectorRegistry(),
+                        lambda: (True, "ok")).start()
+    try:
+        with socket.create_connection(("::1", srv.address[1]), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert _read_all(s).split(b"\r\n", 1)[0].endswith(b"200 OK")
+    finally:
+        srv.stop()
+    server = rest.serve("::1", 0, rest.RestApp(lambda body, **kw: (200, {})),
+                        authenticated=False)
+    try:
+        with socket.create_connection(("::1", server.server_address[1]), timeout=5) as s:
+            s.sendall(b"POST /v2.1/os-server-external-events HTTP/1.0\r\n"
+                      b"Content-Length: 2\r\n\r\n{}")
+            assert b" 200 " in _read_all(s).split(b"\r\n", 1)[0]
+    finally:
+        server.shutdown()
+        server.server_close()
