@@ -99,7 +99,7 @@ class Receipt:
 
 class _Job:
     __slots__ = ("routing_key", "body", "message_id", "future", "record",
-                 "event", "settled", "traceparent", "sent_at")
+                 "event", "settled", "traceparent", "sent_at", "outcome")
 
     def __init__(self, routing_key, body, message_id, future=None,
                  record=None, event=None, traceparent=None):
@@ -114,6 +114,7 @@ class _Job:
         # spool with the event)
         self.traceparent = traceparent
         self.sent_at = None         # wall clock, for the journal
+        self.outcome = None         # the broker's answer to its last send
 
 
 class _Unconfirmed(Exception):
@@ -394,6 +395,19 @@ class InstanceEventPublisher:
 
     def _drain_once(self):
         records = self._spool.peek(self.settings.max_batch)
+        # What this release could never send, whoever wrote it (another
+        # release, a hand, a disk): set aside before anything is sent, so it
+        # cannot close the channel (a topic permission's 403, a size the
+        # broker refuses) for the records beside it, or raise while encoded.
+        unsendable = [(r, why) for r in records
+                      for why in [_unsendable(r)] if why is not None]
+        if unsendable:
+            if self._spool.set_aside([r for r, _ in unsendable],
+                                     f"(the first: {unsendable[0][1]})"):
+                self.stats["set_aside"] += len(unsendable)
+            # else they stay in the file (the ERROR line says so), unsent
+            records = [r for r in records
+                       if all(r is not bad for bad, _ in unsendable)]
         jobs = [_Job(r.routing_key, r.body, _message_id(r.body), record=r,
                      traceparent=r.traceparent) for r in records]
         try:
@@ -414,33 +428,34 @@ class InstanceEventPublisher:
                 self._drained.notify_all()
 
     def _single_out(self, jobs, exc):
-        """Records the broker returned or nacked while it confirmed others
-        of the same batch: the broker is up and routing, so the record is
-        the trouble (a key no binding takes, a release's event this broker
-        does not route). Its clock starts then and runs while it is refused
-        (alone in later batches too); after SET_ASIDE_AFTER seconds it is
-        set aside (spool.set_aside), so that it cannot hold the spool, and
-        every event after it, for ever. A batch refused whole starts no
-        clock: that says nothing about any one record."""
+        """Records the broker returned as unroutable while it routed others
+        of the same batch: the key is the trouble (a binding gone for that
+        event alone, a release's event this broker does not route), not the
+        broker. Its clock starts then; after SET_ASIDE_AFTER seconds of
+        being singled out so, it is set aside (spool.set_aside), so that it
+        cannot hold the spool, and every event after it, for ever. A nack
+        blames no record (a queue at its length limit, a quorum queue
+        without a leader: the queue's state, and a partial batch is what a
+        queue with room for one gives), nor does a batch refused whole."""
         now = time.monotonic()
         since = self._refused_since
         for job in jobs:
-            if job.settled:
+            if job.settled or job.outcome != publishing.RETURNED:
                 since.pop(job.record.body, None)
-        refused = [j.record for j in jobs if not j.settled]
-        if len(refused) < len(jobs):
-            for r in refused:
-                since.setdefault(r.body, now)
-        stale = [r for r in refused
-                 if now - since.get(r.body, now) >= SET_ASIDE_AFTER]
+        if not any(job.settled for job in jobs):
+            return
+        returned = [j.record for j in jobs if j.outcome == publishing.RETURNED]
+        for r in returned:
+            since.setdefault(r.body, now)
+        stale = [r for r in returned if now - since[r.body] >= SET_ASIDE_AFTER]
         if stale and self._spool.set_aside(
-                stale, f"(refused by the broker for {SET_ASIDE_AFTER:.0f}s, "
-                       f"while it confirmed the events beside it: {exc})"):
+                stale, f"(returned as unroutable for {SET_ASIDE_AFTER:.0f}s "
+                       f"while the broker routed the events beside it: {exc})"):
             for r in stale:
                 del since[r.body]
                 self.stats["set_aside"] += 1
-                LOG.error("event %s set aside: the broker kept refusing it",
-                          _message_id(r.body))
+                LOG.error("event %s set aside: the broker kept returning it "
+                          "as unroutable", _message_id(r.body))
 
     def _schedule_drain(self, failed):
         now = time.monotonic()
@@ -514,6 +529,8 @@ class InstanceEventPublisher:
         message ids, so a duplicate is one the waiter drops).
         """
         jobs = [job for job in jobs if not job.settled]
+        if not jobs:
+            return
         outcomes = {}
         try:
             conn, publisher, outcomes = self._open_session()
@@ -552,7 +569,7 @@ class InstanceEventPublisher:
         """Settle the confirmed jobs; the other outcomes seen, if any."""
         confirmed_records, others = [], []
         for job in jobs:
-            outcome = outcomes.pop(job, None)
+            outcome = job.outcome = outcomes.pop(job, None)
             if outcome != publishing.ACK:
                 if outcome is not None:
                     others.append(outcome)
@@ -603,12 +620,37 @@ class InstanceEventPublisher:
 
 def _message_id(body):
     # Spooled bodies were valid when spooled; a later release may judge them
-    # otherwise, and that must not stop the owner thread. The router decides.
+    # otherwise, and that must not stop the owner thread. The router decides
+    # what the body is worth; here only the id, as AMQP can carry it.
     try:
         message_id = json.loads(body).get("id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
-    return message_id if isinstance(message_id, str) else None
+    if not isinstance(message_id, str) or not message_id:
+        return None
+    try:
+        if len(message_id.encode("utf-8")) <= 255:  # an AMQP short string
+            return message_id
+    except UnicodeEncodeError:
+        pass
+    return None
+
+
+_INSTANCE_KEYS = frozenset(topology.instance_routing_key(name)
+                           for name in contract.EVENT_NAMES)
+
+
+def _unsendable(record):
+    """Why this release will never send a spooled record, or None. The key
+    is one this release publishes (another one closed the channel for the
+    whole batch on a topic permission's 403, for ever); the body within
+    what the router takes (a larger one is refused by size, here or there);
+    a traceparent that is not the W3C form was dropped when read."""
+    if record.routing_key not in _INSTANCE_KEYS:
+        return f"a routing key this release never publishes: {record.routing_key[:80]!r}"
+    if len(record.body) > contract.DEFAULT_MAX_BODY_BYTES:
+        return f"a body of {len(record.body)} bytes, over the router's limit"
+    return None
 
 
 def _describe(exc):

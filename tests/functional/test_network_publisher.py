@@ -6,6 +6,7 @@ RabbitMQ that this test stops and starts again, cutting live connections.
 """
 
 import os
+import re
 import select
 import socket
 import threading
@@ -17,7 +18,7 @@ import pytest
 from network.publisher import InstanceEventPublisher, PublisherSettings, PublishRefused
 from network.spool import Spool
 from router.bus import contract, tracecontext
-from tests.conftest import BROKER_URL, collect
+from tests.conftest import BROKER_URL, collect, wait_for
 
 HOST = "compute-7"
 DEAD_URL = "amqp://guest:guest@127.0.0.1:1//"
@@ -300,23 +301,27 @@ def test_refused_by_the_broker_is_an_error_not_a_spool(bus, tmp_path):
         assert pub.spooled == 0
 
 
-def test_a_spooled_record_the_broker_keeps_refusing_is_set_aside_and_the_rest_flow(
-        bus, router, tmp_path, monkeypatch):
-    """The spool file is input (another release, a disk, a hand): a record
-    no binding takes is returned while the events beside it are confirmed,
-    and is set aside after SET_ASIDE_AFTER; one whose routing key AMQP
-    cannot carry (over 255 bytes) or that is not UTF-8 is set aside when the
-    file is opened. Neither holds the events behind it, nor new ones."""
-    import network.publisher as publisher_mod
-    monkeypatch.setattr(publisher_mod, "SET_ASIDE_AFTER", 1.0)
+def test_spooled_records_this_release_cannot_send_never_hold_the_rest(
+        bus, router, tmp_path):
+    """The spool file is input (another release, a disk, a hand). Set aside
+    when the file is opened: a routing key AMQP cannot carry (over 255
+    bytes) or that is not UTF-8. Set aside before a drain sends anything: a
+    key this release never publishes (a topic permission's 403 closed the
+    channel for the whole batch, for ever; no binding takes `instance.a.b`).
+    Sent, for the router to judge: a body nested 30,000 deep (its id was
+    read with a RecursionError that stopped every drain) and an id of 300
+    bytes (AMQP's message_id is a short string: struct.error every drain).
+    None of them holds the events behind it, nor new ones."""
     bus.declare_host(HOST)
     path = tmp_path / "s"
     good = [contract.envelope(plugged(i), "network-test") for i in range(3)]
-    stray = contract.envelope(plugged(9), "network-test")
     key = "instance.network-vif-plugged"
     spool = Spool(path)
     spool.append([(key, contract.encode(good[0])),
-                  ("instance.a.b", contract.encode(stray)),
+                  ("instance.a.b", contract.encode(good[0])),
+                  ("evrouter.network-vif-plugged", contract.encode(good[0])),
+                  (key, b"[" * 30_000 + b"]" * 30_000),
+                  (key, b'{"id": "' + b"x" * 300 + b'"}'),
                   (key, contract.encode(good[1]))])
     spool.close()
     with open(path, "ab") as f:
@@ -326,16 +331,57 @@ def test_a_spooled_record_the_broker_keeps_refusing_is_set_aside_and_the_rest_fl
     with InstanceEventPublisher(settings(bus, spool_path=path)) as pub:
         receipt = pub.publish(plugged(3))       # behind them in the spool
         assert pub.wait_drained(15)
-        assert pub.stats["set_aside"] == 1
+        assert pub.stats["set_aside"] == 2
         after = pub.publish(plugged(4))
         assert not after.spooled                # no spool left to queue behind
     events = host_events(bus, 5)
     assert sorted(env.id for _, env in events) == sorted(
         [e.id for e in good] + [receipt.message_id, after.message_id])
     rejected = (tmp_path / "s.rejected").read_bytes().splitlines()
-    assert len(rejected) == 3
+    assert len(rejected) == 4
     assert rejected[0].startswith(b"P instance.xxx") and rejected[1] == b"P instance.\xff {}"
-    assert rejected[2] == b"P instance.a.b " + contract.encode(stray)
+    assert [line.split(b" ", 2)[1] for line in rejected[2:]] == [
+        b"instance.a.b", b"evrouter.network-vif-plugged"]
+
+
+def test_a_queue_refusing_everything_for_a_while_sets_nothing_aside(
+        bus, tmp_path, monkeypatch):
+    """Nacks are the queue's state (at its length limit with reject-publish,
+    a quorum queue without a leader), and a queue with room for one gives
+    partial batches: no record is blamed, however long it lasts."""
+    import subprocess
+
+    import network.publisher as publisher_mod
+    monkeypatch.setattr(publisher_mod, "SET_ASIDE_AFTER", 0.5)
+    bus.declare_central()
+    bus.declare_host(HOST)
+    policy = f"{bus.topology.prefix}-full"
+    subprocess.run(["rabbitmqctl", "-q", "set_policy", "--apply-to", "queues", policy,
+                    f"^{re.escape(bus.topology.router_queue_name)}$",
+                    '{"max-length": 1, "overflow": "reject-publish"}'],
+                   check=True, timeout=60, capture_output=True)
+    try:
+        path = tmp_path / "s"
+        with InstanceEventPublisher(settings(bus, DEAD_URL, spool_path=path)) as pub:
+            receipts = [pub.publish(plugged(i)) for i in range(3)]
+        assert all(r.spooled for r in receipts)
+        with InstanceEventPublisher(settings(bus, spool_path=path)) as pub:
+            wait_for(lambda: pub.stats["drained"] >= 1, 15, what="one taken")
+            time.sleep(2.0)         # four times SET_ASIDE_AFTER of refusals
+            assert pub.stats["set_aside"] == 0 and pub.spooled == 2
+            subprocess.run(["rabbitmqctl", "-q", "clear_policy", policy],
+                           check=True, timeout=60, capture_output=True)
+            from tests.conftest import RunningRouter
+            router = RunningRouter(bus)
+            try:
+                assert pub.wait_drained(30)
+                assert len(host_events(bus, 3)) == 3
+            finally:
+                router.stop()
+        assert not (tmp_path / "s.rejected").exists()
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", policy], timeout=60,
+                       capture_output=True)
 
 
 def test_a_write_permission_refused_for_a_while_spools_and_loses_nothing(
