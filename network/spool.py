@@ -89,6 +89,7 @@ class Spool:
         self._pending = collections.OrderedDict()   # offset -> Record
         self._bytes = 0            # pending bytes
         self._end = 0              # end of the last whole record
+        self._unsaved = False      # bad lines kept only in this file
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
                     exist_ok=True)
         created = not os.path.lexists(self.path)
@@ -143,10 +144,13 @@ class Spool:
         if self._end != len(data):
             os.ftruncate(self._fd, self._end)
             os.fsync(self._fd)
-        kept = bad and not self._reject(
-            [line for _, line, _ in bad], [o for o, _, _ in bad],
-            f"(the first, at byte {bad[0][0]}: {bad[0][2]})", len(bad))
-        if not self._pending and self._end and not kept:
+        if bad and not self._reject(
+                [line for _, line, _ in bad], [o for o, _, _ in bad],
+                f"(the first, at byte {bad[0][0]}: {bad[0][2]})", len(bad)):
+            # They stay in this file, and the file as it is: no truncation
+            # or compaction while they could not be copied out.
+            self._unsaved = True
+        if not self._pending and self._end:
             self._truncate()
         if self._pending:
             LOG.info("spool %s: %d records pending from before", self.path,
@@ -210,8 +214,10 @@ class Spool:
         `offsets` done in place; one ERROR line. False (and those lines
         left as they are) if the rejected file cannot be written."""
         try:
+            # O_NONBLOCK: a FIFO there (no reader) fails instead of hanging
+            # the start; _open_regular refuses it and a link anyway.
             fd = _open_regular(self.rejected_path,
-                               os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK)
             try:
                 _write_all(fd, b"".join(line + b"\n" for line in lines), None)
                 os.fsync(fd)
@@ -221,7 +227,7 @@ class Spool:
                 _write_all(self._fd, DONE, offset)
             if offsets:
                 os.fsync(self._fd)
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             LOG.error("spool %s: %d record(s) that can never be sent %s; they "
                       "could not be set aside in %s (%s) and stay in the file",
                       self.path, count, why, self.rejected_path, exc)
@@ -258,15 +264,30 @@ class Spool:
             self._truncate()
 
     def _truncate(self):
+        if self._unsaved:
+            return          # lines set aside nowhere yet live only here
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
         self._end = 0
 
+    @property
+    def holds_unsaved(self):
+        """Lines this release cannot send that could not be copied to the
+        rejected file: this file is their only copy (never truncated,
+        compacted or removed while so)."""
+        return self._unsaved
+
     def _compact(self):
         # Done records ahead of a spool that never empties: rewrite the
         # pending ones to a new file and swap it in atomically.
+        if self._unsaved:
+            return
         tmp = self.path + ".compact"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.unlink(tmp)      # whatever is there: ours to replace, not follow
+        except FileNotFoundError:
+            pass
+        fd = _open_regular(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             records, end = [], 0
@@ -348,8 +369,15 @@ def adopt_orphans(path, prefix, **limits):
                 LOG.warning("spool %s: %d record(s) left by a process that is "
                             "gone, taken over by %s", orphan_path,
                             len(records), path)
-            os.unlink(orphan_path)
-            _fsync_dir(orphan_path)
+            if orphan.holds_unsaved:
+                # its bad lines have no other copy: its records are ours
+                # now (marked done there), the file stays for an operator
+                orphan.done(records)
+                LOG.error("spool %s: left in place, it holds lines that "
+                          "could not be set aside", orphan_path)
+            else:
+                os.unlink(orphan_path)
+                _fsync_dir(orphan_path)
             adopted += len(records)
         except (OSError, SpoolError) as exc:
             LOG.error("spool %s: %d record(s) could not be taken over, left "

@@ -417,3 +417,44 @@ def test_an_adopted_orphans_traces_come_along(tmp_path):
     adopt_orphans(prefix + "200", prefix)
     assert [(r.body, r.traceparent) for r in Spool(prefix + "200").peek(9)] == [
         (b"1", TP), (b"2", None)]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_bad_lines_that_cannot_be_set_aside_are_kept_through_everything(
+        tmp_path, kind, caplog):
+    """The rejected file is derived input too: a FIFO there hung the start,
+    a link raised out of Spool(), and lines that 'stay in the file' were
+    then truncated with the last good record, compacted away, or unlinked
+    with their orphan."""
+    path = tmp_path / "s"
+    rejected = tmp_path / "s.rejected"
+    if kind == "directory":
+        rejected.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(rejected)
+    else:
+        os.symlink(tmp_path / "elsewhere", rejected)
+    bad = b"X not a record\n"
+    path.write_bytes(b"P k good\n" + bad)
+    with caplog.at_level(logging.ERROR):
+        s = Spool(path, max_bytes=64)
+    assert bodies(s) == [b"good"] and "could not be set aside" in caplog.text
+    s.done(s.peek(1))                       # nothing pending: no truncation
+    assert bad in path.read_bytes()
+    for i in range(40):                     # past 2 * max_bytes: no compaction
+        s.append([("k", b"%d" % i)])
+        s.done(s.peek(1))
+    assert bad in path.read_bytes()
+    s.close()
+    from network.spool import adopt_orphans
+    orphan = tmp_path / "evrouter-spool.9"
+    os.rename(path, orphan)
+    if kind != "symlink":
+        os.rename(rejected, tmp_path / "evrouter-spool.9.rejected")
+    else:
+        os.symlink(tmp_path / "elsewhere", tmp_path / "evrouter-spool.9.rejected")
+    adopt_orphans(str(tmp_path / "evrouter-spool.1"), str(tmp_path / "evrouter-spool."))
+    assert bad in orphan.read_bytes()       # left in place, its line with it
+    assert adopt_orphans(str(tmp_path / "evrouter-spool.1"),
+                         str(tmp_path / "evrouter-spool.")) == 0   # not twice
