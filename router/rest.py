@@ -214,15 +214,17 @@ class RestIngress:
         if accepted:
             job = _Job(accepted, trace)
             self._work.put(job)
-            published, error = job.outcome(self._timeout + 5,
-                                           self._timeout + _STARTED_GRACE)
+            published, error, unknown = job.outcome(self._timeout + 5,
+                                                    self._timeout + _STARTED_GRACE)
             if published < len(accepted):
-                LOG.error("REST events not published: %s (%d of %d were)", error,
-                          published, len(accepted))
-                if not published:
+                LOG.error("REST events not published: %s (%d of %d were%s)", error,
+                          published, len(accepted),
+                          "; the next may have been" if unknown else "")
+                if not published and not unknown:
                     return 503, {"error": f"events not accepted by the bus: {error}"}, [
                         ("Retry-After", str(BUS_RETRY_AFTER))]
-                status, document = _partly(document, accepted[published:], error)
+                status, document = _partly(document, accepted[published:], error,
+                                           unknown)
             accepted = accepted[:published]
         for env in accepted:
             LOG.info("event %s %s for %s accepted over REST", env.id,
@@ -246,7 +248,7 @@ class RestIngress:
             try:
                 job.finish(None, self._publish_all(job))
             except _Failed as failed:
-                job.finish(failed.error, failed.published)
+                job.finish(failed.error, failed.published, failed.unknown)
             if self._conn is not None:
                 next_check = time.monotonic() + bus_connection.heartbeat_every(self._conn)
         if self._conn is not None:
@@ -280,12 +282,14 @@ class RestIngress:
         while True:
             # a connection from before this request: it may have died idle
             idle = self._conn is not None
+            sending = False         # an event handed to the broker, unconfirmed
             try:
                 publisher = self._session()
                 for env in job.accepted[done:]:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise _Failed("publishing timed out", done)
+                    sending = True
                     publisher.publish(
                         self._topo.ingress_exchange_name,
                         topology.instance_routing_key(env.payload.name),
@@ -297,20 +301,28 @@ class RestIngress:
                                      given, request_id)},
                         timeout=left)
                     done += 1
-                    idle = False
+                    sending = idle = False
                 return done
             except _Failed as failed:
                 failed.published = done
                 raise
-            except Exception as exc:      # answered as 503 or 207
-                if idle and not retried:
+            except Exception as exc:      # answered as 503, 207 or 502
+                # A connection that died while idle fails its first use with
+                # a connection error: replaced once (the same envelopes, the
+                # same ids: a copy it did deliver is one the waiter drops).
+                # A confirm that did not come is not that: the event may be
+                # on the bus, and the answer must say so.
+                dead = idle and isinstance(exc, self._conn_errors())
+                if dead and not retried:
                     retried = True
                     self._drop()
                     LOG.info("REST ingress: broker connection found dead (%s); "
                              "connecting again", exc)
                     continue
                 self._drop(exc)
-                raise _Failed(f"{type(exc).__name__}: {exc}", done) from exc
+                # sent and not confirmed: the outcome of that one is unknown
+                raise _Failed(f"{type(exc).__name__}: {exc}", done,
+                              unknown=sending) from exc
 
     def _session(self):
         if self._conn is None:
@@ -325,12 +337,17 @@ class RestIngress:
                 self._conn, user_id=bus_connection.user_of(self._conn))
         return self._publisher
 
+    def _conn_errors(self):
+        return tuple(self._conn.connection_errors)
+
     def _drop(self, failure=None):
         """Forget the connection; after a `failure`, the next connect waits
-        for the backoff (one connect per backoff, not one per request)."""
+        for the backoff (one connect per backoff, not one per request).
+        Without a close handshake: on a path that swallows bytes it blocked
+        the worker, and every request behind it, until TCP gave up."""
         if self._conn is not None:
             try:
-                self._conn.release()
+                self._conn.collect()
             except Exception:       # noqa: BLE001, S110 (a dead connection's close)
                 pass
         if failure is not None:
@@ -346,10 +363,13 @@ _STARTED_GRACE = 30.0
 
 
 class _Failed(Exception):
-    def __init__(self, error, published):
+    def __init__(self, error, published, *, unknown=False):
         super().__init__(error)
         self.error = error
         self.published = published
+        # the event after the published ones was sent and not confirmed
+        self.unknown = unknown
+
 
 
 class _Job:
@@ -364,6 +384,7 @@ class _Job:
         self.state = self.QUEUED
         self.published = 0
         self.error = None
+        self.unknown = False
         self._cond = threading.Condition()
 
     def start(self):
@@ -374,35 +395,46 @@ class _Job:
             self.state = self.STARTED
             return True
 
-    def finish(self, error, published):
+    def finish(self, error, published, unknown=False):
         with self._cond:
             self.state, self.error, self.published = self.DONE, error, published
+            self.unknown = unknown
             self._cond.notify_all()
 
     def outcome(self, queued_for, started_for):
-        """(published, error): waits `queued_for` seconds; a job still in
-        line then is withdrawn; a started one is waited for up to
-        `started_for` more (its publishing is bounded by then)."""
+        """(published, error, unknown): waits `queued_for` seconds; a job
+        still in line then is withdrawn (nothing published, known); a
+        started one is waited for up to `started_for` more (its publishing
+        is bounded by then). `unknown`: the event after the published ones
+        may be on the bus."""
         with self._cond:
             if self._cond.wait_for(lambda: self.state == self.DONE, queued_for):
-                return self.published, self.error
+                return self.published, self.error, self.unknown
             if self.state == self.QUEUED:
                 self.state = self.WITHDRAWN
-                return 0, "publishing timed out (waited in line; nothing published)"
+                return 0, "publishing timed out (waited in line; nothing published)", False
             if self._cond.wait_for(lambda: self.state == self.DONE, started_for):
-                return self.published, self.error
-            return 0, "publishing timed out; the outcome is unknown"
+                return self.published, self.error, self.unknown
+            return self.published, "publishing timed out; the outcome is unknown", True
 
 
-def _partly(document, unpublished, error):
-    """207: the events the bus did not take are failed, with the reason.
-    They are the last of the accepted ones, whose answers are the last
-    with code 200 (evaluate answers every event, in order)."""
-    left = len(unpublished)
-    for answer in reversed(document["events"]):
-        if left and answer.get("code") == 200:
-            answer.update(code=503, status=contract.FAILED, error=error)
-            left -= 1
+def _partly(document, unpublished, error, unknown=False):
+    """The events the bus did not take are failed, with the reason. They
+    are the last of the accepted ones, whose answers are the last with
+    code 200 (evaluate answers every event, in order). With `unknown`, the
+    first of them was sent and not confirmed: code 502, and the whole
+    answer 502 when nothing was confirmed (a 503 says retry, and a retry
+    would send that one twice under a new id)."""
+    answers = [a for a in document["events"] if a.get("code") == 200]
+    failed = answers[len(answers) - len(unpublished):]
+    for i, answer in enumerate(failed):
+        answer.update(code=502 if unknown and i == 0 else 503,
+                      status=contract.FAILED,
+                      error=("not confirmed by the broker: it may have the event; "
+                             if unknown and i == 0 else "") + error)
+    if unknown and len(failed) == len(answers):
+        document["error"] = f"the broker did not confirm: {error}"
+        return 502, document
     return 207, document
 
 
@@ -493,7 +525,7 @@ _REASONS = {200: "OK", 207: "Multi-Status", 400: "Bad Request",
             401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 406: "Not Acceptable",
             413: "Request Entity Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 def policy_enforcer(conf, rule=POLICY_DEFAULT):

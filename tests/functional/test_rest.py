@@ -281,3 +281,103 @@ def test_the_first_request_after_the_connection_died_idle_is_accepted(bus):
     finally:
         ingress.stop()
         proxy.close()
+
+
+class _HoldingProxy:
+    """127.0.0.1:port -> the broker; hold() keeps every byte where it is
+    (neither side hears from the other: a path that swallows packets)."""
+
+    def __init__(self):
+        import select
+        import socket
+        self._select = select.select
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.held = threading.Event()
+        self.closed = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    @property
+    def url(self):
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _accept(self):
+        import socket
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", 5672))
+            thread = threading.Thread(target=self._pump, args=(client, upstream), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _pump(self, a, b):
+        try:
+            while not self.closed.is_set():
+                ready, _, _ = self._select([a, b], [], [], 0.05)
+                if self.held.is_set():
+                    continue
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (b if s is a else a).sendall(data)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    def close(self):
+        import socket
+        self.closed.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)    # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def _event_body(server):
+    return json.dumps({"events": [{"name": "network-vif-plugged",
+                                   "server_uuid": server, "tag": "port-1"}]}).encode()
+
+
+def test_a_confirm_that_never_came_is_not_a_503(bus):
+    """An event sent and not confirmed may be on the bus: 502, never the 503
+    that tells the caller to send it again (under a new id). And the worker
+    does not block on closing a connection whose path swallows bytes: the
+    next request is answered at once (503: nothing of it was sent)."""
+    bus.declare_central()
+    proxy = _HoldingProxy()
+    ingress = rest.RestIngress(proxy.url, bus.topology, _Placed(),
+                               confirm_timeout=1.0).start()
+    servers = [str(uuid.uuid4()) for _ in range(4)]
+    try:
+        assert ingress.handle(_event_body(servers[0]))[0] == 200
+        proxy.held.set()
+        started = time.monotonic()
+        status, doc, headers = ingress.handle(_event_body(servers[1]))
+        assert status == 502, doc
+        assert doc["events"][0]["code"] == 502 and "may have the event" in \
+            doc["events"][0]["error"]
+        assert not any(name == "Retry-After" for name, _ in headers)
+        status, doc, _ = ingress.handle(_event_body(servers[2]))
+        assert status == 503 and time.monotonic() - started < 15, (status, doc)
+        proxy.held.clear()
+        wait_for(lambda: ingress.handle(_event_body(servers[3]))[0] == 200, 60,
+                 what="accepted once the path is back")
+        got = collect(bus.url, bus.topology.router_queue_name, 3, timeout=5)
+        on_bus = {contract.decode(m.body).payload.server_uuid for m in got}
+        assert servers[0] in on_bus and servers[3] in on_bus
+        assert servers[2] not in on_bus            # its 503 was the truth
+    finally:
+        ingress.stop()
+        proxy.close()
