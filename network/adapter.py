@@ -105,16 +105,17 @@ class PortNotificationEndpoint:
             delay = self._pause.failed(exc, self._ok_since)
             self._ok_since = None
             LOG.error("notification %s %s from %s requeued in %.1fs "
-                      "(failure %d in a row): %s", message_id, event_type,
-                      publisher_id, delay, self._pause.attempt, exc)
+                      "(failure %d in a row): %s", _printable(message_id),
+                      _printable(event_type), _printable(publisher_id), delay,
+                      self._pause.attempt, exc)
             self._stop.wait(delay)
             return oslo_messaging.NotificationResult.REQUEUE
         remember()
         if self._ok_since is None:
             self._ok_since = time.monotonic()
         self.handled += 1
-        LOG.debug("notification %s %s from %s: %d event(s)", message_id,
-                  event_type, publisher_id, len(named))
+        LOG.debug("notification %s %s from %s: %d event(s)", _printable(message_id),
+                  _printable(event_type), _printable(publisher_id), len(named))
         return oslo_messaging.NotificationResult.HANDLED
 
     def _checked_id(self, message_id, event):
@@ -164,8 +165,11 @@ class ContainedDispatcher(notify_dispatcher.NotificationDispatcher):
 
 
 def _printable(value, limit=200):
-    text = value if isinstance(value, str) else repr(value)
-    return text[:limit]
+    """A value from the notification bus as one log token: as it is when
+    printable, else its repr (a newline forged a whole log line)."""
+    if isinstance(value, str) and value.isprintable():
+        return value[:limit]
+    return repr(value)[:limit]
 
 
 def _describe(exc):

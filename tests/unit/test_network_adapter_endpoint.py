@@ -143,3 +143,19 @@ def test_the_dispatcher_drops_what_oslo_messaging_cannot_dispatch():
             "payload": {"port": port("ACTIVE")}, "timestamp": "t"}
     assert dispatcher.dispatch(incoming(good)) == HANDLED
     assert [e.name for e, _ in ep.publish.sent] == ["network-vif-plugged"]
+
+
+FORGED = "n-9\n2026-12-06 ERROR nova.compute.manager [req-x] FORGED LINE\x1b[31m"
+
+
+@pytest.mark.parametrize("case", ["dropped", "requeued"])
+def test_what_the_notification_bus_says_is_one_log_line(case, caplog):
+    """message_id and publisher_id come from whoever writes the notification
+    exchange: a newline in them forged a whole line in the adapter's log."""
+    ep = endpoint(Publish(fail=OSError("broker away")) if case == "requeued" else None)
+    payload = {"port": port("ACTIVE")} if case == "requeued" else {"port_id": ["x"]}
+    event_type = "port.update.end" if case == "requeued" else "port.delete.end"
+    with caplog.at_level(logging.DEBUG, "network.adapter"):
+        ep.info({}, FORGED, event_type, payload, {"message_id": FORGED, "timestamp": "t"})
+    said = [r.getMessage() for r in caplog.records]
+    assert said and all("\n" not in m and "\x1b" not in m for m in said), said
