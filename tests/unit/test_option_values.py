@@ -5,11 +5,14 @@ it is false), and a delay of nan then quietly switches its feature off
 (`delay > 0` is false) while the service starts as if configured. And the
 producer option holds what the contract takes as free text."""
 
+import contextlib
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from oslo_config import types
@@ -70,6 +73,30 @@ def test_a_producer_the_contract_would_refuse_is_refused_at_start(producer):
     assert run.stderr.startswith("argument --producer: Invalid String"), run.stderr
 
 
+@contextlib.contextmanager
+def _started(argv, until, *, stderr_apart=False):
+    """`evrouter argv` running, its output read up to the line holding
+    `until` (within 30 s): yields (process, what it said so far); killed
+    at the end if still there."""
+    proc = subprocess.Popen([EVROUTER, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT,
+                            text=True)
+    stream = proc.stderr if stderr_apart else proc.stdout
+    try:
+        said, deadline = "", time.monotonic() + 30
+        while until not in said and time.monotonic() < deadline:
+            line = stream.readline()
+            if not line:
+                break
+            said += line
+        assert until in said, said
+        yield proc, said
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _evrouter(*argv, env=None):
     return subprocess.run([EVROUTER, *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=60, env={**os.environ, **(env or {})})
@@ -128,93 +155,46 @@ def test_values_past_what_the_protocol_or_a_timer_carries_are_refused(argv, says
 def test_sighup_is_ignored_and_sigterm_still_stops():
     """Every service sets its signals through service_entry.stop_on_signals;
     SIGHUP's default action killed the router and the agent mid-delivery."""
-    import signal
-    import time
-    proc = subprocess.Popen([EVROUTER, "router", "--transport-url", "memory://",
-                             "--router-ops_listen", ""], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, deadline = "", time.monotonic() + 30
-        while " consuming " not in out and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            out += line
-        assert " consuming " in out, out
+    with _started(["router", "--transport-url", "memory://", "--router-ops_listen", ""],
+                  " consuming ") as (proc, said):
         proc.send_signal(signal.SIGHUP)      # logrotate's habit
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(1.0)
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out + rest
+        assert proc.returncode == 0, said + rest
         assert " stopped" in rest, rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_the_network_adapter_stops_on_sigterm_while_its_notification_broker_is_away(
         tmp_path):
     """oslo.messaging retries the notification broker for ever on the main
     thread; SIGTERM was waited out (ten minutes in the review, then SIGKILL)."""
-    import signal
-    import time
-    proc = subprocess.Popen(
-        [EVROUTER, "network-adapter", "--transport-url", "memory://",
-         "--network-spool_path", str(tmp_path / "spool"),
-         "--network_adapter-notification_transport_url",
-         "rabbit://guest:guest@127.0.0.1:1/"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, deadline = "", time.monotonic() + 30
-        while "Connection failed" not in out and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            out += line
-        assert "Connection failed" in out, out
+    with _started(["network-adapter", "--transport-url", "memory://",
+                   "--network-spool_path", str(tmp_path / "spool"),
+                   "--network_adapter-notification_transport_url",
+                   "rabbit://guest:guest@127.0.0.1:1/"], "Connection failed") as (proc, said):
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=10)
-        assert proc.returncode == 0, out + rest
+        assert proc.returncode == 0, said + rest
         assert "stopped before its notification broker answered" in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_publish_says_the_events_fate_when_stopped_while_waiting(signum):
     """SIGTERM killed `evrouter publish` with no outcome line; SIGINT gave a
     KeyboardInterrupt traceback, then 30 s in close()."""
-    import signal
-    import time
-    proc = subprocess.Popen(
-        [EVROUTER, "publish", "network-vif-plugged", "--server",
-         "8d5f3a1e-4c2b-4f6a-9e7d-1a2b3c4d5e6f", "--tag", "p", "--message-id", "m-1",
-         "--transport-url", "amqp://guest:guest@127.0.0.1:1//", "--timeout", "60"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        err = ""
-        while "could not connect" not in err and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            err += line
-        assert "could not connect" in err, err
+    with _started(["publish", "network-vif-plugged", "--server",
+                   "8d5f3a1e-4c2b-4f6a-9e7d-1a2b3c4d5e6f", "--tag", "p", "--message-id",
+                   "m-1", "--transport-url", "amqp://guest:guest@127.0.0.1:1//",
+                   "--timeout", "60"], "could not connect", stderr_apart=True) as (proc, said):
         sent = time.monotonic()
         proc.send_signal(getattr(signal, signum))
         out, rest = proc.communicate(timeout=10)
         assert time.monotonic() - sent < 5
-        assert proc.returncode == 128 + getattr(signal, signum), err + rest
+        assert proc.returncode == 128 + getattr(signal, signum), said + rest
         assert f"evrouter: stopped by {signum}: event m-1 not confirmed" in rest
         assert "Traceback" not in rest and out == ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_evrouter_without_a_command_is_a_usage_error():
