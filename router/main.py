@@ -73,10 +73,11 @@ router_opts = options.identity_opts + [
                      "waits compute hosts record stuck, for the "
                      "evrouter_stuck_waits gauge (one more connection, "
                      "reading the stream; `evrouter stuck` says why)."),
-    cfg.StrOpt("name", regex=r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z",
+    cfg.StrOpt("name", regex=r"\A[ -~]{1,100}\Z",
                help="This router process's name in logs and dead-letter "
-                    "headers (default: random): letters, digits, '_', '.', "
-                    "'-', up to 100 (its placement queue's name holds it)."),
+                    "headers (default: random): up to 100 printable ASCII "
+                    "characters (its placement queue's name holds it, "
+                    "within AMQP's 255 bytes)."),
     cfg.StrOpt("ops_listen", default="127.0.0.1:9310",
                help="host:port of the operations endpoint (/metrics, "
                     "/healthz); empty disables it."),

@@ -200,3 +200,13 @@ def test_publish_says_the_events_fate_when_stopped_while_waiting(signum):
 def test_evrouter_without_a_command_is_a_usage_error():
     run = _evrouter()
     assert run.returncode == 2 and run.stderr.startswith("usage: evrouter COMMAND")
+
+
+def test_a_router_name_is_any_short_printable_ascii():
+    # the cluster suite names its routers after scenarios, spaces and all
+    from router import main
+    [name] = [o for o in main.router_opts if o.name == "name"]
+    assert name.type("kill -9 of the services' node-r1") == "kill -9 of the services' node-r1"
+    for bad in ("r" * 101, "a\nb", "é", ""):
+        with pytest.raises(ValueError):
+            name.type(bad)
