@@ -188,8 +188,12 @@ def expected_events(events):
                         f"pairs, not the string {events!r}")
     pairs = []
     for event in events:
-        pair = (event, None) if isinstance(event, str) else tuple(event) \
-            if isinstance(event, (tuple, list)) else None
+        if isinstance(event, str):
+            pair = (event, None)
+        elif isinstance(event, (tuple, list)):
+            pair = tuple(event)
+        else:
+            pair = None
         if pair is None or len(pair) != 2:
             raise ValueError(f"expected an event name or a (name, tag) pair, "
                              f"not {event!r}")

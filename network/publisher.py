@@ -57,8 +57,8 @@ _TICK = 1.0
 # session: no reconnect), per call; and before the spool is tried again.
 _RESEND = Schedule(first=0.1, cap=0.5)
 _REDRAIN = Schedule(first=0.4, cap=5.0)
-# Seconds a spooled record is returned or nacked while the broker confirms
-# the records beside it before it is set aside (spool.set_aside).
+# Seconds a spooled record is returned as unroutable while the broker routes
+# the records beside it before it is set aside (spool.set_aside; _single_out).
 SET_ASIDE_AFTER = 60.0
 
 
@@ -406,8 +406,8 @@ class InstanceEventPublisher:
                                      f"(the first: {unsendable[0][1]})"):
                 self.stats["set_aside"] += len(unsendable)
             # else they stay in the file (the ERROR line says so), unsent
-            records = [r for r in records
-                       if all(r is not bad for bad, _ in unsendable)]
+            aside = {id(r) for r, _ in unsendable}
+            records = [r for r in records if id(r) not in aside]
         jobs = [_Job(r.routing_key, r.body, _message_id(r.body), record=r,
                      traceparent=r.traceparent) for r in records]
         try:

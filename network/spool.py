@@ -24,10 +24,11 @@ that edited it): it must be a regular file (a symbolic link is refused, its
 target never opened), and a line that is not a record this release can send
 (its routing key not UTF-8 or over AMQP's 255 bytes, a flag or a form it
 does not know) is never deleted and never blocks the records behind it: it
-is copied to ``<path>.rejected`` (same format; renamed to
-``<spool_path>.replay`` it is taken over as an orphan by the next start),
-marked done, and named in one ERROR line per load, without its contents.
-``set_aside`` does the same for a record the broker keeps refusing.
+is copied to ``<path>.rejected`` (same format; renamed to a name of its
+own beginning with ``<spool_path>.``, the Neutron plugin's next start takes
+it over as an orphan), marked done, and named in one ERROR line per load,
+without its contents. ``set_aside`` does the same for a record the
+publisher will not send or the broker keeps returning.
 
 Every write goes through ``_write_all``: ``pwrite`` may write less than it
 was given (a file-size limit, a full disk, a signal) and says so only in its

@@ -205,8 +205,9 @@ class RestIngress:
         The answer says what happened on the bus, never more or less: 503
         (retry) only when none of the events was published (a request that
         waited too long in line is withdrawn before any is); 207 naming
-        the ones that were not when the broker failed part way; else the
-        evaluation's answer. A retry after a 503 publishes nothing twice."""
+        the ones that were not when the broker failed part way; 502 for an
+        event sent and not confirmed (see _partly); else the evaluation's
+        answer. A retry after a 503 publishes nothing twice."""
         status, document, accepted, headers = evaluate(
             body, hosts_for=self._placement.hosts_for,
             is_hostless=self._placement.is_hostless, microversion=microversion,
@@ -312,7 +313,7 @@ class RestIngress:
                 # same ids: a copy it did deliver is one the waiter drops).
                 # A confirm that did not come is not that: the event may be
                 # on the bus, and the answer must say so.
-                dead = idle and isinstance(exc, self._conn_errors())
+                dead = idle and isinstance(exc, tuple(self._conn.connection_errors))
                 if dead and not retried:
                     retried = True
                     self._drop()
@@ -336,9 +337,6 @@ class RestIngress:
             self._publisher = publishing.BlockingPublisher(
                 self._conn, user_id=bus_connection.user_of(self._conn))
         return self._publisher
-
-    def _conn_errors(self):
-        return tuple(self._conn.connection_errors)
 
     def _drop(self, failure=None):
         """Forget the connection; after a `failure`, the next connect waits
@@ -369,7 +367,6 @@ class _Failed(Exception):
         self.published = published
         # the event after the published ones was sent and not confirmed
         self.unknown = unknown
-
 
 
 class _Job:
@@ -591,9 +588,9 @@ def serve(host, port, app, *, authenticated, allow_insecure=False):
     ``server.shutdown()`` stops it. Raises InsecureListen (see check_exposure).
     """
     check_exposure(host, authenticated=authenticated, allow_insecure=allow_insecure)
-    server_class = _Server
-    if ops.address_family(host) != _Server.address_family:
-        server_class = type("_Server6", (_Server,), {"address_family": ops.address_family(host)})
+    server_class, family = _Server, ops.address_family(host)
+    if family != _Server.address_family:
+        server_class = type("_Server6", (_Server,), {"address_family": family})
     server = wsgiref.simple_server.make_server(
         host, port, app, server_class=server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="rest-endpoint",

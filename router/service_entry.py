@@ -35,14 +35,15 @@ def parse(argv, prog, description, opts_by_group=(), cli_opts=(), defaults=None)
     try:
         # The transport URL and the bus prefix: a service that cannot
         # connect or name its queues says so now, not in a restart loop.
+        url = options.transport_url(conf)
         try:
-            bus_connection.connection(options.transport_url(conf))
+            bus_connection.connection(url)
         except ValueError as exc:
             raise ValueError(f"transport URL: {exc}") from None
         options.topology_from(conf)
         # A TLS option that contradicts the URL, or names a file this
         # process cannot read: one line now, not a retry loop later.
-        options.checked_tls(options.transport_url(conf), options.ssl_from(conf))
+        options.checked_tls(url, options.ssl_from(conf))
         # Spans asked for and OpenTelemetry not installed: the same.
         journal_otlp.check(conf.journal.otlp_endpoint)
     except ValueError as exc:

@@ -315,9 +315,10 @@ def decode(body, max_bytes=DEFAULT_MAX_BODY_BYTES):
 
 # Control characters (C0, DEL, C1) and the Unicode line and paragraph
 # separators: never in free text (the schema's $defs/text says the same).
-_control_re = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029"      # a regex class's inside
+_control_re = re.compile(f"[{_CONTROL}]")
 # The same as a pattern of a whole value, for options that become free text.
-TEXT_PATTERN = "\\A[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,255}\\Z"
+TEXT_PATTERN = f"\\A[^{_CONTROL}]{{1,255}}\\Z"
 
 
 def _fail(field, detail, reason=REASON_INVALID):
